@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One-time, idempotent set-up: a virtual environment in .venv with dimat and its dependencies.
+# Reuses a torch the calling python already has (any build: CUDA, ROCm, CPU); otherwise installs
+# torch==2.13.0, never an unpinned torch (that would pull gigabytes of CUDA packages).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  if "$PY" -c "import torch" >/dev/null 2>&1; then
+    echo "[setup] reusing torch $("$PY" -c 'import torch; print(torch.__version__)') from $PY"
+    "$PY" -m venv --system-site-packages "$VENV"
+  else
+    "$PY" -m venv "$VENV"
+  fi
+fi
+if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+  echo "[setup] installing torch==${DIMAT_TORCH_VERSION:-2.13.0}"
+  "$VENV/bin/python" -m pip install -q "torch==${DIMAT_TORCH_VERSION:-2.13.0}"
+fi
+stamp="$VENV/.dimat-installed"
+want=$(cat pyproject.toml | sha256sum | cut -c1-16)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "[setup] installing dimat and its dependencies into $VENV"
+  "$VENV/bin/python" -m pip install -q -e ".[dev]"
+  echo "$want" > "$stamp"
+fi

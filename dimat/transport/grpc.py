@@ -1,0 +1,594 @@
+"""gRPC transport: every peer process serves the ``dimat.v1.Peer`` service and dials its neighbours.
+
+Push model: in ``exchange(r, ...)`` the local peer streams its state to each out-neighbour
+(``PushWeights``, client streaming, optionally split over parallel streams) while its own server
+receives the in-neighbours' pushes. Received states are buffered per ``(round, sender)`` so a
+neighbour that runs a round ahead is kept until the local round loop asks for it. A push is accepted
+only from an allowed sender (the topology's in-neighbours), only with the shared token (if set),
+only for a round inside the buffering window, and only if it matches the receiver's own model
+schema, hash and finiteness checks (see :mod:`dimat.transport.wire`); otherwise the RPC is aborted
+with a status naming the problem, nothing is buffered, and the server keeps serving.
+
+See docs/grpc.md for the protocol, the generated-code policy and tuning figures.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from dimat.transport import protogen
+from dimat.transport.base import StateDict, TransportError
+from dimat.transport.security import TlsConfig, TokenAuthInterceptor, token_metadata
+from dimat.transport.wire import (
+    DEFAULT_CHUNK_BYTES,
+    IncomingPayload,
+    OutgoingPayload,
+    Schema,
+    TensorEntry,
+    segments,
+)
+
+pb2, pb2_grpc = protogen.load()
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "dimat.v1.Peer"
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
+#: wire failures (corrupt or incomplete data) vs. well-formed but unacceptable content
+_DATA_LOSS_MARKERS = ("truncated", "hash mismatch", "without its trailer", "incomplete")
+
+AllowedSenders = Callable[[int], Iterable[int]] | Collection[int] | None
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Options for both servers and channels: message limits sized to our chunks, larger HTTP/2 windows."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # let the transport read ahead more than the 64 KiB default before flow control stalls it
+        ("grpc.http2.lookahead_bytes", 8 << 20),
+        ("grpc.http2.write_buffer_size", 8 << 20),
+        ("grpc.http2.bdp_probe", 1),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+@dataclass
+class ExchangeReport:
+    """What happened in the last ``exchange``: who was missing and why (for metrics/logs)."""
+
+    round: int
+    received: list[int]
+    missing: list[int]
+    send_failed: dict[int, str]
+    seconds: float
+
+
+def _entries(header) -> list[TensorEntry]:
+    return [TensorEntry(t.name, t.dtype, tuple(t.shape), t.offset, t.nbytes) for t in header.tensors]
+
+
+def _header_msg(payload: OutgoingPayload, transfer_id: int, k: int, n: int, a: int, b: int):
+    return pb2.PayloadHeader(
+        tensors=[pb2.TensorSpec(name=e.name, dtype=e.dtype, shape=list(e.shape), offset=e.offset, nbytes=e.nbytes)
+                 for e in payload.entries],
+        total_bytes=payload.total_bytes, hash_algorithm=payload.hash_algorithm, transfer_id=transfer_id,
+        num_streams=n, stream_index=k, segment_start=a, segment_end=b,
+    )
+
+
+def stream_messages(payload: OutgoingPayload, round_idx: int, sender: int, *, transfer_id: int,
+                    stream_index: int = 0, num_streams: int = 1, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator:
+    """The ``WeightChunk`` messages of one stream: header, data chunks of its segment, trailer."""
+    a, b = segments(payload.total_bytes, num_streams)[stream_index]
+    payload.start_digest()
+    yield pb2.WeightChunk(round=round_idx, sender=sender,
+                          header=_header_msg(payload, transfer_id, stream_index, num_streams, a, b))
+    for off, data in payload.chunks(a, b, chunk_bytes):
+        yield pb2.WeightChunk(round=round_idx, sender=sender, data=pb2.PayloadData(offset=off, data=data))
+    yield pb2.WeightChunk(round=round_idx, sender=sender, trailer=pb2.PayloadTrailer(digest=payload.digest()))
+
+
+class _Inbox:
+    """Verified states per (round, sender), plus the transfers still being assembled."""
+
+    def __init__(self):
+        self.cv = threading.Condition()
+        self.states: dict[tuple[int, int], StateDict] = {}
+        self.pending: dict[tuple[int, int], tuple[int, IncomingPayload]] = {}
+
+
+class _Servicer(pb2_grpc.PeerServicer):
+    def __init__(self, transport: "GrpcTransport"):
+        self.t = transport
+
+    # ---- weights ----
+    def PushWeights(self, request_iterator, context):
+        t = self.t
+        first = next(request_iterator, None)
+        if first is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty PushWeights stream")
+        round_idx, sender = int(first.round), int(first.sender)
+        key = (round_idx, sender)
+        where = f"peer {t.peer_id}: push from peer {sender} for round {round_idx}"
+        if first.WhichOneof("body") != "header":
+            t._reject(context, grpc.StatusCode.INVALID_ARGUMENT, f"{where}: first message is not a header")
+        code, why = t._admit(round_idx, sender, context)
+        if code is not None:
+            t._reject(context, code, f"{where}: {why}")
+        h = first.header
+        payload = None
+        try:
+            with t._inbox.cv:
+                if key in t._inbox.states:
+                    context.abort(grpc.StatusCode.ALREADY_EXISTS, f"{where}: already received")
+                cur = t._inbox.pending.get(key)
+                if cur is not None and cur[0] == h.transfer_id:
+                    payload = cur[1]
+                    if not payload.same_table(_entries(h), h.total_bytes, h.num_streams):
+                        raise TransportError(f"{where}: stream {h.stream_index} announces a different tensor table")
+                else:
+                    if cur is not None:  # a retry supersedes a broken earlier transfer
+                        cur[1].abort()
+                    payload = IncomingPayload(
+                        _entries(h), h.total_bytes, h.hash_algorithm, h.num_streams, t._schema,
+                        allow_half=t.accept_half, max_total_bytes=t.max_payload_bytes, label=where,
+                    )
+                    t._inbox.pending[key] = (h.transfer_id, payload)
+                payload.open_stream(h.stream_index, h.segment_start, h.segment_end)
+            digest = None
+            for msg in request_iterator:
+                if msg.round != round_idx or msg.sender != sender:
+                    raise TransportError(f"{where}: message for round {msg.round} from peer {msg.sender} inside the stream")
+                kind = msg.WhichOneof("body")
+                if kind == "data":
+                    if digest is not None:
+                        raise TransportError(f"{where}: data after the trailer")
+                    payload.write(h.stream_index, msg.data.offset, msg.data.data)
+                elif kind == "trailer":
+                    digest = msg.trailer.digest
+                else:
+                    raise TransportError(f"{where}: unexpected {kind} message inside the stream")
+            payload.close_stream(h.stream_index, digest)
+            done = payload.complete
+            if done:
+                state = payload.finalize()
+                with t._inbox.cv:
+                    t._inbox.pending.pop(key, None)
+                    t._inbox.states[key] = state
+                    t._inbox.cv.notify_all()
+            return pb2.PushReply(round=round_idx, sender=t.peer_id, bytes_received=h.segment_end - h.segment_start,
+                                 complete=done)
+        except TransportError as exc:
+            with t._inbox.cv:
+                cur = t._inbox.pending.get(key)
+                if cur is not None and cur[1] is payload:
+                    del t._inbox.pending[key]
+            if payload is not None:
+                payload.abort()
+            msg = str(exc)
+            code = grpc.StatusCode.DATA_LOSS if any(m in msg for m in _DATA_LOSS_MARKERS) else grpc.StatusCode.INVALID_ARGUMENT
+            t._reject(context, code, msg)
+
+    def FetchState(self, request, context):
+        t = self.t
+        code, why = t._admit(int(request.round), int(request.sender), context, for_fetch=True)
+        if code is not None:
+            t._reject(context, code, f"peer {t.peer_id}: fetch from peer {request.sender}: {why}")
+        latest = t._latest
+        if latest is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"peer {t.peer_id} has no state yet")
+        round_idx, payload = latest
+        yield from stream_messages(payload, round_idx, t.peer_id, transfer_id=random.getrandbits(63),
+                                   chunk_bytes=t.chunk_bytes)
+
+    # ---- membership ----
+    def Join(self, request, context):
+        t = self.t
+        code, why = t._admit(int(request.round), int(request.sender), context, for_fetch=True)
+        if code is not None:
+            t._reject(context, code, f"peer {t.peer_id}: join from peer {request.sender}: {why}")
+        t._seen(int(request.sender), int(request.round), request.address or None)
+        return pb2.JoinReply(round=max(t.current_round, 0), sender=t.peer_id, members=t._member_msgs())
+
+    def Leave(self, request, context):
+        t = self.t
+        with t._members_lock:
+            m = t.members.get(int(request.sender))
+            if m is not None:
+                m["alive"] = False
+        return pb2.LeaveReply(round=max(t.current_round, 0), sender=t.peer_id)
+
+    def Heartbeat(self, request, context):
+        self.t._seen(int(request.sender), int(request.round), None)
+        return pb2.HeartbeatReply(round=max(self.t.current_round, 0), sender=self.t.peer_id)
+
+
+class GrpcTransport:
+    """One local peer served over gRPC. Implements :class:`dimat.transport.base.Transport`.
+
+    Args:
+        peer_id: id of the peer this process hosts.
+        peers: ``{id: "host:port"}`` for every peer (the local one included; its port may be 0 to
+            bind a free port, see :attr:`address`).
+        allowed_senders: who may push weights: a callable ``round -> ids``, a fixed collection, or
+            ``None`` (default) for the in-neighbours given to the latest ``exchange`` (all known peers
+            before the first one). Pushes from anyone else are rejected with PERMISSION_DENIED.
+        schema: the expected state dict (or :class:`Schema`); defaults to the state passed to
+            ``exchange``. Pushes arriving before any schema is known are told to retry (UNAVAILABLE).
+        token: shared secret; every RPC but health must carry ``authorization: Bearer <token>``.
+        tls: certificate files for TLS (``mutual=True`` for mTLS).
+        deadline: default per-neighbour deadline in seconds (covers retries).
+        retries, backoff, backoff_max: retry policy for retryable statuses (exponential + jitter).
+        chunk_bytes, num_streams, half, hash_algorithm: wire options (see :mod:`dimat.transport.wire`).
+        max_rounds_ahead: how many rounds past the local one a neighbour may push (bounded memory).
+    """
+
+    def __init__(
+        self,
+        peer_id: int,
+        peers: Mapping[int, str],
+        *,
+        bind: str | None = None,
+        allowed_senders: AllowedSenders = None,
+        schema: Schema | Mapping[str, torch.Tensor] | None = None,
+        token: str | None = None,
+        tls: TlsConfig | None = None,
+        deadline: float = 60.0,
+        retries: int = 5,
+        backoff: float = 0.05,
+        backoff_max: float = 2.0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        num_streams: int = 1,
+        half: str | None = None,
+        hash_algorithm: str = "sha256",
+        accept_half: bool = True,
+        max_message_bytes: int | None = None,
+        max_payload_bytes: int | None = None,
+        max_rounds_ahead: int = 2,
+        max_workers: int = 16,
+        require_cert_identity: bool = False,
+    ):
+        if peer_id not in peers:
+            raise ValueError(f"peer id {peer_id} is not in the peers map {sorted(peers)}")
+        if not 0 < chunk_bytes <= (64 << 20):
+            raise ValueError(f"chunk_bytes must be in (0, 64 MiB], got {chunk_bytes}")
+        self.peer_id = int(peer_id)
+        self.peers = {int(k): str(v) for k, v in peers.items()}
+        self.token, self.tls = token, tls
+        self.deadline, self.retries, self.backoff, self.backoff_max = deadline, retries, backoff, backoff_max
+        self.chunk_bytes, self.num_streams, self.half = chunk_bytes, num_streams, half
+        self.hash_algorithm, self.accept_half = hash_algorithm, accept_half
+        self.max_payload_bytes, self.max_rounds_ahead = max_payload_bytes, max_rounds_ahead
+        self.require_cert_identity = require_cert_identity
+        if require_cert_identity and not (tls and tls.mutual):
+            raise ValueError("require_cert_identity needs mutual TLS")
+        # a chunk plus protobuf framing, or a large tensor table, must fit in one message
+        self.max_message_bytes = max_message_bytes or max(chunk_bytes + (1 << 20), 16 << 20)
+        self._allowed_policy = allowed_senders
+        self._allowed_by_round: dict[int, frozenset[int]] = {}
+        self._schema: Schema | None = None
+        if schema is not None:
+            self.set_schema(schema)
+        self._inbox = _Inbox()
+        self.current_round = -1
+        self._latest: tuple[int, OutgoingPayload] | None = None
+        self.errors: deque[str] = deque(maxlen=100)  # recent rejections, newest last
+        self.last_report: ExchangeReport | None = None
+        self.members: dict[int, dict] = {}
+        self._members_lock = threading.Lock()
+        self._channels: dict[str, grpc.Channel] = {}
+        self._stubs: dict[str, object] = {}
+        self._chan_lock = threading.Lock()
+        self._pool = futures.ThreadPoolExecutor(max_workers=max(4, 2 * num_streams), thread_name_prefix=f"dimat-send-{peer_id}")
+        self._closed = False
+
+        opts = channel_options(self.max_message_bytes)
+        interceptors = [TokenAuthInterceptor(token)] if token else []
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"dimat-srv-{peer_id}"),
+                                   options=opts, interceptors=interceptors)
+        pb2_grpc.add_PeerServicer_to_server(_Servicer(self), self._server)
+        self._health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        bind = bind or self.peers[self.peer_id]
+        if tls is not None:
+            port = self._server.add_secure_port(bind, tls.server_credentials())
+        else:
+            port = self._server.add_insecure_port(bind)
+        if port == 0:
+            raise OSError(f"peer {peer_id}: could not bind {bind}")
+        host = bind.rsplit(":", 1)[0]
+        self.port = port
+        self.address = f"{host}:{port}"
+        self.peers[self.peer_id] = self.address
+        self._server.start()
+        for svc in ("", SERVICE_NAME):
+            self._health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+
+    # ------------------------------------------------------------------ configuration
+    def set_schema(self, schema: Schema | Mapping[str, torch.Tensor]) -> None:
+        """What pushes must look like: the names, shapes and dtypes of the local model."""
+        self._schema = schema if isinstance(schema, Schema) else Schema.from_state(schema)
+
+    def set_peers(self, peers: Mapping[int, str]) -> None:
+        """Update neighbour addresses (a restarted peer may come back on another port)."""
+        with self._chan_lock:
+            for k, v in peers.items():
+                if int(k) != self.peer_id:
+                    self.peers[int(k)] = str(v)
+
+    def allowed_senders(self, round_idx: int) -> frozenset[int]:
+        """The senders whose pushes for ``round_idx`` are accepted."""
+        p = self._allowed_policy
+        if callable(p):
+            return frozenset(int(i) for i in p(round_idx))
+        if p is not None:
+            return frozenset(int(i) for i in p)
+        if round_idx in self._allowed_by_round:
+            return self._allowed_by_round[round_idx]
+        if self._allowed_by_round:  # a neighbour ahead of us: assume the latest known neighbourhood
+            return self._allowed_by_round[max(self._allowed_by_round)]
+        return frozenset(k for k in self.peers if k != self.peer_id)
+
+    # ------------------------------------------------------------------ server-side helpers
+    def _admit(self, round_idx: int, sender: int, context, for_fetch: bool = False):
+        """``(None, None)`` if the call may proceed, else ``(status, reason)``."""
+        if self.require_cert_identity:
+            names = [n.decode() for n in context.auth_context().get("x509_common_name", [])]
+            if f"peer-{sender}" not in names:
+                return grpc.StatusCode.PERMISSION_DENIED, f"sender id {sender} does not match the client certificate {names}"
+        if for_fetch:  # joins and state fetches come from any authenticated peer (a new one too)
+            return None, None
+        allowed = self.allowed_senders(round_idx)
+        if sender not in allowed:
+            return grpc.StatusCode.PERMISSION_DENIED, f"unknown sender {sender} (accepted: {sorted(allowed)})"
+        if self._schema is None:
+            return grpc.StatusCode.UNAVAILABLE, "receiver not ready (no model schema yet); retry"
+        if round_idx < self.current_round:
+            return grpc.StatusCode.FAILED_PRECONDITION, f"stale round (receiver is at round {self.current_round})"
+        if round_idx > self.current_round + self.max_rounds_ahead:
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, f"too far ahead (receiver is at round {self.current_round}); retry"
+        return None, None
+
+    def _reject(self, context, code: grpc.StatusCode, msg: str) -> None:
+        if code not in RETRYABLE:
+            self.errors.append(msg)
+            log.warning("%s", msg)
+        context.abort(code, msg)
+
+    def _seen(self, peer: int, round_idx: int, address: str | None) -> None:
+        with self._members_lock:
+            m = self.members.setdefault(peer, {"address": self.peers.get(peer, ""), "round": 0, "alive": True})
+            m.update(round=round_idx, alive=True, last_seen=time.monotonic())
+            if address:
+                m["address"] = address
+        if address:
+            self.set_peers({peer: address})
+
+    def _member_msgs(self) -> list:
+        with self._members_lock:
+            known = dict(self.members)
+        out = [pb2.Member(id=self.peer_id, address=self.address, round=max(self.current_round, 0), alive=True)]
+        for pid, addr in sorted(self.peers.items()):
+            if pid == self.peer_id:
+                continue
+            m = known.get(pid, {})
+            out.append(pb2.Member(id=pid, address=m.get("address") or addr, round=m.get("round", 0), alive=m.get("alive", True)))
+        return out
+
+    # ------------------------------------------------------------------ client side
+    def _stub(self, peer: int):
+        addr = self.peers.get(peer)
+        if addr is None:
+            raise TransportError(f"peer {self.peer_id}: no address for peer {peer}")
+        with self._chan_lock:
+            stub = self._stubs.get(addr)
+            if stub is None:
+                opts = channel_options(self.max_message_bytes)
+                if self.tls is not None:
+                    ch = grpc.secure_channel(addr, self.tls.channel_credentials(), options=opts + self.tls.channel_options())
+                else:
+                    ch = grpc.insecure_channel(addr, options=opts)
+                self._channels[addr] = ch
+                stub = self._stubs[addr] = pb2_grpc.PeerStub(ch)
+            return stub
+
+    def _call_with_retries(self, peer: int, what: str, fn: Callable[[float], object], deadline: float):
+        """Run ``fn(remaining_seconds)`` until success, a non-retryable status, or the deadline."""
+        end = time.monotonic() + deadline
+        delay = self.backoff
+        attempt = 0
+        while True:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                raise TransportError(f"peer {self.peer_id}: {what} to peer {peer} missed its {deadline:.1f}s deadline")
+            try:
+                return fn(remaining)
+            except grpc.RpcError as exc:
+                code = exc.code() if hasattr(exc, "code") else None
+                details = exc.details() if hasattr(exc, "details") else str(exc)
+                if code == grpc.StatusCode.ALREADY_EXISTS:
+                    return None  # an earlier attempt got through; its reply was lost
+                retry = code in RETRYABLE and attempt < self.retries and end - time.monotonic() > delay
+                if not retry:
+                    name = code.name if code is not None else "ERROR"
+                    raise TransportError(f"peer {self.peer_id}: {what} to peer {peer} failed [{name}]: {details}") from None
+                attempt += 1
+                time.sleep(min(delay * (0.5 + random.random()), max(0.0, end - time.monotonic())))
+                delay = min(delay * 2, self.backoff_max)
+
+    def send(self, peer: int, round_idx: int, state: Mapping[str, torch.Tensor] | OutgoingPayload,
+             deadline: float | None = None) -> None:
+        """Push ``state`` to ``peer`` for ``round_idx``; raises TransportError with the receiver's reason."""
+        payload = state if isinstance(state, OutgoingPayload) else OutgoingPayload(state, half=self.half, hash_algorithm=self.hash_algorithm)
+        stub = self._stub(peer)
+        md = token_metadata(self.token)
+        n = max(1, min(self.num_streams, -(-payload.total_bytes // self.chunk_bytes) or 1))
+
+        def attempt(remaining: float):
+            tid = random.getrandbits(63)
+            calls = [
+                stub.PushWeights.future(
+                    stream_messages(payload, round_idx, self.peer_id, transfer_id=tid, stream_index=k,
+                                    num_streams=n, chunk_bytes=self.chunk_bytes),
+                    timeout=remaining, metadata=md, wait_for_ready=True)
+                for k in range(n)
+            ]
+            try:
+                return [c.result() for c in calls]
+            except grpc.RpcError:
+                for c in calls:
+                    c.cancel()
+                raise
+
+        self._call_with_retries(peer, f"push of round {round_idx}", attempt, deadline or self.deadline)
+
+    def receive(self, round_idx: int, senders: Iterable[int], timeout: float | None = None) -> dict[int, StateDict]:
+        """Wait until every sender's state for ``round_idx`` arrived or the timeout passed; pop what arrived."""
+        want = set(int(s) for s in senders)
+        end = time.monotonic() + (self.deadline if timeout is None else timeout)
+        with self._inbox.cv:
+            while True:
+                have = {s for s in want if (round_idx, s) in self._inbox.states}
+                left = end - time.monotonic()
+                if have == want or left <= 0:
+                    break
+                self._inbox.cv.wait(left)
+            return {s: self._inbox.states.pop((round_idx, s)) for s in sorted(have)}
+
+    def fetch_state(self, peer: int, deadline: float | None = None) -> tuple[int, StateDict]:
+        """Pull ``peer``'s latest state (checked like a push); returns ``(round, state)``."""
+        if self._schema is None:
+            raise TransportError(f"peer {self.peer_id}: set_schema() before fetching state")
+        stub = self._stub(peer)
+        md = token_metadata(self.token)
+
+        def attempt(remaining: float):
+            it = stub.FetchState(pb2.FetchRequest(round=max(self.current_round, 0), sender=self.peer_id),
+                                 timeout=remaining, metadata=md, wait_for_ready=True)
+            first = next(it, None)
+            if first is None or first.WhichOneof("body") != "header":
+                raise TransportError(f"peer {self.peer_id}: fetch from peer {peer}: reply does not start with a header")
+            h = first.header
+            where = f"peer {self.peer_id}: state fetched from peer {peer}"
+            inc = IncomingPayload(_entries(h), h.total_bytes, h.hash_algorithm, h.num_streams, self._schema,
+                                  allow_half=self.accept_half, max_total_bytes=self.max_payload_bytes, label=where)
+            try:
+                inc.open_stream(h.stream_index, h.segment_start, h.segment_end)
+                digest = None
+                for msg in it:
+                    if msg.WhichOneof("body") == "data":
+                        inc.write(h.stream_index, msg.data.offset, msg.data.data)
+                    elif msg.WhichOneof("body") == "trailer":
+                        digest = msg.trailer.digest
+                inc.close_stream(h.stream_index, digest)
+                return int(first.round), inc.finalize()
+            except BaseException:
+                inc.abort()
+                raise
+
+        return self._call_with_retries(peer, "state fetch", attempt, deadline or self.deadline)
+
+    def heartbeat(self, peer: int, timeout: float = 2.0) -> int:
+        """Ping ``peer``; returns its current round (raises TransportError if unreachable)."""
+        stub = self._stub(peer)
+        reply = self._call_with_retries(
+            peer, "heartbeat",
+            lambda rem: stub.Heartbeat(pb2.HeartbeatRequest(round=max(self.current_round, 0), sender=self.peer_id),
+                                       timeout=rem, metadata=token_metadata(self.token)), timeout)
+        return int(reply.round)
+
+    def join(self, peer: int, timeout: float = 10.0) -> tuple[int, dict[int, str]]:
+        """Announce this peer to ``peer``; returns its round and the members it knows ``{id: address}``."""
+        stub = self._stub(peer)
+        reply = self._call_with_retries(
+            peer, "join",
+            lambda rem: stub.Join(pb2.JoinRequest(round=max(self.current_round, 0), sender=self.peer_id, address=self.address),
+                                  timeout=rem, metadata=token_metadata(self.token), wait_for_ready=True), timeout)
+        return int(reply.round), {int(m.id): m.address for m in reply.members}
+
+    def leave(self, peers: Iterable[int], timeout: float = 2.0) -> None:
+        """Tell ``peers`` this peer is leaving (best effort)."""
+        for p in peers:
+            try:
+                self._stub(p).Leave(pb2.LeaveRequest(round=max(self.current_round, 0), sender=self.peer_id),
+                                    timeout=timeout, metadata=token_metadata(self.token))
+            except (grpc.RpcError, TransportError) as exc:
+                log.info("peer %s: leave to peer %s failed: %s", self.peer_id, p, exc)
+
+    # ------------------------------------------------------------------ Transport protocol
+    def begin_round(self, round_idx: int, in_neighbours: Iterable[int]) -> None:
+        """Enter ``round_idx``: fix the accepted senders for it and drop buffers of older rounds."""
+        self._allowed_by_round[round_idx] = frozenset(int(i) for i in in_neighbours)
+        for r in [r for r in self._allowed_by_round if r < round_idx - 1]:
+            del self._allowed_by_round[r]
+        with self._inbox.cv:
+            self.current_round = max(self.current_round, round_idx)
+            for key in [k for k in self._inbox.states if k[0] < round_idx]:
+                del self._inbox.states[key]
+            for key in [k for k in self._inbox.pending if k[0] < round_idx]:
+                self._inbox.pending.pop(key)[1].abort()
+
+    def exchange(
+        self,
+        round_idx: int,
+        states: Mapping[int, StateDict],
+        in_neighbours: Mapping[int, Sequence[int]],
+        out_neighbours: Mapping[int, Sequence[int]],
+        timeout: float | None = None,
+    ) -> dict[int, dict[int, StateDict]]:
+        """Push the local state to its out-neighbours and collect its in-neighbours' states for the round."""
+        if set(states) != {self.peer_id}:
+            raise ValueError(f"GrpcTransport hosts peer {self.peer_id} only; got states for {sorted(states)}")
+        t0 = time.monotonic()
+        deadline = self.deadline if timeout is None else timeout
+        state = states[self.peer_id]
+        schema = Schema.from_state(state)
+        if self._schema is None or self._schema != schema:
+            self.set_schema(schema)
+        ins = [int(i) for i in in_neighbours.get(self.peer_id, ())]
+        outs = [int(i) for i in out_neighbours.get(self.peer_id, ())]
+        self.begin_round(round_idx, ins)
+        payload = OutgoingPayload(state, half=self.half, hash_algorithm=self.hash_algorithm)
+        self._latest = (round_idx, payload)
+        sends = {j: self._pool.submit(self.send, j, round_idx, payload, deadline) for j in outs}
+        received = self.receive(round_idx, ins, deadline)
+        failed: dict[int, str] = {}
+        for j, f in sends.items():
+            try:
+                f.result(timeout=max(0.0, t0 + deadline + 1.0 - time.monotonic()))
+            except (TransportError, futures.TimeoutError) as exc:
+                failed[j] = str(exc) or "timed out"
+                log.warning("%s", failed[j])
+        missing = [i for i in ins if i not in received]
+        self.last_report = ExchangeReport(round_idx, sorted(received), missing, failed, time.monotonic() - t0)
+        return {self.peer_id: received}
+
+    def close(self, grace: float | None = 0.5) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()
+        with self._chan_lock:
+            for ch in self._channels.values():
+                ch.close()
+            self._channels.clear()
+            self._stubs.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> "GrpcTransport":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,483 @@
+"""State dict <-> chunk stream: raw little-endian tensor bytes, never pickle.
+
+A state dict is laid out as one flat *payload*: its tensors back to back in dict order, each as its
+raw bytes. A header carries the tensor table (name, dtype, shape, offset, nbytes); data chunks carry
+``(offset, bytes)`` runs of the payload; a trailer carries the hash of the whole payload. A payload may
+travel over several parallel streams, each carrying one contiguous segment.
+
+The receiving side (:class:`IncomingPayload`) checks the table against the receiver's own model
+(:class:`Schema`) *before* allocating anything, writes chunks straight into one preallocated tensor per
+name (no intermediate copy of the model), hashes the payload as it arrives on a helper thread
+(hashlib releases the GIL), and on completion verifies the hash, that every byte arrived, and that no
+floating tensor holds NaN/Inf. Any failure raises :class:`~dimat.transport.base.TransportError` naming
+the problem; the caller's model is never touched because nothing is returned until all checks pass.
+
+This module knows nothing about gRPC; :mod:`dimat.transport.grpc` maps messages to these calls.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import heapq
+import math
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from dimat.transport.base import StateDict, TransportError
+
+if sys.byteorder != "little":  # the wire is little-endian raw bytes; no byte swapping implemented
+    raise ImportError("dimat.transport.wire supports little-endian hosts only")
+
+#: dtypes allowed on the wire (the whitelist); anything else is rejected.
+WIRE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
+HALF_DTYPES = ("float16", "bfloat16")
+HASH_ALGORITHMS = ("sha256", "blake2b")
+DEFAULT_CHUNK_BYTES = 4 << 20
+MAX_STREAMS = 64
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Wire name of a torch dtype; raises TransportError for dtypes outside the whitelist."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        raise TransportError(f"dtype {dtype} is not allowed on the wire (allowed: {sorted(WIRE_DTYPES)})") from None
+
+
+def _new_hasher(algorithm: str):
+    if algorithm not in HASH_ALGORITHMS:
+        raise TransportError(f"unsupported hash algorithm {algorithm!r} (allowed: {HASH_ALGORITHMS})")
+    return hashlib.new(algorithm)
+
+
+def _byte_view(t: torch.Tensor) -> np.ndarray:
+    """A flat uint8 numpy view sharing ``t``'s memory (works for bfloat16/bool too)."""
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One row of the tensor table."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+class Schema:
+    """What the receiver expects: names, shapes and dtypes of its own model's state dict."""
+
+    def __init__(self, entries: Mapping[str, tuple[tuple[int, ...], torch.dtype]]):
+        self.entries = dict(entries)
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, torch.Tensor]) -> "Schema":
+        return cls({k: (tuple(v.shape), v.dtype) for k, v in state.items()})
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Schema) and self.entries == other.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def segments(total: int, num_streams: int, align: int = 64) -> list[tuple[int, int]]:
+    """Split ``[0, total)`` into ``num_streams`` contiguous segments (boundaries aligned)."""
+    num_streams = max(1, min(num_streams, MAX_STREAMS))
+    step = -(-total // num_streams)
+    step = -(-step // align) * align if step else 0
+    out = []
+    for k in range(num_streams):
+        a, b = min(k * step, total), min((k + 1) * step, total)
+        out.append((a, b))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- send
+
+
+class OutgoingPayload:
+    """A state dict ready to stream: the tensor table plus byte views of the (wire-cast) tensors.
+
+    ``half`` ("float16"/"bfloat16") sends floating tensors in half precision (values beyond the half
+    range raise instead of silently becoming Inf). The digest is computed once on a helper thread that
+    starts with the first stream, so hashing overlaps sending.
+    """
+
+    def __init__(self, state: Mapping[str, torch.Tensor], *, half: str | None = None, hash_algorithm: str = "sha256"):
+        if half is not None and half not in HALF_DTYPES:
+            raise ValueError(f"half must be None or one of {HALF_DTYPES}, got {half!r}")
+        _new_hasher(hash_algorithm)
+        self.hash_algorithm = hash_algorithm
+        self.entries: list[TensorEntry] = []
+        self._views: list[np.ndarray] = []
+        self._keep: list[torch.Tensor] = []  # keeps cast/contiguous copies alive while views exist
+        offset = 0
+        for name, t in state.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"state[{name!r}] is {type(t).__name__}, expected a tensor")
+            t = t.detach()
+            if t.device.type != "cpu":
+                t = t.cpu()
+            if half is not None and t.dtype in (torch.float32, torch.float64):
+                h = t.to(WIRE_DTYPES[half])
+                if not bool(torch.isfinite(h).all()) and bool(torch.isfinite(t).all()):
+                    raise TransportError(f"tensor {name!r} has values outside the {half} range; send it without half precision")
+                t = h
+            t = t.contiguous()
+            dt = dtype_name(t.dtype)
+            nbytes = t.numel() * t.element_size()
+            self.entries.append(TensorEntry(name, dt, tuple(t.shape), offset, nbytes))
+            self._keep.append(t)
+            self._views.append(_byte_view(t) if nbytes else np.empty(0, np.uint8))
+            offset += nbytes
+        self.total_bytes = offset
+        self._starts = [e.offset for e in self.entries]
+        self._digest: bytes | None = None
+        self._digest_error: BaseException | None = None
+        self._digest_done = threading.Event()
+        self._digest_started = False
+        self._lock = threading.Lock()
+
+    def pieces(self, start: int, end: int) -> Iterator[memoryview]:
+        """Memoryviews covering ``payload[start:end]`` in order (no copy)."""
+        i = max(0, bisect.bisect_right(self._starts, start) - 1)
+        pos = start
+        while pos < end and i < len(self.entries):
+            e = self.entries[i]
+            lo, hi = max(pos, e.offset), min(end, e.offset + e.nbytes)
+            if hi > lo:
+                yield memoryview(self._views[i][lo - e.offset : hi - e.offset])
+                pos = hi
+            i += 1
+
+    def chunks(self, start: int, end: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[tuple[int, bytes]]:
+        """``(offset, bytes)`` runs of ``payload[start:end]``, each at most ``chunk_bytes`` long."""
+        if chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        for a in range(start, end, chunk_bytes):
+            b = min(a + chunk_bytes, end)
+            parts = list(self.pieces(a, b))
+            yield a, (bytes(parts[0]) if len(parts) == 1 else b"".join(parts))
+
+    def start_digest(self) -> None:
+        with self._lock:
+            if self._digest_started:
+                return
+            self._digest_started = True
+        threading.Thread(target=self._compute_digest, name="dimat-hash-send", daemon=True).start()
+
+    def _compute_digest(self) -> None:
+        try:
+            h = _new_hasher(self.hash_algorithm)
+            for v in self._views:
+                if v.size:
+                    h.update(v)
+            self._digest = h.digest()
+        except BaseException as exc:  # surfaced by digest()
+            self._digest_error = exc
+        finally:
+            self._digest_done.set()
+
+    def digest(self) -> bytes:
+        self.start_digest()
+        self._digest_done.wait()
+        if self._digest_error is not None:
+            raise self._digest_error
+        assert self._digest is not None
+        return self._digest
+
+
+# ------------------------------------------------------------------------------------------ receive
+
+_FINITE_BLOCK = 1 << 18  # elements; small blocks keep the temporary mask in cache (~10x faster than one pass)
+
+
+def non_finite(t: torch.Tensor) -> str | None:
+    """``"NaN"``/``"Inf"`` if a floating tensor holds one, else ``None`` (ints and bools are always fine)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return None
+    flat = t.reshape(-1)
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: all-ones exponent bits mean NaN/Inf
+        bits, mask = flat.view(torch.int16).numpy().view(np.uint16), np.uint16(0x7F80)
+        for i in range(0, bits.size, _FINITE_BLOCK):
+            block = bits[i : i + _FINITE_BLOCK]
+            hit = (block & mask) == mask
+            if hit.any():
+                return "NaN" if ((block[hit] & np.uint16(0x7F)) != 0).any() else "Inf"
+        return None
+    arr = flat.numpy()
+    for i in range(0, arr.size, _FINITE_BLOCK):
+        block = arr[i : i + _FINITE_BLOCK]
+        if not np.isfinite(block).all():
+            return "NaN" if np.isnan(block).any() else "Inf"
+    return None
+
+
+
+class _OrderedHasher:
+    """Hashes payload regions strictly in offset order on a helper thread, whatever order they come in.
+
+    Regions are views into the preallocated tensors, so parked out-of-order regions cost no memory.
+    """
+
+    def __init__(self, algorithm: str, payload: "IncomingPayload"):
+        self._h = _new_hasher(algorithm)
+        self._payload = payload
+        self._next = 0
+        self._heap: list[tuple[int, int]] = []
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="dimat-hash-recv", daemon=True)
+        self._thread.start()
+
+    def add(self, start: int, end: int) -> None:
+        with self._cv:
+            heapq.heappush(self._heap, (start, end))
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not (self._heap and self._heap[0][0] == self._next):
+                    self._cv.wait()
+                if self._closed and not (self._heap and self._heap[0][0] == self._next):
+                    return
+                start, end = heapq.heappop(self._heap)
+            for view in self._payload._pieces(start, end):  # outside the lock: hashlib drops the GIL
+                self._h.update(view)
+            with self._cv:
+                self._next = end
+                self._cv.notify_all()
+
+    def finish(self, total: int) -> bytes:
+        """Wait until ``[0, total)`` is hashed (callers guarantee every region was added) and return the digest."""
+        with self._cv:
+            while self._next < total and self._thread.is_alive():
+                self._cv.wait(0.1)
+            done = self._next >= total
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join()
+        if not done:
+            raise TransportError(f"payload incomplete: only {self._next} of {total} bytes arrived in order")
+        return self._h.digest()
+
+    def abort(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._heap.clear()
+            self._cv.notify_all()
+
+
+class IncomingPayload:
+    """Assembles one transfer (possibly several streams) into preallocated tensors and verifies it.
+
+    Create it from the first stream's header; every stream calls :meth:`open_stream`, then
+    :meth:`write` per data chunk, then :meth:`close_stream` with the trailer digest (``None`` when the
+    stream ended without one). :meth:`finalize` returns the verified state dict.
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[TensorEntry],
+        total_bytes: int,
+        hash_algorithm: str,
+        num_streams: int,
+        schema: Schema,
+        *,
+        allow_half: bool = True,
+        max_total_bytes: int | None = None,
+        label: str = "payload",
+    ):
+        self.label = label
+        _new_hasher(hash_algorithm)
+        if not 1 <= num_streams <= MAX_STREAMS:
+            raise TransportError(f"{label}: num_streams={num_streams} outside [1, {MAX_STREAMS}]")
+        if max_total_bytes is not None and total_bytes > max_total_bytes:
+            raise TransportError(f"{label}: payload of {total_bytes} bytes exceeds the limit of {max_total_bytes}")
+        self._validate_table(tensors, total_bytes, schema, allow_half)
+        self.entries = list(tensors)
+        self.total_bytes = total_bytes
+        self.num_streams = num_streams
+        self.schema = schema
+        self._starts = [e.offset for e in self.entries]
+        # one buffer per tensor, allocated only after the table passed every check
+        self.tensors: dict[str, torch.Tensor] = {
+            e.name: torch.empty(e.shape, dtype=WIRE_DTYPES[e.dtype]) for e in self.entries
+        }
+        self._views = [_byte_view(self.tensors[e.name]) if e.nbytes else np.empty(0, np.uint8) for e in self.entries]
+        self._streams: dict[int, list] = {}  # index -> [start, end, pos, digest, closed]
+        self._lock = threading.Lock()
+        self._hasher = _OrderedHasher(hash_algorithm, self)
+        self.failed: str | None = None
+
+    # -- validation before allocation --
+    def _validate_table(self, tensors: Sequence[TensorEntry], total: int, schema: Schema, allow_half: bool) -> None:
+        label = self.label
+        seen: set[str] = set()
+        pos = 0
+        for e in tensors:
+            if e.name in seen:
+                raise TransportError(f"{label}: tensor {e.name!r} announced twice")
+            seen.add(e.name)
+            if e.dtype not in WIRE_DTYPES:
+                raise TransportError(f"{label}: tensor {e.name!r} has dtype {e.dtype!r}, not in the wire whitelist {sorted(WIRE_DTYPES)}")
+            if any(d < 0 for d in e.shape):
+                raise TransportError(f"{label}: tensor {e.name!r} has a negative dimension in shape {list(e.shape)}")
+            want_bytes = math.prod(e.shape) * torch.empty((), dtype=WIRE_DTYPES[e.dtype]).element_size()
+            if e.nbytes != want_bytes:
+                raise TransportError(f"{label}: tensor {e.name!r} announces {e.nbytes} bytes but {e.dtype}{list(e.shape)} needs {want_bytes}")
+            if e.offset != pos:
+                raise TransportError(f"{label}: tensor {e.name!r} at offset {e.offset}, expected {pos} (tensors must be back to back)")
+            pos += e.nbytes
+            if e.name not in schema.entries:
+                raise TransportError(f"{label}: unexpected tensor {e.name!r} (not in the receiver's model)")
+            shape, dtype = schema.entries[e.name]
+            if tuple(e.shape) != tuple(shape):
+                raise TransportError(f"{label}: tensor {e.name!r} has shape {list(e.shape)}, expected {list(shape)}")
+            want = dtype_name(dtype) if dtype in _DTYPE_NAMES else str(dtype)
+            half_ok = allow_half and e.dtype in HALF_DTYPES and dtype in (torch.float32, torch.float64)
+            if e.dtype != want and not half_ok:
+                raise TransportError(f"{label}: tensor {e.name!r} has dtype {e.dtype}, expected {want}")
+        if pos != total:
+            raise TransportError(f"{label}: tensor table covers {pos} bytes but total_bytes is {total}")
+        missing = [k for k in schema.entries if k not in seen]
+        if missing:
+            raise TransportError(f"{label}: missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''} ({len(missing)} of {len(schema)})")
+
+    def same_table(self, tensors: Sequence[TensorEntry], total: int, num_streams: int) -> bool:
+        return list(tensors) == self.entries and total == self.total_bytes and num_streams == self.num_streams
+
+    # -- streaming --
+    def _pieces(self, start: int, end: int) -> Iterator[memoryview]:
+        i = max(0, bisect.bisect_right(self._starts, start) - 1)
+        pos = start
+        while pos < end and i < len(self.entries):
+            e = self.entries[i]
+            lo, hi = max(pos, e.offset), min(end, e.offset + e.nbytes)
+            if hi > lo:
+                yield memoryview(self._views[i][lo - e.offset : hi - e.offset])
+                pos = hi
+            i += 1
+
+    def open_stream(self, index: int, start: int, end: int) -> None:
+        with self._lock:
+            if not 0 <= index < self.num_streams:
+                raise TransportError(f"{self.label}: stream index {index} outside [0, {self.num_streams})")
+            if index in self._streams:
+                raise TransportError(f"{self.label}: stream {index} opened twice")
+            if not 0 <= start <= end <= self.total_bytes:
+                raise TransportError(f"{self.label}: segment [{start}, {end}) outside the payload of {self.total_bytes} bytes")
+            for s, e, *_ in self._streams.values():
+                if start < e and s < end:
+                    raise TransportError(f"{self.label}: segment [{start}, {end}) of stream {index} overlaps [{s}, {e})")
+            self._streams[index] = [start, end, start, None, False]
+
+    def write(self, index: int, offset: int, data: bytes | memoryview) -> None:
+        """Copy one chunk into the tensors; chunks of a stream must be contiguous and in order."""
+        st = self._streams.get(index)
+        if st is None:
+            raise TransportError(f"{self.label}: data for stream {index} before its header")
+        start, end, pos, _, closed = st
+        n = len(data)
+        if closed:
+            raise TransportError(f"{self.label}: data after the trailer on stream {index}")
+        if offset != pos:
+            raise TransportError(f"{self.label}: chunk at offset {offset} on stream {index}, expected {pos} (chunks out of order or lost)")
+        if offset + n > end:
+            raise TransportError(f"{self.label}: chunk [{offset}, {offset + n}) runs past the end of segment [{start}, {end})")
+        src = np.frombuffer(data, dtype=np.uint8)
+        done = 0
+        for view in self._pieces(offset, offset + n):
+            k = len(view)
+            np.copyto(np.asarray(view), src[done : done + k])
+            done += k
+        st[2] = offset + n
+        if n:
+            self._hasher.add(offset, offset + n)
+
+    def close_stream(self, index: int, digest: bytes | None) -> None:
+        st = self._streams.get(index)
+        if st is None:
+            raise TransportError(f"{self.label}: stream {index} ended before its header")
+        start, end, pos, _, _ = st
+        if pos != end:
+            names = self._names_in(pos, end)
+            raise TransportError(
+                f"{self.label}: truncated stream {index}: got {pos - start} of {end - start} bytes; "
+                f"incomplete tensors {names[:5]}{'...' if len(names) > 5 else ''}"
+            )
+        if digest is None:
+            raise TransportError(f"{self.label}: stream {index} ended without its trailer (hash)")
+        st[3], st[4] = bytes(digest), True
+
+    def _names_in(self, start: int, end: int) -> list[str]:
+        return [e.name for e in self.entries if e.offset < end and e.offset + e.nbytes > start] or (
+            [self.entries[-1].name] if self.entries else []
+        )
+
+    @property
+    def complete(self) -> bool:
+        """True once every stream has closed with its trailer."""
+        with self._lock:
+            return len(self._streams) == self.num_streams and all(s[4] for s in self._streams.values())
+
+    def abort(self) -> None:
+        self._hasher.abort()
+
+    def finalize(self) -> StateDict:
+        """Verify coverage, hash and finiteness; return ``{name: tensor}`` in the schema's dtypes."""
+        if not self.complete:
+            raise TransportError(f"{self.label}: finalize before all {self.num_streams} streams completed")
+        covered = sum(s[1] - s[0] for s in self._streams.values())
+        if covered != self.total_bytes:
+            self.abort()
+            raise TransportError(f"{self.label}: streams cover {covered} of {self.total_bytes} bytes")
+        digests = {s[3] for s in self._streams.values()}
+        got = self._hasher.finish(self.total_bytes)
+        if len(digests) != 1 or got not in digests:
+            raise TransportError(f"{self.label}: hash mismatch (payload corrupted in transit or tampered)")
+        out: StateDict = {}
+        for e in self.entries:
+            t = self.tensors[e.name]
+            bad = non_finite(t)
+            if bad:
+                raise TransportError(f"{self.label}: tensor {e.name!r} contains {bad}")
+            want_dtype = self.schema.entries[e.name][1]
+            out[e.name] = t if t.dtype == want_dtype else t.to(want_dtype)
+        return out
+
+
+def decode_local(state: Mapping[str, torch.Tensor], schema: Schema | None = None, *, num_streams: int = 1,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, half: str | None = None) -> StateDict:
+    """Round-trip a state through the wire format in-process (tests and benchmarks)."""
+    out = OutgoingPayload(state, half=half)
+    inc = IncomingPayload(out.entries, out.total_bytes, out.hash_algorithm, num_streams,
+                          schema or Schema.from_state(state))
+    digest = out.digest()
+    for k, (a, b) in enumerate(segments(out.total_bytes, num_streams)):
+        inc.open_stream(k, a, b)
+        for off, data in out.chunks(a, b, chunk_bytes):
+            inc.write(k, off, data)
+        inc.close_stream(k, digest)
+    return inc.finalize()

@@ -322,3 +322,14 @@ def test_deadline_when_neighbour_absent():
         assert time.monotonic() - t0 < 4.0
     finally:
         t.close(grace=0)
+
+
+@pytest.mark.parametrize("round_idx, sender, offset", [(0, 0, 0), (1, 2, 5), (300, -1, 1 << 40), (2**63, 2**62, 127)])
+def test_fast_chunk_encoding_matches_protobuf(round_idx, sender, offset):
+    from dimat.transport.grpc import encode_data_chunk
+
+    pieces = [memoryview(b"abc"), memoryview(bytes(range(256)) * 3)]
+    fast = encode_data_chunk(round_idx, sender, offset, pieces)
+    ref = pb2.WeightChunk(round=round_idx, sender=sender, data=pb2.PayloadData(offset=offset, data=b"abc" + bytes(range(256)) * 3))
+    assert fast == ref.SerializeToString()
+    assert pb2.WeightChunk.FromString(fast) == ref

@@ -28,8 +28,12 @@ from typing import Callable
 
 import torch
 
+from dimat.transport.wire import alloc_tensor
+
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 4 << 20
+WINDOW = int(os.environ["DIMAT_BENCH_WINDOW"]) if os.environ.get("DIMAT_BENCH_WINDOW") else None
+PREFETCH = int(os.environ.get("DIMAT_BENCH_PREFETCH", "2"))
 
 
 def rss_bytes() -> int:
@@ -55,7 +59,8 @@ def dimat_serve(args, ready: Callable[[int], None]) -> None:
     from dimat.transport.wire import Schema
 
     schema = Schema.from_state(make_state(args.size_mib, device="meta"))  # shapes only, no memory
-    t = GrpcTransport(1, {1: "127.0.0.1:0", 0: "127.0.0.1:1"}, schema=schema, num_streams=args.streams)
+    t = GrpcTransport(1, {1: "127.0.0.1:0", 0: "127.0.0.1:1"}, schema=schema, num_streams=args.streams,
+                      window_bytes=WINDOW, prefetch=PREFETCH)
     ready(t.port)
     for r in range(args.reps):
         t.begin_round(r, [0])
@@ -72,7 +77,7 @@ def dimat_send(args, port: int, state, rep: int) -> None:
 
     if "_SENDER" not in globals():
         _SENDER = GrpcTransport(0, {0: "127.0.0.1:0", 1: f"127.0.0.1:{port}"}, num_streams=args.streams,
-                                half=args.half)
+                                half=args.half, window_bytes=WINDOW)
     _SENDER.send(1, rep, state, deadline=300)
 
 
@@ -133,7 +138,7 @@ def socket_serve(args, ready) -> None:
     conn, _ = srv.accept()
     total = args.size_mib << 20
     for _ in range(args.reps):
-        buf = torch.empty(total, dtype=torch.uint8)  # fresh buffer per transfer, like a received state
+        buf = alloc_tensor((total,), torch.uint8)  # fresh buffer per transfer, allocated like ours
         mv = memoryview(buf.numpy())
         got = 0
         while got < total:
@@ -186,6 +191,7 @@ def role_main(args) -> None:
             t0 = time.perf_counter()
             send(args, args.port, state, rep)
             times.append(time.perf_counter() - t0)
+            time.sleep(0.3)  # let the receiver drop the previous payload: RSS figures are per transfer
         print(json.dumps({"times": times, "peak_extra": peak_rss_bytes() - base}), flush=True)
 
 
@@ -210,7 +216,8 @@ def run_method(method: str, args, streams: int = 1) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=256)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="transfers per sender/receiver process pair")
+    ap.add_argument("--cycles", type=int, default=2, help="interleaved repetitions of the whole method list")
     ap.add_argument("--streams", default="1,2", help="stream counts to try for dimat-grpc (comma-separated)")
     ap.add_argument("--half", default=None, help="send floats as float16/bfloat16 on the wire (our path only)")
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -223,14 +230,25 @@ def main() -> None:
         role_main(args)
         return
     payload = args.size_mib << 20
-    rows = []
-    for m in args.methods.split(","):
-        for k in ([int(s) for s in args.streams.split(",")] if m == "dimat-grpc" else [1]):
+    runs = [(m, k) for m in args.methods.split(",")
+            for k in ([int(s) for s in args.streams.split(",")] if m == "dimat-grpc" else [1])]
+    best: dict[str, dict] = {}
+    # methods are interleaved over several cycles so that a noisy moment on a shared machine does not
+    # single out one method; each row keeps its best transfer and its worst memory figures
+    for cycle in range(args.cycles):
+        for m, k in runs:
             row = run_method(m, args, k)
-            rows.append(row)
-            print(f"{row['method']:<26} {row['mbps']:8.0f} MB/s   best of {[round(t, 3) for t in row['times']]} s   "
+            print(f"[cycle {cycle}] {row['method']:<26} {row['mbps']:8.0f} MB/s  transfers {[round(t, 3) for t in row['times']]} s  "
                   f"peak extra RSS: sender {row['send_extra'] / payload:4.2f}x  receiver {row['recv_extra'] / payload:4.2f}x payload",
                   flush=True)
+            b = best.setdefault(row["method"], dict(row))
+            b["mbps"] = max(b["mbps"], row["mbps"])
+            b["send_extra"] = max(b["send_extra"], row["send_extra"])
+            b["recv_extra"] = max(b["recv_extra"], row["recv_extra"])
+    rows = list(best.values())
+    print(f"\n{'method':<26} {'best MB/s':>9}   peak extra RSS (worst run)")
+    for row in rows:
+        print(f"{row['method']:<26} {row['mbps']:9.0f}   sender {row['send_extra'] / payload:4.2f}x  receiver {row['recv_extra'] / payload:4.2f}x payload")
     by = {r["method"]: r for r in rows}
     ours = max((r for r in rows if r["method"].startswith("dimat-grpc")), key=lambda r: r["mbps"], default=None)
     if ours:

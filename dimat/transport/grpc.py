@@ -49,18 +49,22 @@ _DATA_LOSS_MARKERS = ("truncated", "hash mismatch", "without its trailer", "inco
 AllowedSenders = Callable[[int], Iterable[int]] | Collection[int] | None
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """Options for both servers and channels: message limits sized to our chunks, larger HTTP/2 windows."""
-    return [
+def channel_options(max_message_bytes: int, window_bytes: int | None = None) -> list[tuple[str, int]]:
+    """Options for both servers and channels: message limits sized to our chunks, HTTP/2 windows.
+
+    ``window_bytes`` fixes the per-stream flow-control window (BDP probing off), which bounds how much
+    a receiver buffers per stream; ``None`` lets gRPC grow it by bandwidth-delay probing.
+    """
+    opts = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
-        # let the transport read ahead more than the 64 KiB default before flow control stalls it
-        ("grpc.http2.lookahead_bytes", 8 << 20),
-        ("grpc.http2.write_buffer_size", 8 << 20),
-        ("grpc.http2.bdp_probe", 1),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
+    if window_bytes:
+        opts += [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", window_bytes),
+                 ("grpc.http2.write_buffer_size", window_bytes)]
+    return opts
 
 
 @dataclass
@@ -137,6 +141,52 @@ def stream_messages(payload: OutgoingPayload, round_idx: int, sender: int, *, tr
     yield enc(pb2.WeightChunk(round=round_idx, sender=sender, trailer=pb2.PayloadTrailer(digest=payload.digest())))
 
 
+_END = object()
+
+
+def _prefetch(it: Iterator, depth: int) -> Iterator:
+    """Iterate ``it`` on a helper thread, at most ``depth`` items ahead.
+
+    gRPC reads the next message only when asked; pulling on another thread overlaps receiving the
+    next chunk with copying and hashing this one (bounded: ``depth`` chunks of memory).
+    """
+    if depth <= 0:
+        yield from it
+        return
+    import queue
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def pump() -> None:
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_END)
+        except BaseException as exc:  # re-raised in the consumer
+            q.put(exc)
+
+    th = threading.Thread(target=pump, name="dimat-prefetch", daemon=True)
+    th.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
 class _Inbox:
     """Verified states per (round, sender), plus the transfers still being assembled."""
 
@@ -185,7 +235,7 @@ class _Servicer(pb2_grpc.PeerServicer):
                     t._inbox.pending[key] = (h.transfer_id, payload)
                 payload.open_stream(h.stream_index, h.segment_start, h.segment_end)
             digest = None
-            for msg in request_iterator:
+            for msg in _prefetch(request_iterator, t.prefetch):
                 if msg.round != round_idx or msg.sender != sender:
                     raise TransportError(f"{where}: message for round {msg.round} from peer {msg.sender} inside the stream")
                 kind = msg.WhichOneof("body")
@@ -296,6 +346,8 @@ class GrpcTransport:
         max_rounds_ahead: int = 2,
         max_workers: int = 16,
         require_cert_identity: bool = False,
+        prefetch: int = 2,
+        window_bytes: int | None = None,
     ):
         if peer_id not in peers:
             raise ValueError(f"peer id {peer_id} is not in the peers map {sorted(peers)}")
@@ -309,6 +361,8 @@ class GrpcTransport:
         self.hash_algorithm, self.accept_half = hash_algorithm, accept_half
         self.max_payload_bytes, self.max_rounds_ahead = max_payload_bytes, max_rounds_ahead
         self.require_cert_identity = require_cert_identity
+        self.prefetch = prefetch
+        self.window_bytes = window_bytes
         if require_cert_identity and not (tls and tls.mutual):
             raise ValueError("require_cert_identity needs mutual TLS")
         # a chunk plus protobuf framing, or a large tensor table, must fit in one message
@@ -331,7 +385,7 @@ class GrpcTransport:
         self._pool = futures.ThreadPoolExecutor(max_workers=max(4, 2 * num_streams), thread_name_prefix=f"dimat-send-{peer_id}")
         self._closed = False
 
-        opts = channel_options(self.max_message_bytes)
+        opts = channel_options(self.max_message_bytes, self.window_bytes)
         interceptors = [TokenAuthInterceptor(token)] if token else []
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"dimat-srv-{peer_id}"),
                                    options=opts, interceptors=interceptors)
@@ -432,7 +486,7 @@ class GrpcTransport:
         with self._chan_lock:
             stub = self._stubs.get(addr)
             if stub is None:
-                opts = channel_options(self.max_message_bytes)
+                opts = channel_options(self.max_message_bytes, self.window_bytes)
                 if self.tls is not None:
                     ch = grpc.secure_channel(addr, self.tls.channel_credentials(), options=opts + self.tls.channel_options())
                 else:

@@ -67,6 +67,37 @@ def _new_hasher(algorithm: str):
     return hashlib.new(algorithm)
 
 
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+_libc = None
+
+
+def alloc_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty`` that asks Linux for transparent huge pages on large buffers (best effort).
+
+    Received bytes land in freshly allocated memory; with 4 KiB pages the first-touch page faults
+    cost more than the copy itself (about 3x slower fills measured on a VM). Elsewhere a no-op.
+    """
+    global _libc
+    t = torch.empty(tuple(shape), dtype=dtype)
+    nbytes = t.numel() * t.element_size()
+    if nbytes >= 2 * _HUGE_PAGE and sys.platform.startswith("linux"):
+        try:
+            if _libc is None:
+                import ctypes
+
+                _libc = ctypes.CDLL(None, use_errno=True)
+                _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            addr = t.data_ptr()
+            lo = -(-addr // _HUGE_PAGE) * _HUGE_PAGE
+            hi = (addr + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+            if hi > lo:
+                _libc.madvise(lo, hi - lo, _MADV_HUGEPAGE)
+        except (OSError, AttributeError):
+            pass
+    return t
+
+
 def _byte_view(t: torch.Tensor) -> np.ndarray:
     """A flat uint8 numpy view sharing ``t``'s memory (works for bfloat16/bool too)."""
     return t.reshape(-1).view(torch.uint8).numpy()
@@ -263,8 +294,12 @@ class _OrderedHasher:
                 if self._closed and not (self._heap and self._heap[0][0] == self._next):
                     return
                 start, end = heapq.heappop(self._heap)
-            for view in self._payload._pieces(start, end):  # outside the lock: hashlib drops the GIL
+            payload = self._payload
+            if payload is None:
+                return
+            for view in payload._pieces(start, end):  # outside the lock: hashlib drops the GIL
                 self._h.update(view)
+            del payload
             with self._cv:
                 self._next = end
                 self._cv.notify_all()
@@ -278,6 +313,7 @@ class _OrderedHasher:
             self._closed = True
             self._cv.notify_all()
         self._thread.join()
+        self._payload = None  # break the payload <-> hasher cycle so buffers free without the GC
         if not done:
             raise TransportError(f"payload incomplete: only {self._next} of {total} bytes arrived in order")
         return self._h.digest()
@@ -287,6 +323,7 @@ class _OrderedHasher:
             self._closed = True
             self._heap.clear()
             self._cv.notify_all()
+        self._payload = None
 
 
 class IncomingPayload:
@@ -323,7 +360,7 @@ class IncomingPayload:
         self._starts = [e.offset for e in self.entries]
         # one buffer per tensor, allocated only after the table passed every check
         self.tensors: dict[str, torch.Tensor] = {
-            e.name: torch.empty(e.shape, dtype=WIRE_DTYPES[e.dtype]) for e in self.entries
+            e.name: alloc_tensor(e.shape, WIRE_DTYPES[e.dtype]) for e in self.entries
         }
         self._views = [_byte_view(self.tensors[e.name]) if e.nbytes else np.empty(0, np.uint8) for e in self.entries]
         self._streams: dict[int, list] = {}  # index -> [start, end, pos, digest, closed]

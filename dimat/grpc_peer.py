@@ -1,0 +1,198 @@
+"""``dimat peer --id K --peers peers.yaml [hydra overrides]``: one federation peer in its own process.
+
+The peer builds exactly what ``dimat simulate`` builds for peer K (same config, same seed, same data
+partition, same model init) and runs the *same* round loop (:func:`dimat.federation.run_rounds`) with
+a :class:`~dimat.transport.grpc.GrpcTransport` instead of the in-process one, so per-round metrics
+match the simulation within float tolerance. Outputs go to ``<run_dir>/peer_K/`` (metrics, summary,
+checkpoints tagged ``peer_K``); all peers of a run share one ``run_dir``.
+
+``peers.yaml`` maps peer ids to ``host:port``, either at the top level or under ``peers:``::
+
+    peers:
+      0: 127.0.0.1:50051
+      1: 127.0.0.1:50052
+
+Transport options come from the ``transport=grpc`` config group (``configs/transport/grpc.yaml``):
+deadline, wire options, TLS files (``{id}`` in a path becomes the peer id) and the name of the
+environment variable holding the shared token (secrets never go on command lines or in configs).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+log = logging.getLogger(__name__)
+
+
+def load_peers_file(path: str | Path) -> dict[int, str]:
+    """Read ``{id: "host:port"}`` from a peers YAML file; raises with a message naming the problem."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"peers file {p} not found")
+    data = yaml.safe_load(p.read_text()) or {}
+    if isinstance(data, dict) and "peers" in data:
+        data = data["peers"]
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"peers file {p}: expected a mapping of peer id to host:port")
+    out: dict[int, str] = {}
+    for k, v in data.items():
+        try:
+            pid = int(k)
+        except (TypeError, ValueError):
+            raise ValueError(f"peers file {p}: peer id {k!r} is not an integer") from None
+        addr = str(v)
+        host, sep, port = addr.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"peers file {p}: address {addr!r} of peer {pid} is not host:port")
+        out[pid] = addr
+    return out
+
+
+def _opt(cfg: Any, key: str, default: Any = None) -> Any:
+    val = cfg.get(key, default) if cfg is not None and hasattr(cfg, "get") else default
+    return default if val is None else val
+
+
+def transport_from_config(peer_id: int, peers: Mapping[int, str], tcfg: Any, *, bind: str | None = None):
+    """A :class:`GrpcTransport` for ``peer_id`` configured by the ``transport`` config node."""
+    from dimat.transport.grpc import GrpcTransport
+    from dimat.transport.security import TlsConfig
+
+    tls_cfg = _opt(tcfg, "tls")
+    tls = None
+    if tls_cfg:
+        fill = lambda s: None if s is None else str(s).replace("{id}", str(peer_id))  # noqa: E731
+        tls = TlsConfig(cert=fill(tls_cfg.get("cert")), key=fill(tls_cfg.get("key")), ca=fill(tls_cfg.get("ca")),
+                        mutual=bool(tls_cfg.get("mutual", False)),
+                        server_name_override=tls_cfg.get("server_name_override"))
+    token = None
+    token_env = _opt(tcfg, "token_env")
+    if token_env:
+        token = os.environ.get(str(token_env)) or None
+    return GrpcTransport(
+        peer_id, peers, bind=bind, token=token, tls=tls,
+        deadline=float(_opt(tcfg, "timeout", 120.0)),
+        retries=int(_opt(tcfg, "retries", 5)),
+        chunk_bytes=int(_opt(tcfg, "chunk_bytes", 4 << 20)),
+        num_streams=int(_opt(tcfg, "num_streams", 1)),
+        half=_opt(tcfg, "half"),
+        hash_algorithm=str(_opt(tcfg, "hash", "sha256")),
+        max_rounds_ahead=int(_opt(tcfg, "max_rounds_ahead", 2)),
+        require_cert_identity=bool(_opt(tcfg, "require_cert_identity", False)),
+    )
+
+
+def wait_for_peers(transport: Any, ids: Sequence[int], timeout: float) -> None:
+    """Block until every peer in ``ids`` answers a health check (startup barrier), or raise."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    end = time.monotonic() + timeout
+    for pid in ids:
+        while True:
+            transport._stub(pid)  # opens the channel with the transport's TLS settings
+            ch = transport._channels[transport.peers[pid]]
+            try:
+                rep = health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(service="dimat.v1.Peer"),
+                    timeout=max(0.1, min(5.0, end - time.monotonic())), wait_for_ready=True)
+                if rep.status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.RpcError:
+                pass
+            if time.monotonic() >= end:
+                raise TimeoutError(f"peer {transport.peer_id}: peer {pid} at {transport.peers[pid]} "
+                                   f"did not come up within {timeout:.0f}s")
+            time.sleep(0.2)
+
+
+def run_peer(cfg: Any, peer_id: int, peers: Mapping[int, str], run_dir: str | Path, *,
+             resume: bool = False, echo=print) -> dict[str, Any]:
+    """Build peer ``peer_id`` from ``cfg`` and run the federation's round loop over gRPC."""
+    import torch
+
+    from dimat.federation import ConfigError, build_federation, run_rounds
+
+    num_peers = int(cfg.num_peers)
+    if set(peers) != set(range(num_peers)):
+        raise ConfigError(f"peers file lists ids {sorted(peers)}, but num_peers={num_peers} needs 0..{num_peers - 1}")
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    fed = build_federation(cfg, local_ids=[peer_id])
+    transport = transport_from_config(peer_id, peers, cfg.transport)
+    try:
+        neighbours: set[int] = set()
+        if fed.schedule is not None:
+            for r in range(1, int(cfg.rounds) + 1):
+                topo = fed.topology_at(r)
+                neighbours |= set(topo.in_neighbours(peer_id)) | set(topo.out_neighbours(peer_id))
+        wait_for_peers(transport, sorted(neighbours), float(_opt(cfg.transport, "startup_timeout", 300)))
+        return run_rounds(fed, transport, run_dir, resume=resume, process_tag=f"peer_{peer_id}",
+                          progress=False, echo=lambda s: echo(f"[peer {peer_id}] {s}"))
+    finally:
+        transport.close()
+
+
+def peer_main(args: Sequence[str]) -> int:
+    """CLI entry: ``dimat peer --id K --peers peers.yaml [--resume] [overrides]``."""
+    from dimat.cli import config_dir, fail
+
+    ap = argparse.ArgumentParser(prog="dimat peer", description="run one federation peer over gRPC")
+    ap.add_argument("--id", type=int, required=True, help="this peer's id (a key of the peers file)")
+    ap.add_argument("--peers", required=True, help="YAML file mapping peer ids to host:port")
+    ap.add_argument("--resume", action="store_true", help="continue from this peer's last checkpoint in run_dir")
+    ns, overrides = ap.parse_known_args(list(args))
+    bad = [o for o in overrides if o.startswith("-")]
+    if bad:
+        fail(f"unknown option(s) {' '.join(bad)} (hydra overrides are key=value)")
+    try:
+        peers = load_peers_file(ns.peers)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    if ns.id not in peers:
+        fail(f"peer id {ns.id} is not in {ns.peers} (ids: {sorted(peers)})")
+    if not any(o.startswith("run_dir=") for o in overrides):
+        fail("dimat peer needs run_dir=<folder> (shared by all peers of the run)")
+    if not any(o.startswith("transport=") for o in overrides):
+        overrides = ["transport=grpc", *overrides]
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+            cfg = compose("config", overrides=list(overrides))
+    except Exception as exc:  # composition errors are configuration errors
+        fail(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    finally:
+        GlobalHydra.instance().clear()
+    if str(cfg.transport.get("name")) != "grpc":
+        fail(f"dimat peer runs the grpc transport (got transport={cfg.transport.get('name')})")
+    run_dir = Path(str(cfg.run_dir))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    from dimat.federation import ConfigError
+    from dimat.metrics import write_text_atomic
+
+    write_text_atomic(run_dir / f"config_peer_{ns.id}.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    logging.basicConfig(level=logging.WARNING, format=f"[peer {ns.id}] %(levelname)s %(message)s")
+    print(f"[peer {ns.id}] serving on {peers[ns.id]}; {cfg.num_peers} peers, {cfg.rounds} rounds -> {run_dir}", flush=True)
+    try:
+        summary = run_peer(cfg, ns.id, peers, run_dir, resume=ns.resume, echo=lambda s: print(s, flush=True))
+    except (ConfigError, FileNotFoundError, TimeoutError) as exc:
+        fail(str(exc).splitlines()[0])
+    acc = summary.get("final_mean_acc")
+    print(f"[peer {ns.id}] done: {summary.get('rounds_done')} rounds, final test accuracy "
+          f"{acc if acc is None else f'{acc:.4f}'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(peer_main(sys.argv[1:]))

@@ -65,13 +65,18 @@ def transport_from_config(peer_id: int, peers: Mapping[int, str], tcfg: Any, *, 
     from dimat.transport.grpc import GrpcTransport
     from dimat.transport.security import TlsConfig
 
-    tls_cfg = _opt(tcfg, "tls")
+    tls_cfg = _opt(tcfg, "tls") or {}
     tls = None
-    if tls_cfg:
+    if tls_cfg.get("dir") or tls_cfg.get("cert"):
+        d = Path(str(tls_cfg["dir"])) if tls_cfg.get("dir") else None
         fill = lambda s: None if s is None else str(s).replace("{id}", str(peer_id))  # noqa: E731
-        tls = TlsConfig(cert=fill(tls_cfg.get("cert")), key=fill(tls_cfg.get("key")), ca=fill(tls_cfg.get("ca")),
-                        mutual=bool(tls_cfg.get("mutual", False)),
-                        server_name_override=tls_cfg.get("server_name_override"))
+        tls = TlsConfig(
+            cert=fill(tls_cfg.get("cert")) or d / f"peer-{peer_id}.pem",
+            key=fill(tls_cfg.get("key")) or d / f"peer-{peer_id}.key",
+            ca=fill(tls_cfg.get("ca")) or d / "ca.pem",
+            mutual=bool(tls_cfg.get("mutual", False)),
+            server_name_override=tls_cfg.get("server_name_override"),
+        )
     token = None
     token_env = _opt(tcfg, "token_env")
     if token_env:

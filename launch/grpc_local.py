@@ -62,9 +62,7 @@ def launch(num_peers: int, run_dir: Path, overrides: list[str], *, certs: Path |
     ovs = [o for o in overrides if not o.startswith(("num_peers=", "run_dir="))]
     ovs += [f"num_peers={num_peers}", f"run_dir={run_dir}"]
     if certs is not None:
-        c = certs.resolve()
-        ovs += [f"+transport.tls.cert={c}/peer-{{id}}.pem", f"+transport.tls.key={c}/peer-{{id}}.key",
-                f"+transport.tls.ca={c}/ca.pem", "+transport.tls.mutual=true", "transport.require_cert_identity=true"]
+        ovs += [f"transport.tls.dir={certs.resolve()}", "transport.tls.mutual=true", "transport.require_cert_identity=true"]
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("DIMAT_TOKEN", secrets.token_hex(16))

@@ -333,3 +333,34 @@ def test_fast_chunk_encoding_matches_protobuf(round_idx, sender, offset):
     ref = pb2.WeightChunk(round=round_idx, sender=sender, data=pb2.PayloadData(offset=offset, data=b"abc" + bytes(range(256)) * 3))
     assert fast == ref.SerializeToString()
     assert pb2.WeightChunk.FromString(fast) == ref
+
+
+def test_heartbeats_mark_a_dead_peer_down_and_back_up():
+    ts = federation(3, heartbeat_interval=0.2, max_missed_heartbeats=2, deadline=20.0)
+    try:
+        for t in ts:
+            t.start_heartbeats()
+        addr2 = ts[2].address
+        ts[2].close(grace=0)  # peer 2 dies
+        deadline = time.monotonic() + 10
+        while ts[0].is_up(2) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not ts[0].is_up(2) and ts[0].down_peers() == [2]
+        # the round proceeds without waiting 20 s for the dead neighbour
+        t0 = time.monotonic()
+        ins = {0: [1, 2], 1: [0, 2]}
+        res = run_round(ts[:2], 0, {0: model_state(0), 1: model_state(1)}, ins, ins)
+        assert time.monotonic() - t0 < 10
+        assert sorted(res[0][0]) == [1] and ts[0].last_report.missing == [2]
+        assert "is down" in ts[0].last_report.send_failed[2]
+        # it comes back on the same address: marked up again
+        back = GrpcTransport(2, {0: ts[0].address, 1: ts[1].address, 2: addr2})
+        try:
+            deadline = time.monotonic() + 10
+            while not ts[0].is_up(2) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert ts[0].is_up(2)
+        finally:
+            back.close(grace=0)
+    finally:
+        close_all(ts[:2])

@@ -320,6 +320,10 @@ class GrpcTransport:
         retries, backoff, backoff_max: retry policy for retryable statuses (exponential + jitter).
         chunk_bytes, num_streams, half, hash_algorithm: wire options (see :mod:`dimat.transport.wire`).
         max_rounds_ahead: how many rounds past the local one a neighbour may push (bounded memory).
+        heartbeat_interval: seconds between heartbeats to every known peer (None = no heartbeats).
+            A peer that misses ``max_missed_heartbeats`` in a row is *down*: ``exchange`` neither
+            pushes to it nor waits for it until a heartbeat succeeds again (it rejoined).
+        report_path: append one JSON line per exchange (received, missing, failed sends) here.
     """
 
     def __init__(
@@ -348,6 +352,9 @@ class GrpcTransport:
         require_cert_identity: bool = False,
         prefetch: int = 2,
         window_bytes: int | None = None,
+        heartbeat_interval: float | None = None,
+        max_missed_heartbeats: int = 3,
+        report_path: str | None = None,
     ):
         if peer_id not in peers:
             raise ValueError(f"peer id {peer_id} is not in the peers map {sorted(peers)}")
@@ -363,6 +370,12 @@ class GrpcTransport:
         self.require_cert_identity = require_cert_identity
         self.prefetch = prefetch
         self.window_bytes = window_bytes
+        self.heartbeat_interval = heartbeat_interval
+        self.max_missed_heartbeats = max(1, int(max_missed_heartbeats))
+        self.report_path = report_path
+        self._missed: dict[int, int] = {}
+        self._hb_stop = threading.Event()
+        self._hb_thread: threading.Thread | None = None
         if require_cert_identity and not (tls and tls.mutual):
             raise ValueError("require_cert_identity needs mutual TLS")
         # a chunk plus protobuf framing, or a large tensor table, must fit in one message
@@ -559,10 +572,11 @@ class GrpcTransport:
         with self._inbox.cv:
             while True:
                 have = {s for s in want if (round_idx, s) in self._inbox.states}
+                waiting = {s for s in want - have if self.is_up(s)}  # a peer that is down won't come
                 left = end - time.monotonic()
-                if have == want or left <= 0:
+                if not waiting or left <= 0:
                     break
-                self._inbox.cv.wait(left)
+                self._inbox.cv.wait(min(left, 0.5))
             return {s: self._inbox.states.pop((round_idx, s)) for s in sorted(have)}
 
     def fetch_state(self, peer: int, deadline: float | None = None) -> tuple[int, StateDict]:
@@ -625,6 +639,48 @@ class GrpcTransport:
             except (grpc.RpcError, TransportError) as exc:
                 log.info("peer %s: leave to peer %s failed: %s", self.peer_id, p, exc)
 
+    # ------------------------------------------------------------------ liveness
+    def start_heartbeats(self, interval: float | None = None) -> None:
+        """Ping every other known peer every ``interval`` seconds on a background thread."""
+        if interval is not None:
+            self.heartbeat_interval = interval
+        if not self.heartbeat_interval or self._hb_thread is not None:
+            return
+        self._hb_thread = threading.Thread(target=self._heartbeat_loop, name=f"dimat-hb-{self.peer_id}", daemon=True)
+        self._hb_thread.start()
+
+    def _heartbeat_loop(self) -> None:
+        interval = float(self.heartbeat_interval or 1.0)
+        while not self._hb_stop.wait(interval):
+            for pid in [p for p in list(self.peers) if p != self.peer_id]:
+                if self._hb_stop.is_set():
+                    return
+                try:
+                    stub = self._stub(pid)
+                    rep = stub.Heartbeat(pb2.HeartbeatRequest(round=max(self.current_round, 0), sender=self.peer_id),
+                                         timeout=interval, metadata=token_metadata(self.token))
+                except (grpc.RpcError, TransportError, ValueError):
+                    was_up = self.is_up(pid)
+                    self._missed[pid] = self._missed.get(pid, 0) + 1
+                    if was_up and not self.is_up(pid):
+                        log.warning("peer %s: peer %s is down (%d missed heartbeats)", self.peer_id, pid, self._missed[pid])
+                        with self._inbox.cv:
+                            self._inbox.cv.notify_all()  # a receive waiting for it can stop waiting
+                    continue
+                if not self.is_up(pid):
+                    log.warning("peer %s: peer %s is back (round %s)", self.peer_id, pid, rep.round)
+                self._missed[pid] = 0
+                with self._members_lock:
+                    m = self.members.setdefault(pid, {"address": self.peers.get(pid, "")})
+                    m.update(round=int(rep.round), alive=True, last_seen=time.monotonic())
+
+    def is_up(self, peer: int) -> bool:
+        """False once ``peer`` missed ``max_missed_heartbeats`` heartbeats in a row (always True without heartbeats)."""
+        return self._missed.get(peer, 0) < self.max_missed_heartbeats
+
+    def down_peers(self) -> list[int]:
+        return sorted(p for p in self.peers if p != self.peer_id and not self.is_up(p))
+
     # ------------------------------------------------------------------ Transport protocol
     def begin_round(self, round_idx: int, in_neighbours: Iterable[int]) -> None:
         """Enter ``round_idx``: fix the accepted senders for it and drop buffers of older rounds."""
@@ -660,9 +716,12 @@ class GrpcTransport:
         self.begin_round(round_idx, ins)
         payload = OutgoingPayload(state, half=self.half, hash_algorithm=self.hash_algorithm)
         self._latest = (round_idx, payload)
-        sends = {j: self._pool.submit(self.send, j, round_idx, payload, deadline) for j in outs}
-        received = self.receive(round_idx, ins, deadline)
         failed: dict[int, str] = {}
+        for j in outs:
+            if not self.is_up(j):
+                failed[j] = f"peer {j} is down ({self._missed.get(j, 0)} missed heartbeats); not sent"
+        sends = {j: self._pool.submit(self.send, j, round_idx, payload, deadline) for j in outs if j not in failed}
+        received = self.receive(round_idx, ins, deadline)
         for j, f in sends.items():
             try:
                 f.result(timeout=max(0.0, t0 + deadline + 1.0 - time.monotonic()))
@@ -671,12 +730,19 @@ class GrpcTransport:
                 log.warning("%s", failed[j])
         missing = [i for i in ins if i not in received]
         self.last_report = ExchangeReport(round_idx, sorted(received), missing, failed, time.monotonic() - t0)
+        if self.report_path:
+            import dataclasses
+            import json
+
+            with open(self.report_path, "a") as fh:
+                fh.write(json.dumps({"peer": self.peer_id, **dataclasses.asdict(self.last_report)}) + "\n")
         return {self.peer_id: received}
 
     def close(self, grace: float | None = 0.5) -> None:
         if self._closed:
             return
         self._closed = True
+        self._hb_stop.set()
         self._health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
         with self._chan_lock:

@@ -60,7 +60,8 @@ def _opt(cfg: Any, key: str, default: Any = None) -> Any:
     return default if val is None else val
 
 
-def transport_from_config(peer_id: int, peers: Mapping[int, str], tcfg: Any, *, bind: str | None = None):
+def transport_from_config(peer_id: int, peers: Mapping[int, str], tcfg: Any, *, bind: str | None = None,
+                          report_path: str | None = None):
     """A :class:`GrpcTransport` for ``peer_id`` configured by the ``transport`` config node."""
     from dimat.transport.grpc import GrpcTransport
     from dimat.transport.security import TlsConfig
@@ -91,6 +92,9 @@ def transport_from_config(peer_id: int, peers: Mapping[int, str], tcfg: Any, *, 
         hash_algorithm=str(_opt(tcfg, "hash", "sha256")),
         max_rounds_ahead=int(_opt(tcfg, "max_rounds_ahead", 2)),
         require_cert_identity=bool(_opt(tcfg, "require_cert_identity", False)),
+        heartbeat_interval=_opt(tcfg, "heartbeat_interval"),
+        max_missed_heartbeats=int(_opt(tcfg, "max_missed_heartbeats", 3)),
+        report_path=report_path,
     )
 
 
@@ -131,18 +135,72 @@ def run_peer(cfg: Any, peer_id: int, peers: Mapping[int, str], run_dir: str | Pa
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     fed = build_federation(cfg, local_ids=[peer_id])
-    transport = transport_from_config(peer_id, peers, cfg.transport)
+    tag = f"peer_{peer_id}"
+    (Path(run_dir) / tag).mkdir(parents=True, exist_ok=True)
+    transport = transport_from_config(peer_id, peers, cfg.transport, report_path=str(Path(run_dir) / tag / "transport.jsonl"))
     try:
         neighbours: set[int] = set()
         if fed.schedule is not None:
             for r in range(1, int(cfg.rounds) + 1):
                 topo = fed.topology_at(r)
                 neighbours |= set(topo.in_neighbours(peer_id)) | set(topo.out_neighbours(peer_id))
-        wait_for_peers(transport, sorted(neighbours), float(_opt(cfg.transport, "startup_timeout", 300)))
-        return run_rounds(fed, transport, run_dir, resume=resume, process_tag=f"peer_{peer_id}",
+        transport.set_schema(fed.peers[peer_id].state())
+        if resume:
+            resume = rejoin(fed, transport, sorted(neighbours), run_dir, tag, echo=echo)
+        else:
+            wait_for_peers(transport, sorted(neighbours), float(_opt(cfg.transport, "startup_timeout", 300)))
+        transport.start_heartbeats()
+        return run_rounds(fed, transport, run_dir, resume=resume, process_tag=tag,
                           progress=False, echo=lambda s: echo(f"[peer {peer_id}] {s}"))
     finally:
         transport.close()
+
+
+def rejoin(fed: Any, transport: Any, neighbours: Sequence[int], run_dir: str | Path, tag: str, *, echo=print) -> bool:
+    """A restarted peer catches up; returns whether ``run_rounds`` should resume from a checkpoint.
+
+    It announces itself (``Join``) to its neighbours and learns their round R. If its own last
+    finished round L (from its checkpoints) is behind (L < R), it pulls the newest state of the most
+    advanced neighbour (``FetchState``, checked like any push), loads it, and records it as its
+    checkpoint of round R, so the round loop continues at R + 1 together with the others (rounds
+    L+1..R are lost for this peer only, and logged as a rejoin). Otherwise it resumes from its own
+    checkpoint. With no checkpoint and a federation still at its start it starts afresh.
+    """
+    from dimat.federation import Checkpointer
+
+    pid = transport.peer_id
+    ck = Checkpointer(Path(run_dir), tag=tag)
+    last = ck.last_round()
+    rounds: dict[int, int] = {}
+    for j in neighbours:
+        try:
+            rounds[j], _ = transport.join(j, timeout=5.0)
+        except Exception as exc:  # a neighbour that is down too
+            echo(f"[peer {pid}] rejoin: neighbour {j} unreachable ({exc})")
+    if not rounds:
+        echo(f"[peer {pid}] rejoin: no neighbour reachable; resuming from own checkpoint (round {last})")
+        return last is not None
+    src = max(rounds, key=lambda j: rounds[j])
+    R = rounds[src]
+    if last is not None and last >= R:
+        echo(f"[peer {pid}] rejoin: own checkpoint round {last} is current (neighbours at {R})")
+        return True
+    if last is None and R == 0:
+        return False
+    if last is not None:
+        ck.restore(last, fed.peers)  # optimizer, data order and RNG continue from our own state
+    rnd, state = transport.fetch_state(src)
+    peer = fed.peers[pid]
+    peer.load_state(state, reset_optimizer=True)
+    ck.save(rnd, fed.peers)
+    echo(f"[peer {pid}] rejoin: behind (own round {last}, neighbours at {R}); "
+         f"fetched round {rnd} state from peer {src}, continuing at round {rnd + 1}")
+    with open(Path(run_dir) / tag / "rejoins.jsonl", "a") as fh:
+        import json
+
+        fh.write(json.dumps({"peer": pid, "own_round": last, "neighbour_round": R, "fetched_from": src,
+                             "fetched_round": rnd, "time": time.time()}) + "\n")
+    return True
 
 
 def peer_main(args: Sequence[str]) -> int:

@@ -25,7 +25,7 @@ def test_concurrent_generation_never_leaves_a_broken_package():
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-c",
            "from dimat.transport import protogen; protogen.generate(force=True); "
-           "from dimat.transport.grpc import pb2; assert pb2.WeightChunk(round=1).round == 1"]
+           "pb2, pb2_grpc = protogen.load(); assert pb2.WeightChunk(round=1).round == 1 and pb2_grpc.PeerStub"]
     procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE) for _ in range(3)]
     for p in procs:
         _, err = p.communicate(timeout=120)

@@ -60,6 +60,11 @@ def channel_options(max_message_bytes: int, window_bytes: int | None = None) -> 
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        # a restarted neighbour must be reachable again within a heartbeat or two, not after gRPC's
+        # default reconnect backoff (which grows to minutes)
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2000),
     ]
     if window_bytes:
         opts += [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", window_bytes),

@@ -15,6 +15,7 @@ optimizer each round. Consensus SGD (``gossip``) keeps it, see :meth:`Peer.load_
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -233,7 +234,7 @@ class Peer:
         return {
             "peer": self.id,
             "model": self.state(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),  # buffers are live tensors
             "generator": self.generator.get_state(),
             "perm": self._perm.clone(),
             "cursor": self._cursor,

@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from dimat.metrics import write_text_atomic as atomic_write_text
 from dimat.peer import MERGE_METHODS, Peer, TrainConfig, as_tensors, merge_weights_for, state_nbytes
 
 METHODS = (*MERGE_METHODS, "gossip", "isolated", "centralized")
@@ -84,15 +85,8 @@ class Federation:
         return self.schedule.at(round_idx)
 
 
-def _model_kwargs(name: str, num_classes: int, input_shape: Sequence[int], extra: Mapping[str, Any]) -> dict[str, Any]:
-    shape = tuple(int(s) for s in input_shape)
-    kw: dict[str, Any] = {"num_classes": num_classes}
-    if name == "mlp":
-        kw["input_dim"] = int(np.prod(shape))
-    else:
-        kw["in_channels"] = shape[0] if len(shape) >= 2 else 1
-        if name == "cnn1d":
-            kw["input_length"] = shape[-1]
+def _model_kwargs(num_classes: int, input_shape: Sequence[int], extra: Mapping[str, Any]) -> dict[str, Any]:
+    kw: dict[str, Any] = {"num_classes": int(num_classes), "input_shape": tuple(int(s) for s in input_shape)}
     kw.update({k: v for k, v in extra.items() if k != "name" and v is not None})
     return kw
 
@@ -107,7 +101,10 @@ def build_model_from_config(cfg: Any, num_classes: int, input_shape: Sequence[in
         raise ConfigError(f"unknown model {name!r} (available: {', '.join(sorted(available_models()))})")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        return build_model(name, **_model_kwargs(name, num_classes, input_shape, mcfg))
+        try:
+            return build_model(name, **_model_kwargs(num_classes, input_shape, mcfg))
+        except TypeError as exc:  # an option the model does not take
+            raise ConfigError(f"model {name!r}: {exc}") from exc
 
 
 def _load_data(cfg: Any) -> Any:
@@ -157,8 +154,11 @@ def build_schedule(cfg: Any, num_peers: int, seed: int) -> Any:
 
     tcfg = _plain(cfg.topology)
     name = tcfg.pop("name", "ring")
+    kw = {k: v for k, v in tcfg.items() if v is not None}
+    if name in ("erdos_renyi", "random_matching"):
+        kw.setdefault("seed", seed)  # random graphs follow the run's seed unless the config pins one
     try:
-        return _build(name, num_peers, seed=seed, **{k: v for k, v in tcfg.items() if v is not None})
+        return _build(name, num_peers, **kw)
     except FileNotFoundError as exc:
         raise ConfigError(f"topology {name!r}: {exc}") from exc
     except (KeyError, ValueError, TypeError) as exc:
@@ -250,16 +250,18 @@ def build_federation(cfg: Any, local_ids: Sequence[int] | None = None) -> Federa
 
 
 def _make_aggregator(cfg: Any) -> Any | None:
+    """``None`` for the default weighted mean, else a name or aggregator object for merge_states."""
     name = _get(cfg.merge, "aggregator", None)
     if name in (None, "mean"):
-        return None  # merge_states' default weighted mean
+        return None
+    kwargs = _plain(_get(cfg.merge, "aggregator_kwargs", {}))
     try:
-        from dimat.merge import get_aggregator
+        from dimat.merge.aggregators import get_aggregator
     except ImportError as exc:
-        raise ConfigError(f"aggregator {name!r} requested but dimat.merge has no get_aggregator") from exc
+        raise ConfigError(f"aggregator {name!r}: robust aggregators are not installed ({exc})") from exc
     try:
-        return get_aggregator(str(name), **_plain(_get(cfg.merge, "aggregator_kwargs", {})))
-    except (KeyError, ValueError) as exc:
+        return get_aggregator(str(name), **kwargs)
+    except (KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"aggregator {name!r}: {exc.args[0] if exc.args else exc}") from exc
 
 
@@ -271,21 +273,6 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -368,22 +355,10 @@ def _fmt_bytes(n: float) -> str:
 
 
 def consensus_distance(states: Sequence[Mapping[str, torch.Tensor]]) -> float:
-    """Mean squared distance of peers' floating-point weights to their average (0 = consensus)."""
-    try:
-        from dimat.metrics import consensus_distance as _cd
+    """Mean squared distance of the peers' weights to their average (0 = consensus); see dimat.metrics."""
+    from dimat.metrics import consensus_distance as _cd
 
-        return float(_cd(list(states)))
-    except ImportError:
-        pass
-    if len(states) < 2:
-        return 0.0
-    total = 0.0
-    for key, ref in states[0].items():
-        if not ref.is_floating_point():
-            continue
-        stack = torch.stack([s[key].double() for s in states])
-        total += float(((stack - stack.mean(0)) ** 2).sum()) / len(states)
-    return total
+    return float(_cd(list(states))) if states else 0.0
 
 
 def _merge_round(fed: Federation, transport: Any, topo: Any, round_idx: int, *, method: str,
@@ -443,96 +418,55 @@ def train_round(fed: Federation, transport: Any, round_idx: int, epochs: float) 
 
 
 class RunLog:
-    """metrics.jsonl (a record per peer per round), summary.json, plot and optional TensorBoard."""
+    """metrics.jsonl (a record per peer per round) + metrics.csv, summary.json, accuracy.png, TensorBoard.
+
+    Processes that share a run folder (gRPC, torchrun) pass a ``tag`` and write under ``<run>/<tag>/``.
+    """
 
     def __init__(self, run_dir: Path, tag: str | None = None, tensorboard: bool = False) -> None:
-        self.run_dir = Path(run_dir)
-        suffix = f"_{tag}" if tag else ""
-        self.metrics_path = self.run_dir / f"metrics{suffix}.jsonl"
-        self.summary_path = self.run_dir / f"summary{suffix}.json"
-        self.plot_path = self.run_dir / f"accuracy{suffix}.png"
+        self.run_dir = Path(run_dir) / tag if tag else Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.summary_path = self.run_dir / "summary.json"
+        self.plot_path = self.run_dir / "accuracy.png"
+        self.tensorboard = tensorboard
         self.rounds: list[dict[str, Any]] = []
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        self._logger: Any = None
 
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+    def start(self, resume_after: int | None) -> None:
+        """Open the metrics file: fresh, or (resume) keeping only rounds up to ``resume_after``."""
+        from dimat.metrics import MetricsLogger, prune_jsonl
 
-    def truncate_after(self, last_round: int) -> None:
-        """Drop records of rounds after ``last_round`` (a resumed run redoes them)."""
-        keep: list[str] = []
-        if self.metrics_path.exists():
-            for line in self.metrics_path.read_text().splitlines():
-                if line.strip() and json.loads(line)["round"] <= last_round:
-                    keep.append(line)
-            atomic_write_text(self.metrics_path, "".join(l + "\n" for l in keep))
-        if self.summary_path.exists():
-            old = json.loads(self.summary_path.read_text())
-            self.rounds = [r for r in old.get("rounds", []) if r["round"] <= last_round]
+        if resume_after is None:
+            self.metrics_path.unlink(missing_ok=True)
+        else:
+            if self.metrics_path.exists():
+                prune_jsonl(self.metrics_path, resume_after)  # a crash mid-round may have logged more
+            if self.summary_path.exists():
+                old = json.loads(self.summary_path.read_text())
+                self.rounds = [r for r in old.get("rounds", []) if r["round"] <= resume_after]
+        self._logger = MetricsLogger(self.run_dir, tensorboard=self.tensorboard)
 
     def log(self, records: list[dict[str, Any]], result: RoundResult) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.metrics_path, "a") as fh:
-            for rec in records:
-                fh.write(json.dumps(rec, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        for rec in records:
+            self._logger.log(rec)
         self.rounds.append(dict(result.__dict__))
-        if self._tb is not None:
-            r = result.round
-            self._tb.add_scalar("test_acc/mean", result.mean_acc, r)
-            self._tb.add_scalar("test_acc/min", result.min_acc, r)
-            self._tb.add_scalar("test_acc/max", result.max_acc, r)
-            self._tb.add_scalar("consensus_distance", result.consensus, r)
-            self._tb.add_scalar("bytes_sent", result.bytes_sent, r)
-            for rec in records:
-                self._tb.add_scalar(f"peer_{rec['peer']}/test_acc", rec["test_acc"], r)
-            self._tb.flush()
 
     def finish(self, summary: dict[str, Any]) -> None:
-        atomic_write_text(self.summary_path, json.dumps(summary, indent=2, sort_keys=True))
-        plot_accuracy(self.metrics_path, self.plot_path, title=summary.get("title"))
-        if self._tb is not None:
-            self._tb.close()
+        from dimat.metrics import plot_accuracy, write_json_atomic
+
+        self._logger.write_csv()
+        self._logger.close()
+        write_json_atomic(self.summary_path, summary)
+        if self.metrics_path.stat().st_size > 0:
+            plot_accuracy(self.metrics_path, self.plot_path, title=summary.get("title"))
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All records of a metrics.jsonl file."""
-    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+    from dimat.metrics import read_jsonl
 
-
-def plot_accuracy(metrics_path: Path, out: Path, title: str | None = None) -> None:
-    """Global test accuracy against round: one thin line per peer and the mean in bold."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recs = read_metrics(metrics_path) if Path(metrics_path).exists() else []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    by_peer: dict[int, list[tuple[int, float]]] = {}
-    for r in recs:
-        by_peer.setdefault(r["peer"], []).append((r["round"], r["test_acc"]))
-    for pid, pts in sorted(by_peer.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=0.8, alpha=0.5, label=f"peer {pid}")
-    if by_peer:
-        rounds = sorted({r["round"] for r in recs})
-        mean = [np.mean([r["test_acc"] for r in recs if r["round"] == k]) for k in rounds]
-        ax.plot(rounds, mean, lw=2.2, color="black", label="mean")
-    ax.set_xlabel("round")
-    ax.set_ylabel("global test accuracy")
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if len(by_peer) <= 10:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
+    return read_jsonl(path)
 
 
 def evaluate_round(fed: Federation, round_idx: int, train_out: dict[str, Any], elapsed: float) -> tuple[list[dict[str, Any]], RoundResult]:
@@ -589,11 +523,8 @@ def run_rounds(
         if last is None:
             raise FileNotFoundError(f"nothing to resume in {run_dir}: no finished round recorded")
         ckpt.restore(last, fed.peers)
-        log.truncate_after(last)
         start = last
-    else:
-        if log.metrics_path.exists():
-            log.metrics_path.unlink()
+    log.start(start if resume else None)
 
     say = echo or (lambda s: None)
     t_run = time.perf_counter()

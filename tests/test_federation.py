@@ -17,7 +17,7 @@ from dimat.federation import METHODS, build_federation, read_metrics, simulate
 REPO = Path(__file__).resolve().parents[1]
 
 # Small and fast: MNIST-1D with a narrow MLP, 5 peers, one local epoch per round.
-FAST = ["model=mlp", "model.hidden=32", "local_epochs=1", "train.batch_size=64", "merge.align_batches=2",
+FAST = ["model=mlp", "model.width=0.25", "local_epochs=1", "train.batch_size=64", "merge.align_batches=2",
         "progress=false", "threads=1"]
 
 

@@ -18,7 +18,7 @@ def _data(n: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _peer(pid: int, seed: int = 0, **kw) -> Peer:
     torch.manual_seed(100 + pid)
-    model = build_model("mlp", num_classes=4, input_dim=12, hidden=16)
+    model = build_model("mlp", num_classes=4, input_dim=12, hidden=(16, 16))
     return Peer(pid, model, _data(seed=seed), _data(64, seed=9), config=TrainConfig(batch_size=32, lr=0.05, align_batches=2),
                 seed=seed + pid, **kw)
 

@@ -53,6 +53,23 @@ def _check_group_choices(overrides: Sequence[str], cdir: Path) -> None:
                 fail(f"unknown {noun} {choice!r} (available: {', '.join(available)})")
 
 
+def _check_composes(overrides: Sequence[str], cdir: Path) -> None:
+    """Compose once up front so a bad key or value is one error line (Hydra's own is several)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    try:
+        with initialize_config_dir(config_dir=str(cdir), version_base=None):
+            compose("config", overrides=list(overrides))
+    except Exception as exc:  # any composition failure is a configuration error
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        cause = exc.__cause__
+        detail = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
+        fail(f"{first.rstrip('.')}: {detail}" if detail else first)
+    finally:
+        GlobalHydra.instance().clear()
+
+
 def _latest_run(root: Path = Path("outputs")) -> Path | None:
     runs = [p.parent.parent for p in root.glob("*/checkpoints/progress.json")]
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
@@ -137,6 +154,8 @@ def simulate_main(args: Sequence[str]) -> int:
         fail(str(exc))
     _check_group_choices([a for a in args if not a.startswith("-")], cdir)
     args = _prepare_resume(args)
+    if not any(a in ("-m", "--multirun") or a.startswith("-") for a in args):
+        _check_composes(args, cdir)
     argv0 = sys.argv[0]
     sys.argv = ["dimat-simulate", *args]
     try:

@@ -103,8 +103,9 @@ def build_model_from_config(cfg: Any, num_classes: int, input_shape: Sequence[in
         torch.manual_seed(int(seed))
         try:
             return build_model(name, **_model_kwargs(num_classes, input_shape, mcfg))
-        except TypeError as exc:  # an option the model does not take
-            raise ConfigError(f"model {name!r}: {exc}") from exc
+        except (TypeError, ValueError) as exc:  # an option the model does not take
+            msg = str(exc)
+            raise ConfigError(msg if msg.startswith("model") else f"model {name!r}: {msg}") from exc
 
 
 def _load_data(cfg: Any) -> Any:
@@ -172,11 +173,41 @@ def train_config(cfg: Any) -> TrainConfig:
     unknown = set(t) - known
     if unknown:
         raise ConfigError(f"unknown train option(s): {', '.join(sorted(unknown))}")
-    tc = TrainConfig(**{k: v for k, v in t.items() if v is not None})
+    try:
+        tc = TrainConfig(**{k: v for k, v in t.items() if v is not None})
+        tc.batch_size, tc.lr = int(tc.batch_size), float(tc.lr)
+        tc.momentum, tc.weight_decay = float(tc.momentum), float(tc.weight_decay)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"train options: {exc}") from None
     tc.align_batches = int(_get(cfg.merge, "align_batches", tc.align_batches))
     if tc.batch_size <= 0 or tc.lr <= 0:
         raise ConfigError(f"train.batch_size and train.lr must be positive (got {tc.batch_size}, {tc.lr})")
     return tc
+
+
+def _number(cfg: Any, key: str, kind: type, minimum: float, default: Any) -> Any:
+    """``cfg.key`` as ``kind`` (int/float), at least ``minimum``, or a :class:`ConfigError` naming it."""
+    raw = _get(cfg, key, default)
+    try:
+        val = kind(raw)
+        if isinstance(raw, bool) or (kind is int and float(raw) != val):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be {'an integer' if kind is int else 'a number'} (got {raw!r})") from None
+    if val < minimum:
+        raise ConfigError(f"{key} must be at least {minimum} (got {val})")
+    return val
+
+
+def validate_run_options(cfg: Any) -> None:
+    """Check the root scalar options (rounds, epochs, seed...) before anything is built."""
+    _number(cfg, "seed", int, -(2**31), 0)
+    _number(cfg, "num_peers", int, 1, 5)
+    _number(cfg, "rounds", int, 0, 20)
+    _number(cfg, "local_epochs", float, 0, 2)
+    _number(cfg, "pretrain_epochs", float, 0, 0)
+    _number(cfg.merge, "align_batches", int, 1, 8)
+    _number(cfg.merge, "gossip_every", int, 1, 10)
 
 
 def peer_seed(seed: int, peer_id: int) -> int:
@@ -193,10 +224,9 @@ def build_federation(cfg: Any, local_ids: Sequence[int] | None = None) -> Federa
     method = str(_get(cfg.merge, "method", "dimat"))
     if method not in METHODS:
         raise ConfigError(f"unknown merge method {method!r} (expected one of {', '.join(METHODS)})")
+    validate_run_options(cfg)
     seed = int(_get(cfg, "seed", 0))
     num_peers = int(_get(cfg, "num_peers", 5))
-    if num_peers < 1:
-        raise ConfigError(f"num_peers must be at least 1 (got {num_peers})")
     init = str(_get(cfg, "init", "different"))
     if init not in ("different", "shared"):
         raise ConfigError(f"init must be 'different' or 'shared' (got {init!r})")
@@ -600,7 +630,8 @@ def simulate(cfg: Any, run_dir: str | Path, *, resume: bool = False, progress: b
     fed = build_federation(cfg)
     transport = InProcTransport()
     try:
-        return run_rounds(fed, transport, run_dir, resume=resume, progress=progress, echo=echo)
+        return run_rounds(fed, transport, run_dir, resume=resume, progress=progress and bool(_get(cfg, "progress", True)),
+                          echo=echo)
     finally:
         transport.close()
 

@@ -1,0 +1,150 @@
+"""Streaming activation statistics per permutation group, accumulated in float64.
+
+Only per-group sums are kept (means, second moments, cross moments): never the activations.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .inputs import iter_inputs
+from .spec import PermutationSpec
+
+
+def units_first(a: torch.Tensor) -> torch.Tensor:
+    """(N, C, *spatial) -> (C, N * prod(spatial)): every position is a sample of each unit."""
+    if a.dim() == 2:
+        return a.T
+    return a.transpose(0, 1).reshape(a.shape[1], -1)
+
+
+class BatchMoments:
+    """One batch of one model's units, centred once and shared by every neighbour's statistics.
+
+    Products are formed on batch-centred activations in their own precision (a BLAS GEMM, which
+    dominates the cost of alignment, without cancellation) and merged across batches in float64
+    with Chan et al.'s pairwise update.
+    """
+
+    def __init__(self, a: torch.Tensor) -> None:
+        units = units_first(a.detach().float())
+        if units.data_ptr() == a.data_ptr():
+            units = units.clone()
+        self.n = units.shape[1]
+        mean = units.mean(1, keepdim=True)
+        self.centred = units.sub_(mean)
+        self.mean = mean.squeeze(1).double()
+        self.sq = torch.linalg.vector_norm(self.centred, dim=1).double() ** 2
+
+
+class CrossStats:
+    """Running means and (co-)moments of reference units ``a`` and another model's units ``b``."""
+
+    def __init__(self, size: int, device: torch.device | str = "cpu") -> None:
+        kw = dict(dtype=torch.float64, device=device)
+        self.n = 0
+        self.mean_a = torch.zeros(size, **kw)
+        self.mean_b = torch.zeros(size, **kw)
+        self.m_aa = torch.zeros(size, **kw)
+        self.m_bb = torch.zeros(size, **kw)
+        self.m_ab = torch.zeros(size, size, **kw)
+
+    def update(self, a: torch.Tensor | BatchMoments, b: torch.Tensor | BatchMoments) -> None:
+        a = a if isinstance(a, BatchMoments) else BatchMoments(a)
+        b = b if isinstance(b, BatchMoments) else BatchMoments(b)
+        n_old, n_new = self.n, a.n
+        total = n_old + n_new
+        da, db = a.mean - self.mean_a, b.mean - self.mean_b
+        f = n_old * n_new / total
+        self.m_ab += (a.centred @ b.centred.T).double() + f * torch.outer(da, db)
+        self.m_aa += a.sq + f * da * da
+        self.m_bb += b.sq + f * db * db
+        self.mean_a += da * (n_new / total)
+        self.mean_b += db * (n_new / total)
+        self.n = total
+
+    @property
+    def var_a(self) -> torch.Tensor:
+        return self.m_aa / self.n
+
+    @property
+    def var_b(self) -> torch.Tensor:
+        return self.m_bb / self.n
+
+    def cross_covariance(self) -> torch.Tensor:
+        return self.m_ab / self.n
+
+    def correlation(self, eps: float = 1e-12) -> torch.Tensor:
+        """Pearson correlation ``corr[i, j]`` between reference unit i and other unit j.
+
+        Constant (dead) units get correlation 0 with everything rather than NaN.
+        """
+        denom = torch.outer(self.var_a.clamp_min(0).sqrt(), self.var_b.clamp_min(0).sqrt())
+        corr = self.cross_covariance() / denom.clamp_min(eps)
+        return torch.where(denom > eps, corr, torch.zeros_like(corr))
+
+
+@contextmanager
+def _capture(model: nn.Module, names: Sequence[str], store: dict[str, torch.Tensor]):
+    modules = dict(model.named_modules())
+    handles = []
+    for name in names:
+        if name not in modules:
+            raise ValueError(f"permutation spec hooks module '{name}', which {type(model).__name__} does not have")
+
+        def hook(_m, _inp, out, name=name):
+            store[name] = out.detach()
+        handles.append(modules[name].register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def collect_cross_stats(reference: nn.Module, others: Sequence[nn.Module], data: Iterable,
+                        spec: PermutationSpec, max_batches: int | None = None,
+                        ) -> list[dict[str, list[CrossStats]]]:
+    """For each other model and group, one ``CrossStats`` per hook point of the group.
+
+    The reference's activations are computed once per batch and shared by all others.
+    """
+    hook_names = sorted({h for g in spec.groups for h in g.hooks})
+    missing = [g.name for g in spec.groups if not g.hooks]
+    if missing:
+        raise ValueError(f"activation matching needs hook modules for every group; none declared for {missing}")
+    device = next(reference.parameters()).device
+    stats = [{g.name: [CrossStats(g.size, device) for _ in g.hooks] for g in spec.groups} for _ in others]
+    models = [reference, *others]
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    stores: list[dict[str, torch.Tensor]] = [{} for _ in models]
+    batches = 0
+    try:
+        from contextlib import ExitStack
+        with ExitStack() as stack:
+            for m, store in zip(models, stores):
+                stack.enter_context(_capture(m, hook_names, store))
+            for x in iter_inputs(data, max_batches, device):
+                batches += 1
+                for m in models:
+                    m(x)
+                ref = {h: BatchMoments(stores[0][h]) for h in hook_names}
+                for k, _ in enumerate(others):
+                    other = {h: BatchMoments(stores[k + 1][h]) for h in hook_names}
+                    for g in spec.groups:
+                        for s, h in zip(stats[k][g.name], g.hooks):
+                            s.update(ref[h], other[h])
+                    del other
+                del ref
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    if batches == 0:
+        raise ValueError("data is empty: no batches to collect activation statistics from")
+    return stats

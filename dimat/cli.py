@@ -165,8 +165,16 @@ def simulate_main(args: Sequence[str]) -> int:
     return 0
 
 
+def peer_main(args: Sequence[str]) -> int:
+    """``dimat peer --id K --peers peers.yaml [overrides]``: one peer over gRPC (see dimat.grpc_peer)."""
+    from dimat.grpc_peer import peer_main as _peer_main
+
+    return _peer_main(args)
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "simulate": (simulate_main, "run a whole federation in this process (Hydra overrides follow)"),
+    "peer": (peer_main, "run one peer over gRPC: --id K --peers peers.yaml run_dir=DIR [overrides]"),
 }
 
 

@@ -90,11 +90,12 @@ def transport_from_config(peer_id: int, peers: Mapping[int, str], tcfg: Any, *, 
         num_streams=int(_opt(tcfg, "num_streams", 1)),
         half=_opt(tcfg, "half"),
         hash_algorithm=str(_opt(tcfg, "hash", "sha256")),
-        max_rounds_ahead=int(_opt(tcfg, "max_rounds_ahead", 2)),
+        max_rounds_ahead=int(_opt(tcfg, "max_rounds_ahead", 8)),
         require_cert_identity=bool(_opt(tcfg, "require_cert_identity", False)),
         heartbeat_interval=_opt(tcfg, "heartbeat_interval"),
         max_missed_heartbeats=int(_opt(tcfg, "max_missed_heartbeats", 3)),
         report_path=report_path,
+        delay=float(_opt(tcfg, "delay", 0.0)),
     )
 
 

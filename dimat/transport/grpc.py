@@ -304,6 +304,8 @@ class _Servicer(pb2_grpc.PeerServicer):
 
     def Heartbeat(self, request, context):
         self.t._seen(int(request.sender), int(request.round), None)
+        with self.t._inbox.cv:
+            self.t._inbox.cv.notify_all()  # a receive may stop waiting for a peer now in a later round
         return pb2.HeartbeatReply(round=max(self.t.current_round, 0), sender=self.t.peer_id)
 
 
@@ -329,6 +331,7 @@ class GrpcTransport:
             A peer that misses ``max_missed_heartbeats`` in a row is *down*: ``exchange`` neither
             pushes to it nor waits for it until a heartbeat succeeds again (it rejoined).
         report_path: append one JSON line per exchange (received, missing, failed sends) here.
+        delay: seconds to sleep before every exchange: makes this peer a straggler (tests, benches).
     """
 
     def __init__(
@@ -360,6 +363,7 @@ class GrpcTransport:
         heartbeat_interval: float | None = None,
         max_missed_heartbeats: int = 3,
         report_path: str | None = None,
+        delay: float = 0.0,
     ):
         if peer_id not in peers:
             raise ValueError(f"peer id {peer_id} is not in the peers map {sorted(peers)}")
@@ -378,6 +382,7 @@ class GrpcTransport:
         self.heartbeat_interval = heartbeat_interval
         self.max_missed_heartbeats = max(1, int(max_missed_heartbeats))
         self.report_path = report_path
+        self.delay = float(delay)
         self._missed: dict[int, int] = {}
         self._hb_stop = threading.Event()
         self._hb_thread: threading.Thread | None = None
@@ -577,7 +582,8 @@ class GrpcTransport:
         with self._inbox.cv:
             while True:
                 have = {s for s in want if (round_idx, s) in self._inbox.states}
-                waiting = {s for s in want - have if self.is_up(s)}  # a peer that is down won't come
+                # a peer that is down, or already in a later round, will not send this round any more
+                waiting = {s for s in want - have if self.is_up(s) and self.known_round(s) <= round_idx}
                 left = end - time.monotonic()
                 if not waiting or left <= 0:
                     break
@@ -683,6 +689,11 @@ class GrpcTransport:
         """False once ``peer`` missed ``max_missed_heartbeats`` heartbeats in a row (always True without heartbeats)."""
         return self._missed.get(peer, 0) < self.max_missed_heartbeats
 
+    def known_round(self, peer: int) -> int:
+        """The latest round ``peer`` reported (heartbeats, joins); -1 if unknown."""
+        with self._members_lock:
+            return int(self.members.get(peer, {}).get("round", -1))
+
     def down_peers(self) -> list[int]:
         return sorted(p for p in self.peers if p != self.peer_id and not self.is_up(p))
 
@@ -710,6 +721,8 @@ class GrpcTransport:
         """Push the local state to its out-neighbours and collect its in-neighbours' states for the round."""
         if set(states) != {self.peer_id}:
             raise ValueError(f"GrpcTransport hosts peer {self.peer_id} only; got states for {sorted(states)}")
+        if self.delay > 0:
+            time.sleep(self.delay)
         t0 = time.monotonic()
         deadline = self.deadline if timeout is None else timeout
         state = states[self.peer_id]

@@ -52,6 +52,80 @@ def peer_command(k: int, peers_file: Path, overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "dimat", "peer", "--id", str(k), "--peers", str(peers_file), *overrides]
 
 
+class LocalFederation:
+    """N ``dimat peer`` processes on free loopback ports sharing one run folder, each startable,
+    killable and restartable on its own (fault tests and the soak benchmark use it)."""
+
+    def __init__(self, run_dir: Path, n: int, overrides: list[str], env: dict[str, str] | None = None):
+        self.run_dir, self.n = Path(run_dir), n
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.peers_file = self.run_dir / "peers.yaml"
+        write_peers_file(self.peers_file, free_ports(n))
+        self.overrides = [*overrides, f"num_peers={n}", f"run_dir={self.run_dir}"]
+        self.env = dict(os.environ if env is None else env)
+        self.env["PYTHONPATH"] = str(ROOT) + (os.pathsep + self.env["PYTHONPATH"] if self.env.get("PYTHONPATH") else "")
+        self.env.setdefault("DIMAT_TOKEN", secrets.token_hex(16))
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.logs: dict[int, Path] = {}
+
+    def start(self, k: int, extra: tuple[str, ...] = (), resume: bool = False) -> None:
+        cmd = peer_command(k, self.peers_file, [*self.overrides, *extra])
+        if resume:
+            cmd.insert(cmd.index("--peers"), "--resume")
+        self.logs[k] = self.run_dir / f"peer_{k}.log"
+        with open(self.logs[k], "a") as fh:
+            self.procs[k] = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+
+    def kill(self, k: int) -> None:
+        self.procs[k].send_signal(signal.SIGKILL)
+        self.procs[k].wait()
+
+    def wait_log(self, k: int, pattern: str, timeout: float) -> None:
+        import re
+
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.logs[k].exists() and re.search(pattern, self.logs[k].read_text()):
+                return
+            if self.procs[k].poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"peer {k}: {pattern!r} not seen in {timeout}s\n" + self.logs[k].read_text()[-3000:])
+
+    def wait_all(self, timeout: float) -> dict[int, int | None]:
+        end = time.monotonic() + timeout
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(1.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        return {k: p.poll() for k, p in self.procs.items()}
+
+    def logs_text(self) -> str:
+        return "\n".join(f"--- peer {k}\n" + p.read_text()[-2500:] for k, p in self.logs.items() if p.exists())
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    def _jsonl(self, k: int, name: str) -> list[dict]:
+        import json
+
+        path = self.run_dir / f"peer_{k}" / name
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+    def metrics(self, k: int) -> list[dict]:
+        return self._jsonl(k, "metrics.jsonl")
+
+    def transport_log(self, k: int) -> list[dict]:
+        return self._jsonl(k, "transport.jsonl")
+
+    def rejoins(self, k: int) -> list[dict]:
+        return self._jsonl(k, "rejoins.jsonl")
+
+
 def launch(num_peers: int, run_dir: Path, overrides: list[str], *, certs: Path | None = None,
            timeout: float | None = None, echo=print) -> dict[int, int]:
     """Run the federation; returns ``{peer: exit code}``."""

@@ -2,7 +2,6 @@
 import importlib.util
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -25,60 +24,8 @@ def _env():
     return env
 
 
-class Federation:
-    """N `dimat peer` processes on free loopback ports sharing one run folder."""
-
-    def __init__(self, run_dir: Path, n: int, overrides: list[str]):
-        self.run_dir, self.n = run_dir, n
-        self.peers_file = run_dir / "peers.yaml"
-        grpc_local.write_peers_file(self.peers_file, grpc_local.free_ports(n))
-        self.overrides = [*overrides, f"num_peers={n}", f"run_dir={run_dir}"]
-        self.procs: dict[int, subprocess.Popen] = {}
-        self.logs: dict[int, Path] = {}
-
-    def start(self, k: int, extra: tuple[str, ...] = (), resume: bool = False) -> None:
-        cmd = grpc_local.peer_command(k, self.peers_file, [*self.overrides, *extra])
-        if resume:
-            cmd.insert(cmd.index("--peers"), "--resume")
-        log = self.run_dir / f"peer_{k}.log"
-        self.logs[k] = log
-        self.procs[k] = subprocess.Popen(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
-
-    def wait_log(self, k: int, pattern: str, timeout: float) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.logs[k].exists() and re.search(pattern, self.logs[k].read_text()):
-                return
-            if self.procs[k].poll() is not None:
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"peer {k}: {pattern!r} not seen in {timeout}s\n" + self.logs[k].read_text()[-3000:])
-
-    def wait_all(self, timeout: float) -> dict[int, int]:
-        end = time.monotonic() + timeout
-        for k, p in self.procs.items():
-            try:
-                p.wait(timeout=max(1.0, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        return {k: p.poll() for k, p in self.procs.items()}
-
-    def logs_text(self) -> str:
-        return "\n".join(f"--- peer {k}\n" + p.read_text()[-2500:] for k, p in self.logs.items() if p.exists())
-
-    def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-
-    def metrics(self, k: int) -> list[dict]:
-        path = self.run_dir / f"peer_{k}" / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-    def transport_log(self, k: int) -> list[dict]:
-        path = self.run_dir / f"peer_{k}" / "transport.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+def Federation(run_dir: Path, n: int, overrides: list[str]):
+    return grpc_local.LocalFederation(run_dir, n, overrides, env=_env())
 
 
 FAST = ["experiment=mnist1d_fast", "progress=false", "transport.heartbeat_interval=0.3",

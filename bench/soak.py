@@ -86,7 +86,8 @@ def main() -> int:
             running = [k for k, p in fed.procs.items() if p.poll() is None and k not in pending]
             if not running and not pending:
                 break
-            victims = [k for k in running if now - started[k] >= ns.min_uptime_s]
+            # chaos while a federation remains: never the last peer still running
+            victims = [k for k in running if now - started[k] >= ns.min_uptime_s] if len(running) >= 2 else []
             if now >= next_kill and victims and not pending:
                 k = rng.choice(victims)
                 fed.kill(k)

@@ -169,15 +169,26 @@ def rejoin(fed: Any, transport: Any, neighbours: Sequence[int], run_dir: str | P
     """
     from dimat.federation import Checkpointer
 
+    from concurrent.futures import ThreadPoolExecutor
+
     pid = transport.peer_id
     ck = Checkpointer(Path(run_dir), tag=tag)
     last = ck.last_round()
+    if last is not None and last >= int(fed.cfg.rounds):
+        return True  # this peer had already finished; nothing to catch up
     rounds: dict[int, int] = {}
-    for j in neighbours:
+
+    def ask(j: int):
         try:
-            rounds[j], _ = transport.join(j, timeout=5.0)
+            return j, transport.join(j, timeout=3.0)[0]
         except Exception as exc:  # a neighbour that is down too
             echo(f"[peer {pid}] rejoin: neighbour {j} unreachable ({exc})")
+            return j, None
+
+    with ThreadPoolExecutor(max_workers=max(1, len(neighbours))) as pool:
+        for j, r in pool.map(ask, neighbours):
+            if r is not None:
+                rounds[j] = r
     if not rounds:
         echo(f"[peer {pid}] rejoin: no neighbour reachable; resuming from own checkpoint (round {last})")
         return last is not None

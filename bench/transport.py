@@ -41,6 +41,12 @@ def rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -175,24 +181,28 @@ def role_main(args) -> None:
     if args.role == "serve":
         base = [0]
 
+        cpu0 = [0.0]
+
         def ready(port: int) -> None:  # baseline once the server is set up, before any payload
             base[0] = rss_bytes()
+            cpu0[0] = cpu_seconds()
             print(json.dumps({"port": port}), flush=True)
 
         serve(args, ready)
-        print(json.dumps({"peak_extra": peak_rss_bytes() - base[0]}), flush=True)
+        print(json.dumps({"peak_extra": peak_rss_bytes() - base[0], "cpu": cpu_seconds() - cpu0[0]}), flush=True)
     else:
         state = make_state(args.size_mib)
         if args.method == "dimat-grpc":
             import dimat.transport.grpc  # noqa: F401  (import cost outside the measurement)
         base = rss_bytes()
+        cpu0 = cpu_seconds()
         times = []
         for rep in range(args.reps):
             t0 = time.perf_counter()
             send(args, args.port, state, rep)
             times.append(time.perf_counter() - t0)
             time.sleep(0.3)  # let the receiver drop the previous payload: RSS figures are per transfer
-        print(json.dumps({"times": times, "peak_extra": peak_rss_bytes() - base}), flush=True)
+        print(json.dumps({"times": times, "peak_extra": peak_rss_bytes() - base, "cpu": cpu_seconds() - cpu0}), flush=True)
 
 
 def run_method(method: str, args, streams: int = 1) -> dict:
@@ -210,7 +220,8 @@ def run_method(method: str, args, streams: int = 1) -> dict:
     recv = json.loads(out.strip().splitlines()[-1])
     best = min(sent["times"])
     return {"method": method if streams == 1 else f"{method} x{streams} streams", "mbps": (args.size_mib << 20) / best / 1e6,
-            "times": sent["times"], "send_extra": sent["peak_extra"], "recv_extra": recv["peak_extra"]}
+            "times": sent["times"], "send_extra": sent["peak_extra"], "recv_extra": recv["peak_extra"],
+            "cpu": (sent["cpu"] + recv["cpu"]) / args.reps}
 
 
 def main() -> None:
@@ -239,8 +250,8 @@ def main() -> None:
         for m, k in runs:
             row = run_method(m, args, k)
             print(f"[cycle {cycle}] {row['method']:<26} {row['mbps']:8.0f} MB/s  transfers {[round(t, 3) for t in row['times']]} s  "
-                  f"peak extra RSS: sender {row['send_extra'] / payload:4.2f}x  receiver {row['recv_extra'] / payload:4.2f}x payload",
-                  flush=True)
+                  f"peak extra RSS: sender {row['send_extra'] / payload:4.2f}x  receiver {row['recv_extra'] / payload:4.2f}x payload  "
+                  f"CPU {row['cpu']:.2f} s/transfer (both sides)", flush=True)
             b = best.setdefault(row["method"], dict(row))
             b["mbps"] = max(b["mbps"], row["mbps"])
             b["send_extra"] = max(b["send_extra"], row["send_extra"])

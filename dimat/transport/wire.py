@@ -171,7 +171,7 @@ class OutgoingPayload:
                 t = t.cpu()
             if half is not None and t.dtype in (torch.float32, torch.float64):
                 h = t.to(WIRE_DTYPES[half])
-                if not bool(torch.isfinite(h).all()) and bool(torch.isfinite(t).all()):
+                if non_finite(h) and not non_finite(t):  # blocked scans: no full-size temporaries
                     raise TransportError(f"tensor {name!r} has values outside the {half} range; send it without half precision")
                 t = h
             t = t.contiguous()
@@ -494,14 +494,17 @@ class IncomingPayload:
         got = self._hasher.finish(self.total_bytes)
         if len(digests) != 1 or got not in digests:
             raise TransportError(f"{self.label}: hash mismatch (payload corrupted in transit or tampered)")
-        out: StateDict = {}
         for e in self.entries:
-            t = self.tensors[e.name]
-            bad = non_finite(t)
+            bad = non_finite(self.tensors[e.name])
             if bad:
                 raise TransportError(f"{self.label}: tensor {e.name!r} contains {bad}")
+        out: StateDict = {}
+        self._views = []
+        for e in self.entries:
+            t = self.tensors.pop(e.name)  # drop each wire buffer as soon as it is converted
             want_dtype = self.schema.entries[e.name][1]
             out[e.name] = t if t.dtype == want_dtype else t.to(want_dtype)
+            del t
         return out
 
 

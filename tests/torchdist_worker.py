@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
+from dimat.topology import OnePeerExponential, RandomMatching, Topology, ring
 from dimat.transport.base import TransportError
 from dimat.transport.torchdist import TorchDistTransport
 
@@ -38,19 +39,25 @@ def make_state(peer: int, round_idx: int, wide: bool = False) -> dict[str, torch
     }
 
 
+def from_topology(topo: "Topology") -> Edges:
+    return {i: sorted(topo.out_neighbours(i)) for i in range(topo.n)}
+
+
 def ring_out(n: int, r: int) -> Edges:
-    return {i: sorted({(i - 1) % n, (i + 1) % n} - {i}) for i in range(n)}
+    return from_topology(ring(n))
 
 
 def one_peer_exponential_out(n: int, r: int) -> Edges:
     """Time-varying: round r sends to i + 2^(r mod log2 n); a different neighbour each round."""
-    hops = max(1, (n - 1).bit_length())
-    k = 1 << (r % hops)
-    return {i: [(i + k) % n] for i in range(n)}
+    return from_topology(OnePeerExponential(n).at(r))
+
+
+def random_matching_out(n: int, r: int) -> Edges:
+    return from_topology(RandomMatching(n, seed=5).at(r))
 
 
 def random_out(n: int, r: int) -> Edges:
-    """Directed random graph, 3 out-neighbours each, reseeded per round (same on every rank)."""
+    """Directed (asymmetric) random graph, 3 out-neighbours each, reseeded per round."""
     rng = random.Random(7919 * r + n)
     return {i: sorted(rng.sample([j for j in range(n) if j != i], 3)) for i in range(n)}
 
@@ -68,6 +75,7 @@ SCENARIOS: dict[str, tuple[int, int, Callable[[int, int], Edges]]] = {
     "ring4": (4, 2, ring_out),
     "tv8": (8, 3, one_peer_exponential_out),
     "many10": (10, 2, random_out),
+    "match16": (16, 3, random_matching_out),
     "ring16": (16, 2, ring_out),
 }
 

@@ -197,6 +197,32 @@ def _edge_hash(sender: int, receiver: int) -> int:
 # ----------------------------------------------------------------------------- transport
 
 
+def _elastic_store(timeout: datetime.timedelta) -> dist.Store | None:
+    """torchrun's store, namespaced by restart attempt; None outside torchrun.
+
+    After torchrun restarts the workers they rendezvous again on the *same* store, where the
+    previous attempt's keys (e.g. gloo's listening addresses of dead processes) are still present:
+    plain ``env://`` init then connects to a stale address and fails ("Connection refused",
+    pytorch/pytorch#167288). A per-attempt key prefix gives every attempt a clean namespace.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=(not agent_store and rank == 0),  # the agent hosts the server when it shares its store
+        timeout=timeout,
+        multi_tenant=not agent_store,
+    )
+    return dist.PrefixStore(f"dimat/attempt_{attempt}/", store)
+
+
+
+
 class TorchDistTransport:
     """:class:`~dimat.transport.base.Transport` over a torch.distributed process group.
 
@@ -234,12 +260,13 @@ class TorchDistTransport:
                 dev = torch.device("cuda", local % torch.cuda.device_count())
                 torch.cuda.set_device(dev)
                 kwargs["device_id"] = dev
-            dist.init_process_group(
-                backend=backend,
-                init_method="env://",
-                timeout=datetime.timedelta(seconds=pg_timeout),
-                **kwargs,
-            )
+            pg_td = datetime.timedelta(seconds=pg_timeout)
+            store = _elastic_store(pg_td)
+            if store is not None:
+                kwargs.update(store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+            else:
+                kwargs["init_method"] = "env://"
+            dist.init_process_group(backend=backend, timeout=pg_td, **kwargs)
             self._owns_group = True
         self.backend = dist.get_backend()
         self.rank = dist.get_rank()

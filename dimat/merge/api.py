@@ -1,0 +1,112 @@
+"""Merging: align neighbours into the reference's basis, combine, reset BatchNorm statistics."""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..align.api import check_compatible, check_state_compatible, find_permutations
+from ..align.batchnorm import has_batchnorm, reset_bn_stats
+from ..align.inputs import reiterable_inputs
+from ..align.permute import permute_state
+from ..align.spec import get_spec
+from .average import StateDict, weighted_average
+
+METHODS = {"dimat": "activation", "weight_matching": "weight", "average": None}
+
+Aggregator = Callable[..., StateDict]
+
+
+def normalise_weights(weights: Sequence[float], n: int) -> list[float]:
+    """Validate mixing weights for ``n`` models and scale them to sum to 1."""
+    weights = [float(w) for w in weights]
+    if len(weights) != n:
+        raise ValueError(f"got {len(weights)} weights for {n} models; give one weight per model")
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise ValueError(f"weights must be finite and non-negative, got {weights}")
+    total = sum(weights)
+    if total <= 0:
+        raise ValueError(f"weights must not all be zero, got {weights}")
+    return [w / total for w in weights]
+
+
+def _resolve_aggregator(aggregator: str | Aggregator | None, **kwargs) -> Aggregator:
+    if aggregator is None or aggregator == "mean":
+        return weighted_average
+    if isinstance(aggregator, str):
+        from .aggregators import get_aggregator  # robust/safety defences
+        return get_aggregator(aggregator, **kwargs)
+    return aggregator
+
+
+def merge_states(reference: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
+                 data: Iterable | None = None, method: str = "dimat", reset_bn: bool = True,
+                 aggregator: str | Aggregator | None = None, max_batches: int | None = None,
+                 context: object | None = None) -> StateDict:
+    """Merge neighbour ``states`` into ``reference`` (the peer's own model; ``weights[0]`` is its own).
+
+    Neighbours are aligned into the reference's basis (``method``), combined by ``aggregator``
+    (weighted average by default) and, if the model has BatchNorm and ``reset_bn``, its running
+    statistics are recomputed on ``data``. Returns a new state dict; ``reference`` is untouched.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown merge method '{method}'; choose one of {list(METHODS)}")
+    weights = normalise_weights(weights, len(states) + 1)
+    own = reference.state_dict()
+    for k, s in enumerate(states):
+        check_state_compatible(own, s, label=f"neighbour state {k}")
+    needs_bn = reset_bn and has_batchnorm(reference)
+    if METHODS[method] == "activation" or needs_bn:
+        data = reiterable_inputs(data, max_batches)
+
+    aligned = [dict(s) for s in states]
+    if METHODS[method] is not None and states:
+        spec = get_spec(reference)
+        others = []
+        for s in states:
+            m = copy.deepcopy(reference)
+            m.load_state_dict(s)
+            others.append(m)
+        perms = find_permutations(reference, others, data, METHODS[method], spec, max_batches)
+        aligned = [permute_state(s, spec, p) for s, p in zip(states, perms)]
+
+    combine = _resolve_aggregator(aggregator)
+    merged = combine({k: v.detach() for k, v in own.items()}, aligned, weights, context)
+    if needs_bn:
+        model = copy.deepcopy(reference)
+        model.load_state_dict(merged)
+        reset_bn_stats(model, data, max_batches)
+        merged = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return merged
+
+
+def merge(models: Sequence[nn.Module], weights: Sequence[float], data: Iterable | None = None,
+          method: str = "dimat", reset_bn: bool = True, aggregator: str | Aggregator | None = None,
+          max_batches: int | None = None) -> nn.Module:
+    """A new model: ``models[1:]`` aligned to ``models[0]`` and averaged with ``weights``.
+
+    ``method`` is ``"dimat"`` (activation matching on ``data``), ``"weight_matching"`` (data-free)
+    or ``"average"`` (no alignment). BatchNorm statistics are recomputed on ``data`` when the
+    model has BatchNorm and ``reset_bn`` is true. Inputs are not modified.
+    """
+    models = list(models)
+    if not models:
+        raise ValueError("merge needs at least one model")
+    if method not in METHODS:
+        raise ValueError(f"unknown merge method '{method}'; choose one of {list(METHODS)}")
+    if not isinstance(models[0], nn.Module):
+        raise ValueError(f"model 0 is a {type(models[0]).__name__}, not a torch.nn.Module")
+    normalise_weights(weights, len(models))
+    check_compatible(models[0], models[1:])
+    if METHODS[method] is not None:
+        get_spec(models[0])
+    if reset_bn and has_batchnorm(models[0]) and data is None:
+        raise ValueError("this model has BatchNorm: pass data to recompute its statistics, or reset_bn=False")
+    state = merge_states(models[0], [m.state_dict() for m in models[1:]], weights, data, method,
+                         reset_bn, aggregator, max_batches)
+    out = copy.deepcopy(models[0])
+    out.load_state_dict(state)
+    return out

@@ -231,3 +231,44 @@ def test_safety_mask_refinement_removes_trigger_weights() -> None:
     assert out[:, 1].abs().max() < 0.5, out  # plain mean would give +-4/3
     assert out[0, 0] > 1.0  # the honest signal on input 0 is kept
     assert torch.equal(model.weight.detach(), before)  # the reference model is not modified
+
+
+def test_defences_plug_into_merge_states_with_real_models() -> None:
+    """Through the real DIMAT path (activation alignment, BN reset): a permuted copy of own plus a
+    wildly perturbed neighbour; the robust merge stays with own, the plain merge does not."""
+    from dimat.merge import merge_states
+    from dimat.models import build_model
+
+    torch.manual_seed(0)
+    ref = build_model("cnn1d", num_classes=4, channels=(8, 8), input_shape=(1, 20))
+    data = [torch.randn(32, 1, 20) for _ in range(2)]
+    own_state = {k: v.clone() for k, v in ref.state_dict().items()}
+    perm = torch.randperm(8)  # the same function with the first layer's channels reordered
+    honest = dict(own_state)
+    honest["conv.0.weight"] = own_state["conv.0.weight"][perm]
+    for k in ("bn.0.weight", "bn.0.bias", "bn.0.running_mean", "bn.0.running_var"):
+        honest[k] = own_state[k][perm]
+    honest["conv.1.weight"] = own_state["conv.1.weight"][:, perm]
+    bad = {k: v + 3.0 * torch.randn_like(v) if v.is_floating_point() else v for k, v in own_state.items()}
+    weights = [0.4, 0.3, 0.3]
+    x = torch.randn(64, 1, 20)
+    # own with BN statistics recomputed on `data` (what any merge ends with): own merged with its own copy
+    base = build_model("cnn1d", num_classes=4, channels=(8, 8), input_shape=(1, 20))
+    base.load_state_dict(merge_states(ref, [honest], [0.5, 0.5], data, method="dimat"))
+    base.eval()
+    with torch.no_grad():
+        y_own = base(x)
+    for name in ("median", "safety_mask", "multi_krum"):
+        ctx = AggregationContext(model=ref, data=data, seed=0)
+        agg = get_aggregator(name) if name != "safety_mask" else get_aggregator(name, refine=True, refine_steps=3)
+        merged = merge_states(ref, [honest, bad], weights, data, method="dimat", aggregator=agg, context=ctx)
+        m = build_model("cnn1d", num_classes=4, channels=(8, 8), input_shape=(1, 20))
+        m.load_state_dict(merged)
+        m.eval()
+        with torch.no_grad():
+            agree = float((m(x).argmax(1) == y_own.argmax(1)).float().mean())
+        assert agree > 0.9, f"{name}: prediction agreement with own {agree:.2f}"
+    plain = merge_states(ref, [honest, bad], weights, data, method="dimat")
+    m.load_state_dict(plain)
+    with torch.no_grad():
+        assert float((m(x).argmax(1) == y_own.argmax(1)).float().mean()) < 0.9

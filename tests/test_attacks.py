@@ -134,3 +134,36 @@ def test_asr_and_clean_accuracy_on_hand_built_model() -> None:
     assert attack_success_rate(model, x, y, half, target_class=0) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="undefined"):
         attack_success_rate(model, x[:1], y[:1], trig, target_class=0)
+
+
+def test_build_attack_from_config_and_model_replacement_hook() -> None:
+    from dimat.attacks import build_attack
+
+    assert build_attack({"attack": {"malicious": []}}, 5, 10) is None
+    assert build_attack({}, 5, 10) is None
+    cfg = {"attack": {"malicious": [3, 3], "trigger": "badnets", "trigger_kwargs": {"size": 2}, "target_class": 1,
+                      "poison_rate": 0.5, "scale": 4.0}}
+    atk = build_attack(cfg, 5, 10)
+    assert atk is not None and atk.malicious == [3] and atk.is_malicious(3) and not atk.is_malicious(0)
+    for bad, msg in [({"malicious": [7]}, "out of range"), ({"malicious": [0], "target_class": 10}, "target_class"),
+                     ({"malicious": [0], "poison_rate": 2}, "poison_rate"), ({"malicious": [0], "scale": 0}, "scale"),
+                     ({"malicious": [0], "trigger": "nope"}, "unknown trigger")]:
+        with pytest.raises(ValueError, match=msg):
+            build_attack({"attack": bad}, 5, 10)
+
+    class Holder:  # the attributes the attack touches on a peer: its training tensors and state()
+        def __init__(self, w: float) -> None:
+            self.x, self.y, self.w = torch.zeros(40, 1, 10), torch.arange(40) % 4, torch.tensor([w])
+
+        def state(self) -> dict[str, torch.Tensor]:
+            return {"w": self.w.clone()}
+
+    peers = {0: Holder(1.0), 3: Holder(1.0)}
+    counts = atk.poison_peers(peers)
+    assert counts == {3: 15}  # 30 non-target samples, half of them
+    assert int((peers[3].y == 1).sum()) == 10 + 15 and torch.equal(peers[0].y, torch.arange(40) % 4)
+    atk.before_training(peers)
+    peers[3].w += 0.5  # local training moved the attacker by 0.5
+    sent = atk.outgoing({0: peers[0].state(), 3: peers[3].state()})
+    torch.testing.assert_close(sent[3]["w"], torch.tensor([1.0 + 4.0 * 0.5]))
+    torch.testing.assert_close(sent[0]["w"], torch.tensor([1.0]))

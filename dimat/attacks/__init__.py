@@ -13,3 +13,7 @@ __all__ = [
     "poison_dataset",
     "scale_update",
 ]
+
+from dimat.attacks.federation import Attack, build_attack  # noqa: E402
+
+__all__ += ["Attack", "build_attack"]

@@ -55,6 +55,7 @@ class BaseAggregator:
     """
 
     name = "base"
+    needs_context = False  # True: the caller should pass an AggregationContext (model + own data)
 
     def __call__(
         self,

@@ -107,6 +107,10 @@ class SafetyMaskAggregator(BaseAggregator):
         self.max_samples = max_samples
         self.last_masked_share: list[float] = []
 
+    @property
+    def needs_context(self) -> bool:  # type: ignore[override]
+        return self.refine
+
     # --- heuristic mask -----------------------------------------------------------------------
     def heuristic_keep(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Boolean ``(1 + k, *shape)``: True where a row's delta enters the merge (row 0 always)."""

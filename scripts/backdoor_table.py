@@ -39,6 +39,15 @@ def _run(job: tuple[str, list[str], str]) -> str:
     return f"{name}: done"
 
 
+def _aggregator_overrides(spec: str) -> list[str]:
+    """``name`` or ``name:key=value,key=value`` (aggregator options) as Hydra overrides."""
+    name, _, opts = spec.partition(":")
+    out = [f"merge.aggregator={name}"]
+    for kv in filter(None, opts.split(",")):
+        out.append(f"+merge.aggregator_kwargs.{kv}")
+    return out
+
+
 def _final(run_dir: Path) -> dict[str, float]:
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = max(r["round"] for r in recs)
@@ -60,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--datasets", nargs="+", default=["mnist1d", "digits"])
     ap.add_argument("--topologies", nargs="+", default=["ring", "fully_connected"])
-    ap.add_argument("--aggregators", nargs="+", default=AGGREGATORS)
+    ap.add_argument("--aggregators", nargs="+", default=AGGREGATORS,
+                    help="aggregator names, optionally with options: safety_mask:refine=true,z_max=3")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
@@ -75,8 +85,8 @@ def main(argv: list[str] | None = None) -> None:
             jobs.append((name, base + ["attack.poison_rate=0.0"], str(out / name)))
             cell["clean_dir"] = out / name
             for agg in args.aggregators:
-                name = f"{ds}-{topo}-{agg}"
-                jobs.append((name, base + [f"merge.aggregator={agg}"], str(out / name)))
+                name = f"{ds}-{topo}-{agg.replace(':', '-').replace(',', '-').replace('=', '')}"
+                jobs.append((name, base + _aggregator_overrides(agg), str(out / name)))
                 cell["rows"].append((agg, out / name))
             cells.append(cell)
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:

@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
             name = f"{ds}-{topo}-clean"
             # peer 0 trains on clean data (poison rate 0): honest peers' "ASR" here is the base rate at
             # which triggered inputs land in the target class without any backdoor
-            jobs.append((name, base + ["attack.poison_rate=0.0"], str(out / name)))
+            clean = [o for o in base if not o.startswith("attack.poison_rate=")] + ["attack.poison_rate=0.0"]
+            jobs.append((name, clean, str(out / name)))
             cell["clean_dir"] = out / name
             for agg in args.aggregators:
                 name = f"{ds}-{topo}-{agg.replace(':', '-').replace(',', '-').replace('=', '')}"

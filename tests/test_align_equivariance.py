@@ -45,7 +45,7 @@ def test_activation_matching_recovers_every_live_unit(name):
     live_total = units_total = 0
     for g in spec.groups:
         s = stats[g.name][0]
-        live = (s.sum_aa / s.n - s.mean_a ** 2) > 1e-12
+        live = s.var_a > 1e-12
         truth = invert(perms[g.name])
         assert torch.equal(found[g.name][live], truth[live]), f"group {g.name} mismatched on live units"
         live_total += int(live.sum())

@@ -14,54 +14,75 @@ from .inputs import iter_inputs
 from .spec import PermutationSpec
 
 
-def _units_last(a: torch.Tensor) -> torch.Tensor:
-    """(N, C, *spatial) -> (N * prod(spatial), C): every position is a sample of each unit."""
+def units_first(a: torch.Tensor) -> torch.Tensor:
+    """(N, C, *spatial) -> (C, N * prod(spatial)): every position is a sample of each unit."""
     if a.dim() == 2:
-        return a
-    return a.movedim(1, -1).reshape(-1, a.shape[1])
+        return a.T
+    return a.transpose(0, 1).reshape(a.shape[1], -1)
+
+
+class BatchMoments:
+    """One batch of one model's units, centred once and shared by every neighbour's statistics.
+
+    Products are formed on batch-centred activations in their own precision (a BLAS GEMM, which
+    dominates the cost of alignment, without cancellation) and merged across batches in float64
+    with Chan et al.'s pairwise update.
+    """
+
+    def __init__(self, a: torch.Tensor) -> None:
+        units = units_first(a.detach().float())
+        if units.data_ptr() == a.data_ptr():
+            units = units.clone()
+        self.n = units.shape[1]
+        mean = units.mean(1, keepdim=True)
+        self.centred = units.sub_(mean)
+        self.mean = mean.squeeze(1).double()
+        self.sq = torch.linalg.vector_norm(self.centred, dim=1).double() ** 2
 
 
 class CrossStats:
-    """Running first and second moments of reference units ``a`` and another model's units ``b``."""
+    """Running means and (co-)moments of reference units ``a`` and another model's units ``b``."""
 
     def __init__(self, size: int, device: torch.device | str = "cpu") -> None:
         kw = dict(dtype=torch.float64, device=device)
         self.n = 0
-        self.sum_a = torch.zeros(size, **kw)
-        self.sum_b = torch.zeros(size, **kw)
-        self.sum_aa = torch.zeros(size, **kw)
-        self.sum_bb = torch.zeros(size, **kw)
-        self.sum_ab = torch.zeros(size, size, **kw)
+        self.mean_a = torch.zeros(size, **kw)
+        self.mean_b = torch.zeros(size, **kw)
+        self.m_aa = torch.zeros(size, **kw)
+        self.m_bb = torch.zeros(size, **kw)
+        self.m_ab = torch.zeros(size, size, **kw)
 
-    def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        a = _units_last(a).to(torch.float64)
-        b = _units_last(b).to(torch.float64)
-        self.n += a.shape[0]
-        self.sum_a += a.sum(0)
-        self.sum_b += b.sum(0)
-        self.sum_aa += (a * a).sum(0)
-        self.sum_bb += (b * b).sum(0)
-        self.sum_ab += a.T @ b
+    def update(self, a: torch.Tensor | BatchMoments, b: torch.Tensor | BatchMoments) -> None:
+        a = a if isinstance(a, BatchMoments) else BatchMoments(a)
+        b = b if isinstance(b, BatchMoments) else BatchMoments(b)
+        n_old, n_new = self.n, a.n
+        total = n_old + n_new
+        da, db = a.mean - self.mean_a, b.mean - self.mean_b
+        f = n_old * n_new / total
+        self.m_ab += (a.centred @ b.centred.T).double() + f * torch.outer(da, db)
+        self.m_aa += a.sq + f * da * da
+        self.m_bb += b.sq + f * db * db
+        self.mean_a += da * (n_new / total)
+        self.mean_b += db * (n_new / total)
+        self.n = total
 
     @property
-    def mean_a(self) -> torch.Tensor:
-        return self.sum_a / self.n
+    def var_a(self) -> torch.Tensor:
+        return self.m_aa / self.n
 
     @property
-    def mean_b(self) -> torch.Tensor:
-        return self.sum_b / self.n
+    def var_b(self) -> torch.Tensor:
+        return self.m_bb / self.n
 
     def cross_covariance(self) -> torch.Tensor:
-        return self.sum_ab / self.n - torch.outer(self.mean_a, self.mean_b)
+        return self.m_ab / self.n
 
     def correlation(self, eps: float = 1e-12) -> torch.Tensor:
         """Pearson correlation ``corr[i, j]`` between reference unit i and other unit j.
 
         Constant (dead) units get correlation 0 with everything rather than NaN.
         """
-        var_a = (self.sum_aa / self.n - self.mean_a ** 2).clamp_min(0)
-        var_b = (self.sum_bb / self.n - self.mean_b ** 2).clamp_min(0)
-        denom = torch.outer(var_a.sqrt(), var_b.sqrt())
+        denom = torch.outer(self.var_a.clamp_min(0).sqrt(), self.var_b.clamp_min(0).sqrt())
         corr = self.cross_covariance() / denom.clamp_min(eps)
         return torch.where(denom > eps, corr, torch.zeros_like(corr))
 
@@ -113,10 +134,14 @@ def collect_cross_stats(reference: nn.Module, others: Sequence[nn.Module], data:
                 batches += 1
                 for m in models:
                     m(x)
+                ref = {h: BatchMoments(stores[0][h]) for h in hook_names}
                 for k, _ in enumerate(others):
+                    other = {h: BatchMoments(stores[k + 1][h]) for h in hook_names}
                     for g in spec.groups:
                         for s, h in zip(stats[k][g.name], g.hooks):
-                            s.update(stores[0][h], stores[k + 1][h])
+                            s.update(ref[h], other[h])
+                    del other
+                del ref
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)

@@ -1,0 +1,271 @@
+"""One member of a federation: a model, its optimizer, its data and its random stream.
+
+A :class:`Peer` knows nothing of transports or topologies: the round loop hands it neighbour
+states and mixing weights, and it trains, merges and evaluates. The same class therefore runs under
+in-process simulation, gRPC and torchrun.
+
+Batching is done directly on tensors with the peer's own ``torch.Generator`` rather than through a
+``DataLoader``: it is faster for the small data sets peers hold, and the shuffling state is one
+tensor that a checkpoint can save exactly (so a resumed run is bit-identical to an uninterrupted one).
+
+After merged weights are loaded the optimizer state (SGD momentum, Adam moments) is **reset**:
+momentum accumulated for the old weights points in a direction that no longer means anything once
+neurons have been permuted and averaged, and DIMAT's reference implementation also restarts the
+optimizer each round. Consensus SGD (``gossip``) keeps it, see :meth:`Peer.load_state`.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+StateDict = dict[str, torch.Tensor]
+
+MERGE_METHODS = ("dimat", "weight_matching", "average")
+
+
+@dataclass
+class TrainConfig:
+    """How a peer trains. ``align_batches`` bounds the own data used for alignment and BN reset."""
+
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    optimizer: str = "sgd"
+    nesterov: bool = False
+    align_batches: int = 8
+    eval_batch_size: int = 1024
+
+
+def as_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(inputs, labels)`` tensors from a TensorDataset, an ``(x, y)`` pair or a dataset of pairs."""
+    if hasattr(data, "tensors"):
+        x, y = data.tensors[0], data.tensors[1]
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        x, y = data
+    else:
+        pairs = [data[i] for i in range(len(data))]
+        x = torch.stack([torch.as_tensor(p[0]) for p in pairs])
+        y = torch.as_tensor([int(p[1]) for p in pairs])
+    return x.float() if not x.is_floating_point() else x, y.long()
+
+
+def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of raw tensor data in a state dict (what a transport puts on the wire, before framing)."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def build_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum (default), Adam or AdamW, from a :class:`TrainConfig`."""
+    name = cfg.optimizer.lower()
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov and cfg.momentum > 0)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r} (expected sgd, adam or adamw)")
+
+
+class Peer:
+    """A federation member: trains on its partition, evaluates, and merges neighbours into itself."""
+
+    def __init__(
+        self,
+        peer_id: int,
+        model: nn.Module,
+        train_data: Any,
+        val_data: Any | None = None,
+        *,
+        config: TrainConfig | None = None,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        merge_method: str = "dimat",
+        reset_bn: bool = True,
+        aggregator: Any | None = None,
+    ) -> None:
+        self.id = int(peer_id)
+        self.config = config or TrainConfig()
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.x, self.y = as_tensors(train_data)
+        if len(self.y) == 0:
+            raise ValueError(f"peer {peer_id} has no training data")
+        self.val = as_tensors(val_data) if val_data is not None and len(val_data) > 0 else None
+        self.merge_method = merge_method
+        self.reset_bn = reset_bn
+        self.aggregator = aggregator
+        self.optimizer = build_optimizer(self.model.parameters(), self.config)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        # A fixed sample of own data for alignment statistics and BN reset: deterministic and
+        # independent of the training stream, so merging never perturbs the shuffling state.
+        order = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(int(seed) + 7919))
+        self._align_idx = order[: self.config.align_batches * self.config.batch_size]
+        self._perm = torch.empty(0, dtype=torch.long)  # current epoch's order
+        self._cursor = 0
+        self.steps_done = 0
+
+    # ----------------------------------------------------------------- training
+    @property
+    def num_samples(self) -> int:
+        return len(self.y)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches per epoch; the last, smaller batch is kept so every sample is seen each epoch."""
+        return -(-len(self.y) // self.config.batch_size)
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cursor >= len(self._perm):
+            self._perm = torch.randperm(len(self.y), generator=self.generator)
+            self._cursor = 0
+        idx = self._perm[self._cursor : self._cursor + self.config.batch_size]
+        self._cursor += len(idx)
+        return self.x[idx].to(self.device), self.y[idx].to(self.device)
+
+    def train_steps(self, steps: int) -> dict[str, float]:
+        """Run ``steps`` SGD steps, continuing the current epoch's order; returns mean loss and accuracy."""
+        self.model.train()
+        total_loss, correct, seen = 0.0, 0, 0
+        for _ in range(int(steps)):
+            xb, yb = self._next_batch()
+            self.optimizer.zero_grad(set_to_none=True)
+            out = self.model(xb)
+            loss = F.cross_entropy(out, yb)
+            loss.backward()
+            self.optimizer.step()
+            total_loss += loss.item() * len(yb)
+            correct += int((out.argmax(1) == yb).sum())
+            seen += len(yb)
+        self.steps_done += int(steps)
+        return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1), "steps": int(steps)}
+
+    def train(self, epochs: float) -> dict[str, float]:
+        """Train for ``epochs`` passes over the local partition (fractions round to whole batches)."""
+        return self.train_steps(round(epochs * self.steps_per_epoch))
+
+    # --------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, data: Any) -> dict[str, float]:
+        """Accuracy and mean cross-entropy on ``data`` (a TensorDataset, ``(x, y)`` pair or dataset)."""
+        x, y = as_tensors(data)
+        self.model.eval()
+        loss, correct = 0.0, 0
+        bs = self.config.eval_batch_size
+        for i in range(0, len(y), bs):
+            xb, yb = x[i : i + bs].to(self.device), y[i : i + bs].to(self.device)
+            out = self.model(xb)
+            loss += float(F.cross_entropy(out, yb, reduction="sum"))
+            correct += int((out.argmax(1) == yb).sum())
+        n = max(len(y), 1)
+        return {"acc": correct / n, "loss": loss / n}
+
+    def evaluate_val(self) -> dict[str, float] | None:
+        """Evaluate on the peer's local validation split, if it has one."""
+        return self.evaluate(self.val) if self.val is not None else None
+
+    # ------------------------------------------------------------------ merging
+    def state(self) -> StateDict:
+        """A detached CPU copy of the model's state dict (safe to send and to keep)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def alignment_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The bounded own-data sample used for activation statistics and BatchNorm reset."""
+        bs = self.config.batch_size
+        return [
+            (self.x[self._align_idx[i : i + bs]].to(self.device), self.y[self._align_idx[i : i + bs]].to(self.device))
+            for i in range(0, len(self._align_idx), bs)
+        ]
+
+    def load_state(self, state: Mapping[str, torch.Tensor], reset_optimizer: bool = True) -> None:
+        """Load weights; by default restart the optimizer (see the module docstring for why)."""
+        self.model.load_state_dict({k: v.to(self.device) for k, v in state.items()})
+        if reset_optimizer:
+            self.reset_optimizer()
+
+    def reset_optimizer(self) -> None:
+        """Forget momentum / moment estimates (learning rate and hyper-parameters are kept)."""
+        self.optimizer.state.clear()
+
+    def merge(
+        self,
+        neighbour_states: Mapping[int, Mapping[str, torch.Tensor]],
+        weights: Mapping[int, float],
+        *,
+        method: str | None = None,
+        reset_bn: bool | None = None,
+        reset_optimizer: bool = True,
+    ) -> StateDict:
+        """Align ``neighbour_states`` to this model, combine with ``weights`` and load the result.
+
+        ``weights`` maps peer ids (including ``self.id``) to mixing weights; ids missing from
+        ``neighbour_states`` are dropped and the rest renormalised, so a neighbour that missed the
+        deadline simply does not count. Returns the merged state.
+        """
+        from dimat.merge import merge_states  # imported lazily: the merge engine is heavy
+
+        method = method or self.merge_method
+        reset_bn = self.reset_bn if reset_bn is None else reset_bn
+        senders = sorted(j for j in neighbour_states if j != self.id)
+        raw = [float(weights.get(self.id, 0.0))] + [float(weights.get(j, 0.0)) for j in senders]
+        total = sum(raw)
+        if total <= 0:
+            raise ValueError(f"peer {self.id}: mixing weights sum to {total}; nothing to merge")
+        w = [v / total for v in raw]
+        states = [dict(neighbour_states[j]) for j in senders]
+        if not states:
+            return self.state()
+        merged = merge_states(
+            self.model, states, w, self.alignment_batches(), method=method, reset_bn=reset_bn,
+            aggregator=self.aggregator,
+        )
+        self.load_state(merged, reset_optimizer=reset_optimizer)
+        return merged
+
+    # -------------------------------------------------------------- checkpoints
+    def checkpoint(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: weights, optimizer, RNG and shuffling position."""
+        return {
+            "peer": self.id,
+            "model": self.state(),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),  # buffers are live tensors
+            "generator": self.generator.get_state(),
+            "perm": self._perm.clone(),
+            "cursor": self._cursor,
+            "steps_done": self.steps_done,
+        }
+
+    def restore(self, ckpt: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`checkpoint`."""
+        if int(ckpt["peer"]) != self.id:
+            raise ValueError(f"checkpoint belongs to peer {ckpt['peer']}, not peer {self.id}")
+        self.model.load_state_dict({k: v.to(self.device) for k, v in ckpt["model"].items()})
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.generator.set_state(ckpt["generator"])
+        self._perm = ckpt["perm"].clone()
+        self._cursor = int(ckpt["cursor"])
+        self.steps_done = int(ckpt["steps_done"])
+
+
+def merge_weights_for(
+    own: int, available: Sequence[int], weights: Mapping[int, float]
+) -> dict[int, float]:
+    """Restrict ``weights`` to ``own`` plus ``available`` senders and renormalise to sum to 1."""
+    keep = {j: float(weights[j]) for j in [own, *available] if j in weights}
+    total = sum(keep.values())
+    if total <= 0:
+        raise ValueError(f"peer {own}: no positive mixing weight among {sorted(keep)}")
+    return {j: v / total for j, v in keep.items()}
+
+
+def iter_batches(data: Any, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(x, y)`` batches of ``data`` in order (for evaluation and statistics)."""
+    x, y = as_tensors(data)
+    for i in range(0, len(y), batch_size):
+        yield x[i : i + batch_size], y[i : i + batch_size]

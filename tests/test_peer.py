@@ -1,0 +1,89 @@
+"""Peer behaviour and the in-process transport, on real (small) models and data."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dimat.models import build_model
+from dimat.peer import Peer, TrainConfig, merge_weights_for
+from dimat.transport.inproc import InProcTransport
+
+
+def _data(n: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    centres = torch.randn(4, 12, generator=torch.Generator().manual_seed(1234)) * 3  # same task for all
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    return centres[y] + torch.randn(n, 12, generator=g), y
+
+
+def _peer(pid: int, seed: int = 0, **kw) -> Peer:
+    torch.manual_seed(100 + pid)
+    model = build_model("mlp", num_classes=4, input_dim=12, hidden=(16, 16))
+    return Peer(pid, model, _data(seed=seed), _data(64, seed=9), config=TrainConfig(batch_size=32, lr=0.05, align_batches=2),
+                seed=seed + pid, **kw)
+
+
+def test_training_learns_and_evaluate_reports() -> None:
+    p = _peer(0)
+    before = p.evaluate(_data(128, seed=5))["acc"]
+    stats = p.train(5)
+    after = p.evaluate(_data(128, seed=5))
+    assert stats["steps"] == 5 * p.steps_per_epoch
+    assert after["acc"] > max(before, 0.8) and after["loss"] > 0
+
+
+def test_checkpoint_restore_continues_identically() -> None:
+    a = _peer(0)
+    a.train_steps(3)  # stop mid-epoch on purpose
+    ckpt = a.checkpoint()
+    b = _peer(0)
+    b.restore(ckpt)
+    a.train_steps(12)
+    b.train_steps(12)
+    for k, v in a.state().items():
+        assert torch.equal(v, b.state()[k]), k
+
+
+def test_merge_average_renormalises_and_resets_momentum() -> None:
+    a, b = _peer(0), _peer(1)
+    a.train(1)
+    b.train(1)
+    assert a.optimizer.state  # momentum buffers exist
+    sb = b.state()
+    weights = {0: 1 / 3, 1: 1 / 3, 2: 1 / 3}  # peer 2 missed the deadline
+    own = a.state()
+    merged = a.merge({1: sb}, weights, method="average", reset_bn=False)
+    key = next(k for k, v in own.items() if v.is_floating_point())
+    assert torch.allclose(merged[key], 0.5 * own[key] + 0.5 * sb[key], atol=1e-6)
+    assert not a.optimizer.state
+    assert torch.equal(b.state()[key], sb[key])  # the neighbour is untouched
+
+
+def test_merge_weights_for_drops_absent_senders() -> None:
+    w = merge_weights_for(0, [2], {0: 1 / 3, 1: 1 / 3, 2: 1 / 3})
+    assert w == {0: 0.5, 2: 0.5}
+
+
+def test_inproc_exchange_delivers_private_copies() -> None:
+    t = InProcTransport()
+    states = {i: {"w": torch.full((3,), float(i))} for i in range(3)}
+    ring_in = {0: [1, 2], 1: [0, 2], 2: [0, 1]}
+    got = t.exchange(1, states, ring_in, ring_in)
+    assert sorted(got[0]) == [1, 2] and torch.equal(got[0][1]["w"], states[1]["w"])
+    got[0][1]["w"].add_(100.0)  # a receiver scribbling on its copy...
+    assert torch.equal(states[1]["w"], torch.ones(3))  # ...changes neither the sender
+    assert torch.equal(got[2][1]["w"], torch.ones(3))  # ...nor another receiver's copy
+    assert t.bytes_sent == 6 * 3 * 4 and t.messages_sent == 6
+
+
+def test_inproc_respects_directed_edges() -> None:
+    t = InProcTransport()
+    states = {i: {"w": torch.zeros(1)} for i in range(3)}
+    got = t.exchange(1, states, {0: [2], 1: [0], 2: [1]}, {0: [1], 1: [2], 2: [0]})
+    assert {q: sorted(v) for q, v in got.items()} == {0: [2], 1: [0], 2: [1]}
+
+
+def test_models_of_different_peers_do_not_share_parameters() -> None:
+    a, b = _peer(0), _peer(1)
+    assert all(pa.data_ptr() != pb.data_ptr() for pa, pb in zip(a.model.parameters(), b.model.parameters()))
+    assert isinstance(a.model, nn.Module)

@@ -9,8 +9,8 @@ seed give the same metrics as ``dimat simulate``.
 Outputs: ONE run folder for all ranks. Rank 0 resolves ``run_dir`` (``outputs/<timestamp>`` by
 default) and broadcasts it; it also records it under ``outputs/.torchrun/<TORCHELASTIC_RUN_ID>``
 so that, when torchrun restarts the workers after a failure, they find the same folder and resume
-from the last round every rank has checkpointed. Each rank writes ``metrics_rank<r>.jsonl``,
-``summary_rank<r>.json`` and its peers' checkpoints; rank 0 gathers every rank's records over the
+from the last round every rank has checkpointed. Each rank writes ``rank<r>/metrics.jsonl``,
+``rank<r>/summary.json`` and its peers' checkpoints; rank 0 gathers every rank's records over the
 process group (no shared file system needed) and writes ``metrics.jsonl``, ``summary.json``,
 ``accuracy.png`` and ``config.yaml`` / ``.hydra/``.
 """
@@ -94,7 +94,7 @@ def agree_run_dir(cfg: Any, user_set_run_dir: bool, transport: TorchDistTranspor
             if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and pointer.is_file():
                 chosen = pointer.read_text().strip()
             else:
-                from dimat.federation import atomic_write_text
+                from dimat.metrics import write_text_atomic as atomic_write_text
 
                 atomic_write_text(pointer, chosen + "\n")
     return Path(_broadcast_text(chosen, transport))
@@ -106,7 +106,8 @@ def agree_resume(run_dir: Path, tag: str, want: bool, restarted: bool, transport
     A rank ahead of the others rolls its progress marker back to the common round, whose
     checkpoints are still on disk (``checkpoint.keep_last`` >= 2).
     """
-    from dimat.federation import Checkpointer, atomic_write_text
+    from dimat.federation import Checkpointer
+    from dimat.metrics import write_text_atomic as atomic_write_text
 
     ck = Checkpointer(run_dir, tag=tag)
     last = ck.last_round()
@@ -128,11 +129,10 @@ def agree_resume(run_dir: Path, tag: str, want: bool, restarted: bool, transport
 
 
 def merge_outputs(fed: Any, run_dir: Path, local_summary: dict, transport: TorchDistTransport) -> dict | None:
-    """Gather every rank's records; rank 0 writes the run's metrics.jsonl, summary.json and plot."""
-    from dimat.federation import RunLog, atomic_write_text, make_summary, read_metrics
+    """Gather every rank's records; rank 0 writes the run's metrics.jsonl/csv, summary.json and plot."""
+    from dimat.federation import RoundResult, RunLog, make_summary, read_metrics
 
-    tag = f"rank{transport.rank}"
-    metrics = run_dir / f"metrics_{tag}.jsonl"
+    metrics = RunLog(run_dir, tag=f"rank{transport.rank}").metrics_path  # where run_rounds logged
     payload = json.dumps({
         "records": read_metrics(metrics) if metrics.exists() else [],
         "rounds": local_summary.get("rounds", []),
@@ -145,29 +145,23 @@ def merge_outputs(fed: Any, run_dir: Path, local_summary: dict, transport: Torch
     time_by_round: dict[int, float] = {}
     for p in parts:
         for r in p["rounds"]:
-            time_by_round[r["round"]] = max(time_by_round.get(r["round"], 0.0), float(r.get("time_s", 0.0)))
-    rounds = []
-    for k in sorted({r["round"] for r in records}):
-        accs = [r["test_acc"] for r in records if r["round"] == k]
-        rounds.append({
-            "round": k,
-            "mean_acc": sum(accs) / len(accs),
-            "min_acc": min(accs),
-            "max_acc": max(accs),
-            # each rank only sees its own peers' weights; the global distance is not computed
-            "consensus": None,
-            "bytes_sent": int(sum(r.get("bytes_sent") or 0 for r in records if r["round"] == k)),
-            "time_s": time_by_round.get(k, 0.0),
-        })
+            time_by_round[r["round"]] = max(time_by_round.get(r["round"], 0.0), float(r.get("time_s") or 0.0))
     log = RunLog(run_dir)
-    atomic_write_text(log.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-    summary = make_summary(fed, rounds, max(p["wall"] for p in parts), int(fed.cfg.rounds))
+    log.start(None)
+    for k in sorted({r["round"] for r in records}):
+        recs = [r for r in records if r["round"] == k]
+        accs = [r["test_acc"] for r in recs]
+        log.log(recs, RoundResult(
+            round=k, mean_acc=sum(accs) / len(accs), min_acc=min(accs), max_acc=max(accs),
+            # each rank only sees its own peers' weights; the global distance is not computed
+            consensus=None,  # type: ignore[arg-type]
+            bytes_sent=int(sum(r.get("bytes_sent") or 0 for r in recs)), time_s=time_by_round.get(k, 0.0),
+        ))
+    summary = make_summary(fed, log.rounds, max(p["wall"] for p in parts), int(fed.cfg.rounds))
     summary["local_peers"] = sorted({r["peer"] for r in records})
     summary["world_size"] = transport.world_size
     summary["backend"] = transport.backend
-    summary["peers_per_rank"] = {
-        str(r): [p.start, p.stop - 1] for r, p in enumerate(_blocks(transport))
-    }
+    summary["peers_per_rank"] = {str(r): [b.start, b.stop - 1] for r, b in enumerate(_blocks(transport))}
     log.finish(summary)
     return summary
 
@@ -181,7 +175,7 @@ def _blocks(transport: TorchDistTransport) -> list[range]:
 def _write_config(cfg: Any, overrides: Sequence[str], run_dir: Path) -> None:
     from omegaconf import OmegaConf
 
-    from dimat.federation import atomic_write_text
+    from dimat.metrics import write_text_atomic as atomic_write_text
 
     resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))

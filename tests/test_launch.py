@@ -86,7 +86,7 @@ def test_ring_four_ranks_matches_simulation(ring_reference: tuple[list[str], Pat
     assert summary["local_peers"] == [0, 1, 2, 3]
     # one folder: every rank's files and every peer's checkpoints side by side, config from rank 0
     for r in range(NPROC):
-        assert (run_dir / f"metrics_rank{r}.jsonl").is_file() and (run_dir / f"summary_rank{r}.json").is_file()
+        assert (run_dir / f"rank{r}" / "metrics.jsonl").is_file() and (run_dir / f"rank{r}" / "summary.json").is_file()
         assert (run_dir / "checkpoints" / f"peer_{r:03d}" / "round_0002.pt").is_file()
     assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "config.yaml").is_file()
     assert not list(tmp_path.glob("outputs/*"))  # no stray per-rank timestamped folders
@@ -101,7 +101,7 @@ def test_time_varying_topology_more_peers_than_ranks(tmp_path: Path) -> None:
     assert_same_metrics(tmp_path / "sim" / "metrics.jsonl", run_dir / "metrics.jsonl")
     m = metrics(run_dir / "metrics.jsonl")
     assert m[(1, 0)]["neighbours"] != m[(2, 0)]["neighbours"]
-    assert json.loads((run_dir / "summary_rank1.json").read_text())["local_peers"] == [2, 3]
+    assert json.loads((run_dir / "rank1" / "summary.json").read_text())["local_peers"] == [2, 3]
 
 
 @pytest.mark.slow

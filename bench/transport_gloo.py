@@ -17,6 +17,7 @@ with the median time per exchange, the throughput per direction and the ratio to
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import socket
 import statistics
@@ -25,6 +26,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -115,6 +117,54 @@ def time_transport(t: TorchDistTransport, state: dict[str, torch.Tensor], reps: 
     return out[1:]
 
 
+# ----------------------------------------------------------------------------- bench/transport.py plug-in
+# One-directional methods in the (serve, send) form of the gRPC branch's bench/transport.py, so it
+# can list gloo beside dimat-grpc, bare-grpc and tcp-socket:
+#     from transport_gloo import gloo_serve, gloo_send      # (bench/ on sys.path)
+#     METHODS["dimat-gloo"] = (gloo_serve, gloo_send)
+
+
+def _main_make_state() -> Callable[..., dict[str, torch.Tensor]]:
+    make = getattr(sys.modules["__main__"], "make_state", None)
+    if make is None:
+        raise RuntimeError("gloo_serve needs the driver's make_state(size_mib, device=...) to learn the schema")
+    return make
+
+
+def _join(rank: int, port: int, is_master: bool) -> TorchDistTransport:
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=is_master, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    return TorchDistTransport(n_peers=2)
+
+
+def gloo_serve(args: argparse.Namespace, ready: Callable[[int], None]) -> None:
+    """Receiver (rank/peer 1): hosts the rendezvous store, receives ``args.reps`` states into fresh buffers."""
+    # the receiver's own "state" only tells the transport the schema: meta tensors, no memory
+    schema_only = _main_make_state()(args.size_mib, device="meta")
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, timeout=datetime.timedelta(seconds=120),
+                          wait_for_workers=False)  # the sender connects after ready()
+    ready(store.port)
+    dist.init_process_group("gloo", store=store, rank=1, world_size=2)
+    t = TorchDistTransport(n_peers=2)
+    for r in range(args.reps):
+        got = t.exchange(r, {1: schema_only}, {1: [0]}, {1: []})
+        assert 0 in got[1], f"round {r}: nothing received"
+        dist.barrier()  # tells the sender the whole state has arrived
+        del got
+    t.close()
+    dist.destroy_process_group()
+
+
+def gloo_send(args: argparse.Namespace, port: int, state: dict[str, torch.Tensor], rep: int) -> None:
+    """Sender (rank/peer 0): one transfer; returns once the receiver has all of it."""
+    global _GLOO_SENDER
+    if "_GLOO_SENDER" not in globals():
+        _GLOO_SENDER = _join(0, port, is_master=False)
+    _GLOO_SENDER.exchange(rep, {0: state}, {0: []}, {0: [1]})
+    dist.barrier()
+
+
+# ----------------------------------------------------------------------------- standalone bench
 def worker(args: argparse.Namespace) -> None:
     t = TorchDistTransport(n_peers=2, backend="gloo")
     rank = t.rank

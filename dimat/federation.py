@@ -79,6 +79,7 @@ class Federation:
     partition_sizes: dict[int, int]
     model_bytes: int = 0
     info: dict[str, Any] = field(default_factory=dict)
+    attack: Any | None = None  # a dimat.attacks.Attack when some peers are malicious
 
     def topology_at(self, round_idx: int) -> Any:
         """The topology used in round ``round_idx`` (time-varying schedules change it)."""
@@ -272,11 +273,27 @@ def build_federation(cfg: Any, local_ids: Sequence[int] | None = None) -> Federa
         peers = {pid: make(pid, *splits[pid]) for pid in ids}
         sizes = {i: len(s[0]) for i, s in enumerate(splits)}
         n_logical = num_peers
+    attack = _make_attack(cfg, num_peers, bundle.num_classes) if method != "centralized" else None
+    if attack is not None:
+        attack.poison_peers(peers)
     any_peer = next(iter(peers.values()), None)
     model_bytes = state_nbytes(any_peer.state()) if any_peer is not None else 0
     info = {"num_classes": bundle.num_classes, "input_shape": list(bundle.input_shape),
             "train_size": int(len(y_train)), "test_size": int(len(test[1]))}
-    return Federation(cfg, method, n_logical, peers, test, schedule, sizes, model_bytes, info)
+    if attack is not None:
+        info["attack"] = {"malicious": attack.malicious, "trigger": attack.trigger_name,
+                          "target_class": attack.target_class, "poison_rate": attack.poison_rate,
+                          "scale": attack.scale}
+    return Federation(cfg, method, n_logical, peers, test, schedule, sizes, model_bytes, info, attack)
+
+
+def _make_attack(cfg: Any, num_peers: int, num_classes: int) -> Any | None:
+    from dimat.attacks import build_attack
+
+    try:
+        return build_attack(cfg, num_peers, num_classes)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"attack: {exc.args[0] if exc.args else exc}") from exc
 
 
 def _make_aggregator(cfg: Any) -> Any | None:
@@ -395,6 +412,8 @@ def _merge_round(fed: Federation, transport: Any, topo: Any, round_idx: int, *, 
                  reset_bn: bool, reset_optimizer: bool, timeout: float | None) -> tuple[int, dict[int, list[int]]]:
     """One exchange + merge for every local peer; returns bytes sent and who each peer heard from."""
     states = {pid: p.state() for pid, p in fed.peers.items()}
+    if fed.attack is not None:
+        states = fed.attack.outgoing(states)  # model replacement by malicious peers
     in_nb = {pid: list(topo.in_neighbours(pid)) for pid in fed.peers}
     out_nb = {pid: list(topo.out_neighbours(pid)) for pid in fed.peers}
     received = transport.exchange(round_idx, states, in_nb, out_nb, timeout=timeout)
@@ -438,6 +457,8 @@ def train_round(fed: Federation, transport: Any, round_idx: int, epochs: float) 
             stats[pid] = {"loss": sum(x["loss"] * x["steps"] for x in parts) / n,
                           "acc": sum(x["acc"] * x["steps"] for x in parts) / n}
         return {"train": stats, "bytes": sent, "heard": heard}
+    if fed.attack is not None:
+        fed.attack.before_training(fed.peers)
     for pid, p in fed.peers.items():
         stats[pid] = p.train(epochs)
     if fed.method in MERGE_METHODS:
@@ -515,6 +536,9 @@ def evaluate_round(fed: Federation, round_idx: int, train_out: dict[str, Any], e
             "train_loss": tr.get("loss"), "train_acc": tr.get("acc"),
             "neighbours": train_out["heard"].get(pid, []), "bytes_sent": int(bytes_per_peer),
         })
+        if fed.attack is not None:
+            records[-1].update({"malicious": fed.attack.is_malicious(pid), "clean_acc": test["acc"],
+                                "asr": fed.attack.evaluate(p.model, *fed.test_data)})
         accs.append(test["acc"])
     cd = consensus_distance([p.state() for p in fed.peers.values()])
     res = RoundResult(round_idx, float(np.mean(accs)), float(np.min(accs)), float(np.max(accs)), cd,

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +30,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from dimat.confutil import plain as _plain
+
+from dimat.atomic import atomic_write
 
 from dimat.metrics import write_text_atomic as atomic_write_text
 from dimat.peer import MERGE_METHODS, Peer, TrainConfig, as_tensors, merge_weights_for, state_nbytes
@@ -49,20 +51,6 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
         return default
     val = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
     return default if val is None else val
-
-
-def _plain(cfg: Any) -> dict[str, Any]:
-    """A plain dict copy of a config node (OmegaConf or dict)."""
-    if cfg is None:
-        return {}
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(cfg):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return dict(cfg)
 
 
 # ------------------------------------------------------------------------------------ building
@@ -314,18 +302,8 @@ def _make_aggregator(cfg: Any) -> Any | None:
 
 # ---------------------------------------------------------------------------------- checkpoints
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` through :func:`dimat.atomic.atomic_write`: never a half-written checkpoint."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 class Checkpointer:

@@ -16,7 +16,6 @@ process group (no shared file system needed) and writes ``metrics.jsonl``, ``sum
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import sys

@@ -22,24 +22,13 @@ from typing import Any, Mapping
 
 import torch
 
+from dimat.confutil import plain as _plain
+
 from dimat.attacks.metrics import attack_success_rate
 from dimat.attacks.poison import poison_dataset, scale_update
 from dimat.attacks.triggers import Trigger, build_trigger
 
 StateDict = dict[str, torch.Tensor]
-
-
-def _plain(node: Any) -> dict[str, Any]:
-    if node is None:
-        return {}
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(node):
-            return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return dict(node)
 
 
 @dataclass

@@ -31,10 +31,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from dimat.confutil import plain as _plain
-
 from dimat.atomic import atomic_write
-
+from dimat.confutil import plain as _plain
 from dimat.metrics import write_text_atomic as atomic_write_text
 from dimat.peer import MERGE_METHODS, Peer, TrainConfig, as_tensors, merge_weights_for, state_nbytes
 

@@ -9,6 +9,8 @@ plot. Each method is one ordinary ``dimat simulate`` run; its folder is kept und
     PYTHONPATH=. python bench/experiment_mnist1d.py --jobs 1         # ~8 min on 2 idle cores
     PYTHONPATH=. python bench/experiment_mnist1d.py --seeds 0 1 2     # mean ± std over seeds
     PYTHONPATH=. python bench/experiment_mnist1d.py --rounds 3 --methods dimat average   # smoke
+    PYTHONPATH=. python bench/experiment_mnist1d.py partition=iid --out outputs/exp_iid  # Hydra overrides
+                                                   # go BEFORE the options (or after `--`)
 """
 from __future__ import annotations
 

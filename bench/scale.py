@@ -111,6 +111,12 @@ def main() -> None:
         print(f"| {r['n']} | {r['round_s']:.2f} | {r['round_s'] / first['round_s']:.2f} | {r['n'] / first['n']:.0f} | "
               f"{r['peak_rss_bytes'] / mib:.1f} | {per_peer / 1024:.0f} | {need / 1024:.0f} | {per_peer / need:.2f} |")
     last = rows[-1]
+    if len(rows) > 1:  # the slope excludes one-time costs (first allocations, lazy imports)
+        marginal = (last["peak_rss_bytes"] - first["peak_rss_bytes"]) / (last["n"] - first["n"])
+        need = last["model_bytes"] + last["optimizer_bytes"] + last["data_bytes_per_peer"]
+        print(f"\nmarginal memory per added peer (N={first['n']}->{last['n']}): {marginal / 1024:.0f} KiB "
+              f"vs model+optimizer+data {need / 1024:.0f} KiB (ratio {marginal / need:.2f}; the rest is the "
+              f"round's transient copies: received neighbour states, merge working models, activation stats)")
     growth_t = (last["round_s"] / first["round_s"]) / (last["n"] / first["n"])
     print(f"\ntime per round grew {last['round_s'] / first['round_s']:.2f}x for {last['n'] / first['n']:.0f}x peers "
           f"({growth_t:.2f} of linear); model {first['model_bytes'] / 1024:.0f} KiB, "

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-GROUPS = ("model", "data", "partition", "topology", "merge", "transport", "experiment")
+GROUPS = ("model", "data", "partition", "topology", "merge", "transport", "attack", "experiment")
 EXIT_CONFIG = 2
 
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from dimat.atomic import atomic_write
+from dimat.confutil import plain as _plain
 from dimat.metrics import write_text_atomic as atomic_write_text
 from dimat.peer import MERGE_METHODS, Peer, TrainConfig, as_tensors, merge_weights_for, state_nbytes
 
@@ -51,20 +51,6 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return default if val is None else val
 
 
-def _plain(cfg: Any) -> dict[str, Any]:
-    """A plain dict copy of a config node (OmegaConf or dict)."""
-    if cfg is None:
-        return {}
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(cfg):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return dict(cfg)
-
-
 # ------------------------------------------------------------------------------------ building
 @dataclass
 class Federation:
@@ -79,6 +65,7 @@ class Federation:
     partition_sizes: dict[int, int]
     model_bytes: int = 0
     info: dict[str, Any] = field(default_factory=dict)
+    attack: Any | None = None  # a dimat.attacks.Attack when some peers are malicious
 
     def topology_at(self, round_idx: int) -> Any:
         """The topology used in round ``round_idx`` (time-varying schedules change it)."""
@@ -272,11 +259,27 @@ def build_federation(cfg: Any, local_ids: Sequence[int] | None = None) -> Federa
         peers = {pid: make(pid, *splits[pid]) for pid in ids}
         sizes = {i: len(s[0]) for i, s in enumerate(splits)}
         n_logical = num_peers
+    attack = _make_attack(cfg, num_peers, bundle.num_classes) if method != "centralized" else None
+    if attack is not None:
+        attack.poison_peers(peers)
     any_peer = next(iter(peers.values()), None)
     model_bytes = state_nbytes(any_peer.state()) if any_peer is not None else 0
     info = {"num_classes": bundle.num_classes, "input_shape": list(bundle.input_shape),
             "train_size": int(len(y_train)), "test_size": int(len(test[1]))}
-    return Federation(cfg, method, n_logical, peers, test, schedule, sizes, model_bytes, info)
+    if attack is not None:
+        info["attack"] = {"malicious": attack.malicious, "trigger": attack.trigger_name,
+                          "target_class": attack.target_class, "poison_rate": attack.poison_rate,
+                          "scale": attack.scale}
+    return Federation(cfg, method, n_logical, peers, test, schedule, sizes, model_bytes, info, attack)
+
+
+def _make_attack(cfg: Any, num_peers: int, num_classes: int) -> Any | None:
+    from dimat.attacks import build_attack
+
+    try:
+        return build_attack(cfg, num_peers, num_classes)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"attack: {exc.args[0] if exc.args else exc}") from exc
 
 
 def _make_aggregator(cfg: Any) -> Any | None:
@@ -297,18 +300,8 @@ def _make_aggregator(cfg: Any) -> Any | None:
 
 # ---------------------------------------------------------------------------------- checkpoints
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` through :func:`dimat.atomic.atomic_write`: never a half-written checkpoint."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 class Checkpointer:
@@ -395,6 +388,8 @@ def _merge_round(fed: Federation, transport: Any, topo: Any, round_idx: int, *, 
                  reset_bn: bool, reset_optimizer: bool, timeout: float | None) -> tuple[int, dict[int, list[int]]]:
     """One exchange + merge for every local peer; returns bytes sent and who each peer heard from."""
     states = {pid: p.state() for pid, p in fed.peers.items()}
+    if fed.attack is not None:
+        states = fed.attack.outgoing(states)  # model replacement by malicious peers
     in_nb = {pid: list(topo.in_neighbours(pid)) for pid in fed.peers}
     out_nb = {pid: list(topo.out_neighbours(pid)) for pid in fed.peers}
     received = transport.exchange(round_idx, states, in_nb, out_nb, timeout=timeout)
@@ -438,6 +433,8 @@ def train_round(fed: Federation, transport: Any, round_idx: int, epochs: float) 
             stats[pid] = {"loss": sum(x["loss"] * x["steps"] for x in parts) / n,
                           "acc": sum(x["acc"] * x["steps"] for x in parts) / n}
         return {"train": stats, "bytes": sent, "heard": heard}
+    if fed.attack is not None:
+        fed.attack.before_training(fed.peers)
     for pid, p in fed.peers.items():
         stats[pid] = p.train(epochs)
     if fed.method in MERGE_METHODS:
@@ -515,6 +512,9 @@ def evaluate_round(fed: Federation, round_idx: int, train_out: dict[str, Any], e
             "train_loss": tr.get("loss"), "train_acc": tr.get("acc"),
             "neighbours": train_out["heard"].get(pid, []), "bytes_sent": int(bytes_per_peer),
         })
+        if fed.attack is not None:
+            records[-1].update({"malicious": fed.attack.is_malicious(pid), "clean_acc": test["acc"],
+                                "asr": fed.attack.evaluate(p.model, *fed.test_data)})
         accs.append(test["acc"])
     cd = consensus_distance([p.state() for p in fed.peers.values()])
     res = RoundResult(round_idx, float(np.mean(accs)), float(np.min(accs)), float(np.max(accs)), cd,

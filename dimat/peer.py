@@ -221,9 +221,17 @@ class Peer:
         states = [dict(neighbour_states[j]) for j in senders]
         if not states:
             return self.state()
+        batches = self.alignment_batches()
+        context = None
+        if getattr(self.aggregator, "needs_context", False):
+            from dimat.merge.aggregators import AggregationContext
+
+            # a defence that looks at predictions (safety-mask refinement) gets own model and data
+            context = AggregationContext(model=self.model, data=batches, device=self.device,
+                                         seed=self.id * 100_003 + self.steps_done)
         merged = merge_states(
-            self.model, states, w, self.alignment_batches(), method=method, reset_bn=reset_bn,
-            aggregator=self.aggregator,
+            self.model, states, w, batches, method=method, reset_bn=reset_bn,
+            aggregator=self.aggregator, context=context,
         )
         self.load_state(merged, reset_optimizer=reset_optimizer)
         return merged

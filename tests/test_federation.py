@@ -94,11 +94,13 @@ def test_same_seed_same_metrics_and_other_seed_differs(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_runs(tmp_path: Path, method: str) -> None:
-    summary = simulate(compose("rounds=1", f"merge={method}", "merge.gossip_every=4"), tmp_path / method)
+    summary = simulate(compose("rounds=1", f"merge={method}", "merge.gossip_every=4", "partition=iid", "init=shared",
+                               "train.lr=0.05"),
+                       tmp_path / method)
     recs = read_metrics(tmp_path / method / "metrics.jsonl")
     n = 1 if method == "centralized" else 5
     assert summary["method"] == method and len(recs) == n and summary["num_peers"] == n
-    assert summary["final_mean_acc"] > 0.1  # better than chance on 10 classes after one epoch
+    assert summary["final_mean_acc"] > 0.15  # better than chance (0.1) after one IID epoch
     sent = summary["total_bytes_sent"]
     if method in ("isolated", "centralized"):
         assert sent == 0

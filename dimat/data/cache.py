@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+
+from ..atomic import atomic_write
 
 __all__ = ["cache_dir", "cache_key", "load_npz", "save_npz_atomic"]
 
@@ -33,23 +34,8 @@ def cache_key(args: Mapping[str, Any]) -> str:
 
 def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> Path:
     """Write arrays to `path` via a temporary file and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # A file object (not a name) stops numpy appending a second ".npz".
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    # A file object (not a name) stops numpy appending a second ".npz".
+    return atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 def load_npz(path: str | Path, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None:

@@ -1,5 +1,7 @@
 """Merge operators: weighted average, DIMAT (align + average), robust and safety-masked variants."""
+from .aggregators import AggregationContext, available_aggregators, get_aggregator, register_aggregator
 from .api import METHODS, merge, merge_states, normalise_weights
 from .average import weighted_average
 
-__all__ = ["METHODS", "merge", "merge_states", "normalise_weights", "weighted_average"]
+__all__ = ["METHODS", "merge", "merge_states", "normalise_weights", "weighted_average", "AggregationContext",
+           "available_aggregators", "get_aggregator", "register_aggregator"]

@@ -33,12 +33,13 @@ def normalise_weights(weights: Sequence[float], n: int) -> list[float]:
     return [w / total for w in weights]
 
 
-def _resolve_aggregator(aggregator: str | Aggregator | None, **kwargs) -> Aggregator:
+def _resolve_aggregator(aggregator: str | Aggregator | None) -> Aggregator:
+    """A name from ``dimat.merge.available_aggregators()`` or a callable; options: ``get_aggregator(name, **kw)``."""
     if aggregator is None or aggregator == "mean":
         return weighted_average
     if isinstance(aggregator, str):
         from .aggregators import get_aggregator  # robust/safety defences
-        return get_aggregator(aggregator, **kwargs)
+        return get_aggregator(aggregator)
     return aggregator
 
 

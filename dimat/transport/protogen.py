@@ -16,7 +16,6 @@ import hashlib
 import importlib
 import os
 import re
-import shutil
 import sys
 import tempfile
 from pathlib import Path

@@ -122,6 +122,103 @@ def encode_data_chunk(round_idx: int, sender: int, offset: int, pieces: Sequence
     return b"".join([head, inner, *pieces])
 
 
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+class _DataBody:
+    __slots__ = ("offset", "data")
+
+    def __init__(self, offset: int, data: memoryview):
+        self.offset, self.data = offset, data
+
+
+class RawDataChunk:
+    """A data ``WeightChunk`` whose bytes are a zero-copy view of the received message."""
+
+    __slots__ = ("round", "sender", "data")
+
+    def __init__(self, round_idx: int, sender: int, body: _DataBody):
+        self.round, self.sender, self.data = round_idx, sender, body
+
+    def WhichOneof(self, _name: str) -> str:  # noqa: N802 (mirrors the protobuf API)
+        return "data"
+
+
+def decode_chunk(raw: bytes):
+    """Request deserializer for PushWeights: data messages parsed without copying their payload.
+
+    Only the exact shape :func:`encode_data_chunk` produces (fields round, sender, data{offset,
+    data}) takes the fast path; anything else (headers, trailers, unknown or repeated fields) is
+    parsed by the generated protobuf code, so the semantics are protobuf's either way.
+    """
+    try:
+        n = len(raw)
+        pos = rnd = snd = 0
+        body = None
+        while pos < n:
+            tag, pos = _read_varint(raw, pos)
+            field, wt = tag >> 3, tag & 7
+            if field in (1, 2) and wt == 0:
+                v, pos = _read_varint(raw, pos)
+                if field == 1:
+                    rnd = v
+                else:
+                    snd = v - (1 << 64) if v >= 1 << 63 else v
+            elif field == 4 and wt == 2 and body is None:
+                ln, pos = _read_varint(raw, pos)
+                body = (pos, pos + ln)
+                pos += ln
+            else:
+                return pb2.WeightChunk.FromString(raw)
+        if body is None or pos != n:
+            return pb2.WeightChunk.FromString(raw)
+        p, end = body
+        off, data = 0, None
+        while p < end:
+            tag, p = _read_varint(raw, p)
+            field, wt = tag >> 3, tag & 7
+            if field == 1 and wt == 0:
+                off, p = _read_varint(raw, p)
+            elif field == 2 and wt == 2 and data is None:
+                ln, p = _read_varint(raw, p)
+                data = memoryview(raw)[p : p + ln]
+                p += ln
+            else:
+                return pb2.WeightChunk.FromString(raw)
+        if p != end or (data is not None and len(data) == 0):
+            return pb2.WeightChunk.FromString(raw)
+        return RawDataChunk(rnd, snd, _DataBody(off, data if data is not None else memoryview(b"")))
+    except (IndexError, ValueError):
+        return pb2.WeightChunk.FromString(raw)  # raises DecodeError for a truly malformed message
+
+
+def _service_handler(servicer: "_Servicer") -> grpc.GenericRpcHandler:
+    """The Peer service's handlers (the generated ones, but PushWeights with :func:`decode_chunk`)."""
+    u, s = grpc.unary_unary_rpc_method_handler, grpc.unary_stream_rpc_method_handler
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+        "PushWeights": grpc.stream_unary_rpc_method_handler(
+            servicer.PushWeights, request_deserializer=decode_chunk, response_serializer=pb2.PushReply.SerializeToString),
+        "FetchState": s(servicer.FetchState, request_deserializer=pb2.FetchRequest.FromString,
+                        response_serializer=pb2.WeightChunk.SerializeToString),
+        "Join": u(servicer.Join, request_deserializer=pb2.JoinRequest.FromString,
+                  response_serializer=pb2.JoinReply.SerializeToString),
+        "Leave": u(servicer.Leave, request_deserializer=pb2.LeaveRequest.FromString,
+                   response_serializer=pb2.LeaveReply.SerializeToString),
+        "Heartbeat": u(servicer.Heartbeat, request_deserializer=pb2.HeartbeatRequest.FromString,
+                       response_serializer=pb2.HeartbeatReply.SerializeToString),
+    })
+
+
 def stream_messages(payload: OutgoingPayload, round_idx: int, sender: int, *, transfer_id: int,
                     stream_index: int = 0, num_streams: int = 1, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                     serialized: bool = False) -> Iterator:
@@ -412,7 +509,7 @@ class GrpcTransport:
         interceptors = [TokenAuthInterceptor(token)] if token else []
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"dimat-srv-{peer_id}"),
                                    options=opts, interceptors=interceptors)
-        pb2_grpc.add_PeerServicer_to_server(_Servicer(self), self._server)
+        self._server.add_generic_rpc_handlers((_service_handler(_Servicer(self)),))
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         bind = bind or self.peers[self.peer_id]
@@ -669,7 +766,7 @@ class GrpcTransport:
                 try:
                     stub = self._stub(pid)
                     rep = stub.Heartbeat(pb2.HeartbeatRequest(round=max(self.current_round, 0), sender=self.peer_id),
-                                         timeout=interval, metadata=token_metadata(self.token))
+                                         timeout=max(2 * interval, 1.0), metadata=token_metadata(self.token))
                 except (grpc.RpcError, TransportError, ValueError):
                     was_up = self.is_up(pid)
                     self._missed[pid] = self._missed.get(pid, 0) + 1

@@ -174,6 +174,12 @@ METHODS: dict[str, tuple[Callable, Callable]] = {
     "tcp-socket": (socket_serve, socket_send),
 }
 
+# torch.distributed (gloo) point-to-point, as the torchrun transport sends it.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from transport_gloo import gloo_send, gloo_serve  # noqa: E402
+
+METHODS["dimat-gloo"] = (gloo_serve, gloo_send)
+
 
 # ----------------------------------------------------------------------------- driver
 def role_main(args) -> None:

@@ -335,7 +335,17 @@ class Checkpointer:
             return None
         return int(json.loads(self.progress.read_text())["last_round"])
 
+    def remove_partial_writes(self, peers: Mapping[int, Peer]) -> int:
+        """Delete temporary files a killed process left mid-write (they were never renamed into place)."""
+        removed = 0
+        for pid in peers:
+            for tmp in self.path(pid, 0).parent.glob(".round_*.tmp"):
+                tmp.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
     def restore(self, round_idx: int, peers: Mapping[int, Peer]) -> None:
+        self.remove_partial_writes(peers)
         rng = None
         for pid, peer in peers.items():
             p = self.path(pid, round_idx)

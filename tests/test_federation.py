@@ -178,3 +178,17 @@ def test_multirun_sweep_runs_each_method(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     summaries = sorted((tmp_path / "sweep").glob("*/summary.json"))
     assert [json.loads(p.read_text())["method"] for p in summaries] == ["dimat", "average"]
+
+
+def test_resume_removes_temporary_files_of_a_killed_checkpoint_write(tmp_path: Path) -> None:
+    from dimat.federation import Checkpointer
+
+    cfg = compose("rounds=1")
+    simulate(cfg, tmp_path / "run")
+    ck = Checkpointer(tmp_path / "run")
+    stale = ck.path(0, 0).parent / ".round_0002.pt.k3j2.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    fed = build_federation(cfg)
+    ck.restore(ck.last_round(), fed.peers)
+    assert not stale.exists()
+    assert ck.path(0, ck.last_round()).exists()

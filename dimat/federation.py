@@ -395,8 +395,13 @@ def consensus_distance(states: Sequence[Mapping[str, torch.Tensor]]) -> float:
 
 
 def _merge_round(fed: Federation, transport: Any, topo: Any, round_idx: int, *, method: str,
-                 reset_bn: bool, reset_optimizer: bool, timeout: float | None) -> tuple[int, dict[int, list[int]]]:
-    """One exchange + merge for every local peer; returns bytes sent and who each peer heard from."""
+                 reset_bn: bool, reset_optimizer: bool, timeout: float | None
+                 ) -> tuple[int, dict[int, list[int]], dict[int, list[int]]]:
+    """One exchange + merge for every local peer.
+
+    Returns bytes sent, who each peer heard from, and which in-neighbours it missed (a neighbour
+    that missed the deadline: the mixing weights were renormalised over the rest).
+    """
     states = {pid: p.state() for pid, p in fed.peers.items()}
     if fed.attack is not None:
         states = fed.attack.outgoing(states)  # model replacement by malicious peers
@@ -405,12 +410,14 @@ def _merge_round(fed: Federation, transport: Any, topo: Any, round_idx: int, *, 
     received = transport.exchange(round_idx, states, in_nb, out_nb, timeout=timeout)
     sent = sum(state_nbytes(states[pid]) * len(out_nb[pid]) for pid in fed.peers)
     heard: dict[int, list[int]] = {}
+    missing: dict[int, list[int]] = {}
     for pid, peer in fed.peers.items():
         got = received.get(pid, {})
         weights = merge_weights_for(pid, sorted(got), topo.weights_for(pid))
         peer.merge(got, weights, method=method, reset_bn=reset_bn, reset_optimizer=reset_optimizer)
         heard[pid] = sorted(got)
-    return sent, heard
+        missing[pid] = sorted(set(in_nb[pid]) - set(got))
+    return sent, heard, missing
 
 
 def _gossip_exchanges(fed: Federation, epochs: float, every: int) -> int:
@@ -423,7 +430,7 @@ def _gossip_exchanges(fed: Federation, epochs: float, every: int) -> int:
 def train_round(fed: Federation, transport: Any, round_idx: int, epochs: float) -> dict[str, Any]:
     """Local training (and, for gossip, the interleaved averaging) of one round."""
     stats: dict[int, dict[str, float]] = {}
-    sent, heard = 0, {pid: [] for pid in fed.peers}
+    sent, heard, missing = 0, {pid: [] for pid in fed.peers}, {pid: [] for pid in fed.peers}
     if fed.method == "gossip":
         every = int(_get(fed.cfg.merge, "gossip_every", 10))
         g = _gossip_exchanges(fed, epochs, every)
@@ -434,24 +441,26 @@ def train_round(fed: Federation, transport: Any, round_idx: int, epochs: float) 
             for pid, p in fed.peers.items():
                 t = totals[pid]
                 acc[pid].append(p.train_steps(t * (k + 1) // g - t * k // g))
-            s, heard = _merge_round(fed, transport, topo, round_idx * 1_000_000 + k, method="average",
+            s, heard, missed = _merge_round(fed, transport, topo, round_idx * 1_000_000 + k, method="average",
                                     reset_bn=False, reset_optimizer=False,
                                     timeout=_get(fed.cfg.transport, "timeout", None))
             sent += s
+            for pid, m in missed.items():
+                missing[pid] = sorted(set(missing[pid]) | set(m))
         for pid, parts in acc.items():
             n = sum(x["steps"] for x in parts) or 1
             stats[pid] = {"loss": sum(x["loss"] * x["steps"] for x in parts) / n,
                           "acc": sum(x["acc"] * x["steps"] for x in parts) / n}
-        return {"train": stats, "bytes": sent, "heard": heard}
+        return {"train": stats, "bytes": sent, "heard": heard, "missing": missing}
     if fed.attack is not None:
         fed.attack.before_training(fed.peers)
     for pid, p in fed.peers.items():
         stats[pid] = p.train(epochs)
     if fed.method in MERGE_METHODS:
-        sent, heard = _merge_round(fed, transport, fed.topology_at(round_idx), round_idx, method=fed.method,
+        sent, heard, missing = _merge_round(fed, transport, fed.topology_at(round_idx), round_idx, method=fed.method,
                                    reset_bn=bool(_get(fed.cfg.merge, "reset_bn", True)), reset_optimizer=True,
                                    timeout=_get(fed.cfg.transport, "timeout", None))
-    return {"train": stats, "bytes": sent, "heard": heard}
+    return {"train": stats, "bytes": sent, "heard": heard, "missing": missing}
 
 
 class RunLog:
@@ -520,7 +529,8 @@ def evaluate_round(fed: Federation, round_idx: int, train_out: dict[str, Any], e
             "test_acc": test["acc"], "test_loss": test["loss"],
             "val_acc": None if val is None else val["acc"], "val_loss": None if val is None else val["loss"],
             "train_loss": tr.get("loss"), "train_acc": tr.get("acc"),
-            "neighbours": train_out["heard"].get(pid, []), "bytes_sent": int(bytes_per_peer),
+            "neighbours": train_out["heard"].get(pid, []), "missing": train_out.get("missing", {}).get(pid, []),
+            "bytes_sent": int(bytes_per_peer),
         })
         if fed.attack is not None:
             records[-1].update({"malicious": fed.attack.is_malicious(pid), "clean_acc": test["acc"],

@@ -53,6 +53,8 @@ def test_sigkill_one_of_five_then_rejoin(tmp_path):
         assert [r["round"] for r in fed.metrics(k)] == list(range(1, rounds + 1)), (k, fed.logs_text())
     # ring neighbours of 2 (1 and 3) went on without it for at least one round
     assert any(2 in rec["missing"] or 2 in rec["send_failed"] for rec in fed.transport_log(1) + fed.transport_log(3))
+    # ... and the per-round metrics say who was missing when they merged without it
+    assert any(2 in r["missing"] for r in fed.metrics(1) + fed.metrics(3))
     # the restarted peer rejoined, caught up, and finished the last round with its neighbours
     done = [r["round"] for r in fed.metrics(2)]
     assert done[-1] == rounds and done == sorted(done), done

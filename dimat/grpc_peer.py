@@ -65,6 +65,7 @@ def transport_from_config(peer_id: int, peers: Mapping[int, str], tcfg: Any, *, 
     """A :class:`GrpcTransport` for ``peer_id`` configured by the ``transport`` config node."""
     from dimat.transport.grpc import GrpcTransport
     from dimat.transport.security import TlsConfig
+    from dimat.transport.wire import DEFAULT_HASH
 
     tls_cfg = _opt(tcfg, "tls") or {}
     tls = None
@@ -89,7 +90,7 @@ def transport_from_config(peer_id: int, peers: Mapping[int, str], tcfg: Any, *, 
         chunk_bytes=int(_opt(tcfg, "chunk_bytes", 4 << 20)),
         num_streams=int(_opt(tcfg, "num_streams", 1)),
         half=_opt(tcfg, "half"),
-        hash_algorithm=str(_opt(tcfg, "hash", "sha256")),
+        hash_algorithm=str(_opt(tcfg, "hash", DEFAULT_HASH)),
         max_rounds_ahead=int(_opt(tcfg, "max_rounds_ahead", 8)),
         require_cert_identity=bool(_opt(tcfg, "require_cert_identity", False)),
         heartbeat_interval=_opt(tcfg, "heartbeat_interval"),

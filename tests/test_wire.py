@@ -4,6 +4,7 @@ import torch
 
 from dimat.transport.base import TransportError
 from dimat.transport.wire import (
+    HASH_ALGORITHMS,
     WIRE_DTYPES,
     IncomingPayload,
     OutgoingPayload,
@@ -136,3 +137,23 @@ def test_truncated_bad_hash_out_of_order_nan():
     bad["w"][7] = float("inf")
     with pytest.raises(TransportError, match="'w' contains Inf"):
         decode_local(bad, Schema.from_state(own))
+
+
+@pytest.mark.parametrize("algorithm", HASH_ALGORITHMS)
+def test_every_hash_detects_one_flipped_bit(algorithm):
+    own = {"w": torch.randn(1000), "b": torch.randn(10)}
+    for flip in (False, True):
+        out = OutgoingPayload(own, hash_algorithm=algorithm)
+        inc = IncomingPayload(out.entries, out.total_bytes, algorithm, 1, Schema.from_state(own))
+        inc.open_stream(0, 0, out.total_bytes)
+        for off, data in out.chunks(0, out.total_bytes, 256):
+            if flip and off == 1024:
+                data = bytes([data[0] ^ 0x01]) + data[1:]
+            inc.write(0, off, data)
+        inc.close_stream(0, out.digest())
+        if flip:
+            with pytest.raises(TransportError, match="hash mismatch"):
+                inc.finalize()
+        else:
+            got = inc.finalize()
+            assert all(torch.equal(got[k], own[k]) for k in own)

@@ -31,6 +31,7 @@ from dimat.transport.base import StateDict, TransportError
 from dimat.transport.security import TlsConfig, TokenAuthInterceptor, token_metadata
 from dimat.transport.wire import (
     DEFAULT_CHUNK_BYTES,
+    DEFAULT_HASH,
     IncomingPayload,
     OutgoingPayload,
     Schema,
@@ -49,6 +50,9 @@ _DATA_LOSS_MARKERS = ("truncated", "hash mismatch", "without its trailer", "inco
 AllowedSenders = Callable[[int], Iterable[int]] | Collection[int] | None
 
 
+MAX_FRAME_BYTES = (16 << 20) - 1  # the HTTP/2 maximum (2**24 - 1)
+
+
 def channel_options(max_message_bytes: int, window_bytes: int | None = None) -> list[tuple[str, int]]:
     """Options for both servers and channels: message limits sized to our chunks, HTTP/2 windows.
 
@@ -65,6 +69,13 @@ def channel_options(max_message_bytes: int, window_bytes: int | None = None) -> 
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.min_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2000),
+        # bulk transfers: gRPC's defaults (16 KiB HTTP/2 frames, 8 KiB initial TCP reads) cost a call
+        # per few KiB; 4 MiB frames and large reads made a 256 MiB stream 1.2-1.4x faster on loopback
+        # (bench/transport.py, "bare-grpc-tuned"), with no measurable change in receiver memory
+        ("grpc.http2.max_frame_size", MAX_FRAME_BYTES),
+        ("grpc.experimental.tcp_read_chunk_size", 4 << 20),
+        ("grpc.experimental.tcp_min_read_chunk_size", 1 << 20),
+        ("grpc.experimental.tcp_max_read_chunk_size", 16 << 20),
     ]
     if window_bytes:
         opts += [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", window_bytes),
@@ -448,7 +459,7 @@ class GrpcTransport:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         num_streams: int = 1,
         half: str | None = None,
-        hash_algorithm: str = "sha256",
+        hash_algorithm: str = DEFAULT_HASH,
         accept_half: bool = True,
         max_message_bytes: int | None = None,
         max_payload_bytes: int | None = None,

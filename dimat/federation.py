@@ -33,6 +33,7 @@ import torch
 
 from dimat.atomic import atomic_write
 from dimat.confutil import plain as _plain
+from dimat.merge.basis import attach_basis
 from dimat.metrics import write_text_atomic as atomic_write_text
 from dimat.peer import MERGE_METHODS, Peer, TrainConfig, as_tensors, merge_weights_for, state_nbytes
 
@@ -240,6 +241,7 @@ def build_federation(cfg: Any, local_ids: Sequence[int] | None = None) -> Federa
         raise ConfigError(f"local peer ids {ids} out of range for {num_peers} peers")
     peer_method = method if method in MERGE_METHODS else "average"
     reset_bn = bool(_get(cfg.merge, "reset_bn", True))
+    consensus_basis = bool(_get(cfg.merge, "consensus_basis", True))
     aggregator = _make_aggregator(cfg)
 
     def make(pid: int, tr: np.ndarray, va: np.ndarray) -> Peer:
@@ -247,7 +249,8 @@ def build_federation(cfg: Any, local_ids: Sequence[int] | None = None) -> Federa
         model = build_model_from_config(cfg, bundle.num_classes, bundle.input_shape, init_seed)
         val = (x_train[va], y_train[va]) if len(va) else None
         return Peer(pid, model, (x_train[tr], y_train[tr]), val, config=tc, seed=peer_seed(seed, pid) + 1,
-                    device=device, merge_method=peer_method, reset_bn=reset_bn, aggregator=aggregator)
+                    device=device, merge_method=peer_method, reset_bn=reset_bn, aggregator=aggregator,
+                    basis=0 if init == "shared" else pid, consensus_basis=consensus_basis)
 
     if method == "centralized":
         tr = np.concatenate([s[0] for s in splits])
@@ -263,7 +266,7 @@ def build_federation(cfg: Any, local_ids: Sequence[int] | None = None) -> Federa
     if attack is not None:
         attack.poison_peers(peers)
     any_peer = next(iter(peers.values()), None)
-    model_bytes = state_nbytes(any_peer.state()) if any_peer is not None else 0
+    model_bytes = state_nbytes(any_peer.shared_state()) if any_peer is not None else 0
     info = {"num_classes": bundle.num_classes, "input_shape": list(bundle.input_shape),
             "train_size": int(len(y_train)), "test_size": int(len(test[1]))}
     if attack is not None:
@@ -405,6 +408,7 @@ def _merge_round(fed: Federation, transport: Any, topo: Any, round_idx: int, *, 
     states = {pid: p.state() for pid, p in fed.peers.items()}
     if fed.attack is not None:
         states = fed.attack.outgoing(states)  # model replacement by malicious peers
+    states = {pid: attach_basis(s, fed.peers[pid].basis) for pid, s in states.items()}
     in_nb = {pid: list(topo.in_neighbours(pid)) for pid in fed.peers}
     out_nb = {pid: list(topo.out_neighbours(pid)) for pid in fed.peers}
     received = transport.exchange(round_idx, states, in_nb, out_nb, timeout=timeout)

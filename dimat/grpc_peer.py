@@ -146,7 +146,7 @@ def run_peer(cfg: Any, peer_id: int, peers: Mapping[int, str], run_dir: str | Pa
             for r in range(1, int(cfg.rounds) + 1):
                 topo = fed.topology_at(r)
                 neighbours |= set(topo.in_neighbours(peer_id)) | set(topo.out_neighbours(peer_id))
-        transport.set_schema(fed.peers[peer_id].state())
+        transport.set_schema(fed.peers[peer_id].shared_state())
         if resume:
             resume = rejoin(fed, transport, sorted(neighbours), run_dir, tag, echo=echo)
         else:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dimat.merge.basis import BASIS_KEY, attach_basis, plan_rebase, split_basis
+
 StateDict = dict[str, torch.Tensor]
 
 MERGE_METHODS = ("dimat", "weight_matching", "average")
@@ -89,11 +91,18 @@ class Peer:
         merge_method: str = "dimat",
         reset_bn: bool = True,
         aggregator: Any | None = None,
+        basis: int | None = None,
+        consensus_basis: bool = True,
     ) -> None:
         self.id = int(peer_id)
+        # which unit ordering the model is in (dimat.merge.basis): own id, or a shared one (shared init)
+        self.basis = self.id if basis is None else int(basis)
+        self.consensus_basis = bool(consensus_basis)
         self.config = config or TrainConfig()
         self.device = torch.device(device)
         self.model = model.to(self.device)
+        if BASIS_KEY in self.model.state_dict():
+            raise ValueError(f"the model has a state entry named '{BASIS_KEY}', which dimat reserves for basis tags")
         self.x, self.y = as_tensors(train_data)
         if len(self.y) == 0:
             raise ValueError(f"peer {peer_id} has no training data")
@@ -175,6 +184,10 @@ class Peer:
         """A detached CPU copy of the model's state dict (safe to send and to keep)."""
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
+    def shared_state(self) -> StateDict:
+        """What this peer sends: :meth:`state` plus its basis tag (:mod:`dimat.merge.basis`)."""
+        return attach_basis(self.state(), self.basis)
+
     def alignment_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The bounded own-data sample used for activation statistics and BatchNorm reset."""
         bs = self.config.batch_size
@@ -184,8 +197,14 @@ class Peer:
         ]
 
     def load_state(self, state: Mapping[str, torch.Tensor], reset_optimizer: bool = True) -> None:
-        """Load weights; by default restart the optimizer (see the module docstring for why)."""
+        """Load weights (a basis tag in ``state`` is adopted); by default restart the optimizer.
+
+        See the module docstring for why the optimizer restarts.
+        """
+        state, basis = split_basis(state)
         self.model.load_state_dict({k: v.to(self.device) for k, v in state.items()})
+        if basis is not None:
+            self.basis = basis
         if reset_optimizer:
             self.reset_optimizer()
 
@@ -218,9 +237,13 @@ class Peer:
         if total <= 0:
             raise ValueError(f"peer {self.id}: mixing weights sum to {total}; nothing to merge")
         w = [v / total for v in raw]
-        states = [dict(neighbour_states[j]) for j in senders]
+        split = [split_basis(neighbour_states[j], label=f"peer {self.id}: state from peer {j}") for j in senders]
+        states = [s for s, _ in split]
         if not states:
             return self.state()
+        same, into, new_basis = None, None, self.basis
+        if self.consensus_basis and method != "average":
+            same, into, new_basis = plan_rebase(self.basis, [t for _, t in split])
         batches = self.alignment_batches()
         context = None
         if getattr(self.aggregator, "needs_context", False):
@@ -231,9 +254,10 @@ class Peer:
                                          seed=self.id * 100_003 + self.steps_done)
         merged = merge_states(
             self.model, states, w, batches, method=method, reset_bn=reset_bn,
-            aggregator=self.aggregator, context=context,
+            aggregator=self.aggregator, context=context, same_basis=same, into=into,
         )
         self.load_state(merged, reset_optimizer=reset_optimizer)
+        self.basis = new_basis
         return merged
 
     # -------------------------------------------------------------- checkpoints
@@ -247,6 +271,7 @@ class Peer:
             "perm": self._perm.clone(),
             "cursor": self._cursor,
             "steps_done": self.steps_done,
+            "basis": self.basis,
         }
 
     def restore(self, ckpt: Mapping[str, Any]) -> None:
@@ -259,6 +284,7 @@ class Peer:
         self._perm = ckpt["perm"].clone()
         self._cursor = int(ckpt["cursor"])
         self.steps_done = int(ckpt["steps_done"])
+        self.basis = int(ckpt.get("basis", self.basis))
 
 
 def merge_weights_for(

@@ -2,6 +2,7 @@
 from .aggregators import AggregationContext, available_aggregators, get_aggregator, register_aggregator
 from .api import METHODS, merge, merge_states, normalise_weights
 from .average import weighted_average
+from .basis import BASIS_KEY, attach_basis, split_basis
 
 __all__ = ["METHODS", "merge", "merge_states", "normalise_weights", "weighted_average", "AggregationContext",
-           "available_aggregators", "get_aggregator", "register_aggregator"]
+           "available_aggregators", "get_aggregator", "register_aggregator", "BASIS_KEY", "attach_basis", "split_basis"]

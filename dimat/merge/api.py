@@ -11,7 +11,7 @@ from torch import nn
 from ..align.api import check_compatible, check_state_compatible, find_permutations
 from ..align.batchnorm import has_batchnorm, reset_bn_stats
 from ..align.inputs import reiterable_inputs
-from ..align.permute import permute_state
+from ..align.permute import invert, permute_state
 from ..align.spec import get_spec
 from .average import StateDict, weighted_average
 
@@ -46,12 +46,15 @@ def _resolve_aggregator(aggregator: str | Aggregator | None) -> Aggregator:
 def merge_states(reference: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
                  data: Iterable | None = None, method: str = "dimat", reset_bn: bool = True,
                  aggregator: str | Aggregator | None = None, max_batches: int | None = None,
-                 context: object | None = None) -> StateDict:
+                 context: object | None = None, same_basis: Sequence[bool] | None = None,
+                 into: int | None = None) -> StateDict:
     """Merge neighbour ``states`` into ``reference`` (the peer's own model; ``weights[0]`` is its own).
 
     Neighbours are aligned into the reference's basis (``method``), combined by ``aggregator``
     (weighted average by default) and, if the model has BatchNorm and ``reset_bn``, its running
     statistics are recomputed on ``data``. Returns a new state dict; ``reference`` is untouched.
+    ``same_basis[k]`` marks neighbour ``k`` as already in the reference's basis (not re-matched);
+    ``into`` relabels the result into neighbour ``into``'s basis (see :mod:`dimat.merge.basis`).
     """
     if method not in METHODS:
         raise ValueError(f"unknown merge method '{method}'; choose one of {list(METHODS)}")
@@ -63,16 +66,25 @@ def merge_states(reference: nn.Module, states: Sequence[Mapping[str, torch.Tenso
     if METHODS[method] == "activation" or needs_bn:
         data = reiterable_inputs(data, max_batches)
 
+    if same_basis is not None and len(same_basis) != len(states):
+        raise ValueError(f"same_basis has {len(same_basis)} entries for {len(states)} neighbour states")
+    if into is not None and not 0 <= into < len(states):
+        raise ValueError(f"into={into} is not a neighbour index (0..{len(states) - 1})")
     aligned = [dict(s) for s in states]
+    perms: dict[int, dict[str, torch.Tensor]] = {}
     if METHODS[method] is not None and states:
         spec = get_spec(reference)
+        todo = [k for k in range(len(states)) if not (same_basis and same_basis[k])]
         others = []
-        for s in states:
+        for k in todo:
             m = copy.deepcopy(reference)
-            m.load_state_dict(s)
+            m.load_state_dict(states[k])
             others.append(m)
-        perms = find_permutations(reference, others, data, METHODS[method], spec, max_batches)
-        aligned = [permute_state(s, spec, p) for s, p in zip(states, perms)]
+        if todo:
+            found = find_permutations(reference, others, data, METHODS[method], spec, max_batches)
+            for k, p in zip(todo, found):
+                perms[k] = p
+                aligned[k] = permute_state(states[k], spec, p)
 
     combine = _resolve_aggregator(aggregator)
     merged = combine({k: v.detach() for k, v in own.items()}, aligned, weights, context)
@@ -81,6 +93,8 @@ def merge_states(reference: nn.Module, states: Sequence[Mapping[str, torch.Tenso
         model.load_state_dict(merged)
         reset_bn_stats(model, data, max_batches)
         merged = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if into is not None and into in perms:  # a relabelling: the function is unchanged
+        merged = permute_state(merged, get_spec(reference), {g: invert(p) for g, p in perms[into].items()})
     return merged
 
 

@@ -1,0 +1,113 @@
+"""Basis tags: peers converge to one unit ordering (dimat.merge.basis), on real models and runs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dimat.align.permute import apply_permutation
+from dimat.align.spec import get_spec
+from dimat.federation import simulate
+from dimat.merge import BASIS_KEY, attach_basis, merge_states, split_basis
+from dimat.merge.basis import plan_rebase
+from dimat.models import build_model
+from dimat.peer import Peer, TrainConfig
+
+from test_federation import compose
+
+
+def _data(n: int = 128, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 12, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def _mlp(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model("mlp", num_classes=4, input_dim=12, hidden=(16, 16))
+
+
+def _permuted_copy(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    spec = get_spec(model)
+    g = torch.Generator().manual_seed(seed)
+    return apply_permutation(model, {grp.name: torch.randperm(grp.size, generator=g) for grp in spec.groups}, spec)
+
+
+def test_attach_split_round_trip_and_bad_tags() -> None:
+    state = {"w": torch.ones(2)}
+    tagged = attach_basis(state, 3)
+    assert BASIS_KEY not in state and tagged[BASIS_KEY].dtype == torch.int64
+    back, tag = split_basis(tagged)
+    assert tag == 3 and set(back) == {"w"}
+    assert split_basis(state) == (state, None)
+    for bad in (torch.tensor(-1), torch.tensor(2.0), torch.tensor([1, 2])):
+        with pytest.raises(ValueError, match=f"'{BASIS_KEY}' must be a non-negative int64 scalar"):
+            split_basis({"w": torch.ones(2), BASIS_KEY: bad}, label="state from peer 7")
+    with pytest.raises(ValueError, match="already has"):
+        attach_basis(tagged, 1)
+
+
+def test_plan_rebase() -> None:
+    assert plan_rebase(2, [2, 5]) == ([True, False], None, 2)       # nobody lower: stay
+    assert plan_rebase(2, [1, 0, None]) == ([False, False, False], 1, 0)  # lowest tag wins
+    assert plan_rebase(0, [None]) == ([False], None, 0)             # untagged: always matched
+
+
+def test_merge_relabels_into_the_neighbours_basis_exactly() -> None:
+    ref = _mlp(0)
+    nb = _permuted_copy(ref, seed=1)  # the same function in another basis
+    data = [_data()]
+    own = merge_states(ref, [nb.state_dict()], [0.5, 0.5], data, method="dimat", reset_bn=False)
+    into = merge_states(ref, [nb.state_dict()], [0.5, 0.5], data, method="dimat", reset_bn=False, into=0)
+    for k, v in ref.state_dict().items():
+        assert torch.allclose(own[k], v, atol=1e-6), k                     # aligned: the average is ref itself
+        assert torch.allclose(into[k], nb.state_dict()[k], atol=1e-6), k  # relabelled: nb's ordering
+
+
+def test_same_basis_is_not_rematched() -> None:
+    ref = _mlp(0)
+    nb = _permuted_copy(ref, seed=1)
+    merged = merge_states(ref, [nb.state_dict()], [0.5, 0.5], [_data()], method="dimat", reset_bn=False,
+                          same_basis=[True])
+    for k, v in ref.state_dict().items():
+        assert torch.allclose(merged[k], 0.5 * v + 0.5 * nb.state_dict()[k], atol=1e-6), k
+    with pytest.raises(ValueError, match="same_basis has 2 entries for 1"):
+        merge_states(ref, [nb.state_dict()], [0.5, 0.5], [_data()], same_basis=[True, False])
+
+
+def test_peer_adopts_the_lowest_basis_and_rejects_a_bad_tag() -> None:
+    cfg = TrainConfig(batch_size=32, align_batches=2)
+    a = Peer(2, _mlp(2), _data(), config=cfg)
+    b = Peer(1, _mlp(1), _data(seed=1), config=cfg)
+    assert (a.basis, b.basis) == (2, 1)
+    before = a.state()
+    with pytest.raises(ValueError, match="state from peer 1"):
+        a.merge({1: {**b.state(), BASIS_KEY: torch.tensor(-3)}}, {2: 0.5, 1: 0.5})
+    assert all(torch.equal(v, before[k]) for k, v in a.state().items())  # untouched
+    a.merge({1: b.shared_state()}, {2: 0.5, 1: 0.5})
+    assert a.basis == 1 and a.checkpoint()["basis"] == 1
+    off = Peer(2, _mlp(2), _data(), config=cfg, consensus_basis=False)
+    off.merge({1: b.shared_state()}, {2: 0.5, 1: 0.5})
+    assert off.basis == 2
+
+
+def _last_consensus(run: Path) -> float:
+    return json.loads((run / "summary.json").read_text())["rounds"][-1]["consensus"]
+
+
+def test_ring_reaches_one_basis_and_consensus(tmp_path: Path) -> None:
+    # 5 peers on a ring (diameter 2), different inits: after round 1 the tags are {0, 0, 1, 2, 0},
+    # after round 2 every peer is in peer 0's basis; without tags every peer keeps its own.
+    simulate(compose("rounds=1"), tmp_path / "r1")
+    tags = {p: torch.load(tmp_path / "r1" / "checkpoints" / f"peer_{p:03d}" / "round_0001.pt",
+                          weights_only=True)["basis"] for p in range(5)}
+    assert tags == {0: 0, 1: 0, 2: 1, 3: 2, 4: 0}
+    simulate(compose("rounds=4"), tmp_path / "on")
+    simulate(compose("rounds=4", "merge.consensus_basis=false"), tmp_path / "off")
+    for p in range(5):
+        on = torch.load(tmp_path / "on" / "checkpoints" / f"peer_{p:03d}" / "round_0004.pt", weights_only=True)
+        off = torch.load(tmp_path / "off" / "checkpoints" / f"peer_{p:03d}" / "round_0004.pt", weights_only=True)
+        assert (on["basis"], off["basis"]) == (0, p)
+    # one basis lets the peers actually agree; own bases keep them apart in weight space
+    assert _last_consensus(tmp_path / "on") < 0.5 * _last_consensus(tmp_path / "off")

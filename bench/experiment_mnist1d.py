@@ -82,18 +82,20 @@ def main() -> None:
         return f"{np.mean(vals):.3f}" if len(vals) == 1 else f"{np.mean(vals):.3f} ± {np.std(vals):.3f}"
 
     rounds = next(iter(results.values()))["rounds_planned"]
-    lines = ["| method | final mean acc | final min | final max | mean of last 5 rounds | best-round mean "
-             "| MB sent / round | wall s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | final mean acc | final min | final max | mean of last 5 rounds | mean of first 5 rounds "
+             "| best-round mean | MB sent / round | wall s |", "|---|---|---|---|---|---|---|---|---|"]
     for m in args.methods:
         rs = [results[(m, s)] for s in args.seeds]
         mb = np.mean([r["total_bytes_sent"] / max(r["rounds_done"], 1) / 1e6 for r in rs])
         lines.append(f"| {m} | {fmt([r['final_mean_acc'] for r in rs])} | {fmt([r['final_min_acc'] for r in rs])} | "
                      f"{fmt([r['final_max_acc'] for r in rs])} | "
                      f"{fmt([float(np.mean([x['mean_acc'] for x in r['rounds'][-5:]])) for r in rs])} | "
+                     f"{fmt([float(np.mean([x['mean_acc'] for x in r['rounds'][:5]])) for r in rs])} | "
                      f"{fmt([r['best_mean_acc'] for r in rs])} | "
                      f"{mb:.2f} | {np.mean([r['wall_s'] for r in rs]):.0f} |")
     table = "\n".join(lines)
-    print(f"\nMNIST-1D, 5 peers, class-disjoint, ring, {rounds} rounds x 2 epochs, seeds {args.seeds}\n")
+    setting = " ".join(args.overrides) or "class-disjoint"
+    print(f"\nMNIST-1D, 5 peers, ring, {rounds} rounds x 2 epochs, {setting}, seeds {args.seeds}\n")
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

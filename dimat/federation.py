@@ -241,8 +241,8 @@ def build_federation(cfg: Any, local_ids: Sequence[int] | None = None) -> Federa
         raise ConfigError(f"local peer ids {ids} out of range for {num_peers} peers")
     peer_method = method if method in MERGE_METHODS else "average"
     reset_bn = bool(_get(cfg.merge, "reset_bn", True))
-    consensus_basis = bool(_get(cfg.merge, "consensus_basis", True))
     aggregator = _make_aggregator(cfg)
+    consensus_basis = _consensus_basis(_get(cfg.merge, "consensus_basis", "auto"), aggregator)
 
     def make(pid: int, tr: np.ndarray, va: np.ndarray) -> Peer:
         init_seed = seed if init == "shared" else peer_seed(seed, pid)
@@ -283,6 +283,20 @@ def _make_attack(cfg: Any, num_peers: int, num_classes: int) -> Any | None:
         return build_attack(cfg, num_peers, num_classes)
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"attack: {exc.args[0] if exc.args else exc}") from exc
+
+
+def _consensus_basis(value: Any, aggregator: Any | None) -> bool:
+    """``merge.consensus_basis``: true, false, or auto = on unless a robust/safety aggregator is set.
+
+    Under a defence, neighbours are not trusted, and the lowest basis tag (which any neighbour can
+    claim) makes its model the anchor every peer aligns to in the round the federation switches
+    basis; that makes it central in distance-based defences (docs/safety.md measures it).
+    """
+    if isinstance(value, bool):
+        return value
+    if str(value) == "auto":
+        return aggregator is None
+    raise ConfigError(f"merge.consensus_basis must be true, false or auto (got {value!r})")
 
 
 def _make_aggregator(cfg: Any) -> Any | None:

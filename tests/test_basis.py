@@ -111,3 +111,16 @@ def test_ring_reaches_one_basis_and_consensus(tmp_path: Path) -> None:
         assert (on["basis"], off["basis"]) == (0, p)
     # one basis lets the peers actually agree; own bases keep them apart in weight space
     assert _last_consensus(tmp_path / "on") < 0.5 * _last_consensus(tmp_path / "off")
+
+
+def test_consensus_basis_setting() -> None:
+    from dimat.federation import ConfigError, build_federation
+
+    assert all(p.consensus_basis for p in build_federation(compose()).peers.values())  # auto + mean
+    # auto + a defence: no neighbour may become everyone's alignment anchor
+    fed = build_federation(compose("merge.aggregator=multi_krum"))
+    assert not any(p.consensus_basis for p in fed.peers.values())
+    fed = build_federation(compose("merge.aggregator=multi_krum", "merge.consensus_basis=true"))
+    assert all(p.consensus_basis for p in fed.peers.values())
+    with pytest.raises(ConfigError, match="merge.consensus_basis must be true, false or auto"):
+        build_federation(compose("merge.consensus_basis=maybe"))

@@ -14,10 +14,13 @@ neighbourhood and takes that tag. The lowest tag floods the graph, so after abou
 rounds every peer is in one basis, and from then on DIMAT merges like averaging in that basis.
 
 The tag travels in the exchanged state dict under :data:`BASIS_KEY`, so every transport carries it.
-A neighbour can lie about its tag; the worst it gets is to be averaged without alignment (the
-``average`` baseline) or to have peers relabel into its ordering, which changes no function.
+A neighbour can lie about its tag: it can be averaged without alignment (the ``average``
+baseline), or make peers relabel into its ordering, which changes no function by itself.
 Defences still anchor on the peer's own model: alignment and aggregation happen in the peer's own
-basis, the relabelling comes after.
+basis, the relabelling comes after. But in the round after a switch every peer's model is a noisy
+copy of the lowest-tag neighbour's ordering, which makes that neighbour look central to
+distance-based defences; ``merge.consensus_basis: auto`` therefore turns tags off under a defence
+(docs/safety.md measures it).
 """
 from __future__ import annotations
 

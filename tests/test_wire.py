@@ -157,3 +157,16 @@ def test_every_hash_detects_one_flipped_bit(algorithm):
         else:
             got = inc.finalize()
             assert all(torch.equal(got[k], own[k]) for k in own)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_nan_is_found_wherever_it_lies_across_chunks_and_streams(dtype):
+    # a 3-element float16 tensor first puts the next tensor at byte 6, so its elements straddle
+    # chunk (64 B) and stream boundaries; a NaN in any element must be rejected
+    own = {"a": torch.zeros(3, dtype=torch.float16), "w": torch.zeros(50, dtype=dtype)}
+    assert decode_local(own, chunk_bytes=64, num_streams=3)["w"].dtype == dtype
+    for k in range(50):
+        bad = {"a": own["a"], "w": own["w"].clone()}
+        bad["w"][k] = float("nan")
+        with pytest.raises(TransportError, match="'w' contains NaN"):
+            decode_local(bad, Schema.from_state(own), chunk_bytes=64, num_streams=3)

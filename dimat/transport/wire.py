@@ -381,6 +381,11 @@ class IncomingPayload:
         self._lock = threading.Lock()
         self._hasher = _OrderedHasher(hash_algorithm, self)
         self.failed: str | None = None
+        # NaN/Inf are found chunk by chunk as bytes arrive (the chunk is still in cache, and the check
+        # no longer delays the reply); elements split across two chunks are checked at finalize
+        self._flat = [self.tensors[e.name].reshape(-1) for e in self.entries]
+        self._non_finite: tuple[str, str] | None = None
+        self._straddlers: set[tuple[int, int]] = set()
 
     # -- validation before allocation --
     def _validate_table(self, tensors: Sequence[TensorEntry], total: int, schema: Schema, allow_half: bool) -> None:
@@ -455,9 +460,29 @@ class IncomingPayload:
             k = len(view)
             np.copyto(np.asarray(view), src[done : done + k])
             done += k
+        self._scan(offset, offset + n)
         st[2] = offset + n
         if n:
             self._hasher.add(offset, offset + n)
+
+    def _scan(self, start: int, end: int) -> None:
+        """Check the floating elements that lie wholly in payload bytes ``[start, end)``."""
+        i = max(0, bisect.bisect_right(self._starts, start) - 1)
+        while i < len(self.entries) and self.entries[i].offset < end:
+            e, flat = self.entries[i], self._flat[i]
+            lo, hi = max(start, e.offset) - e.offset, min(end, e.offset + e.nbytes) - e.offset
+            if hi > lo and flat.is_floating_point():
+                size = flat.element_size()
+                a, b = -(-lo // size), hi // size
+                if lo % size:
+                    self._straddlers.add((i, lo // size))
+                if hi % size:
+                    self._straddlers.add((i, hi // size))
+                if b > a and self._non_finite is None:
+                    bad = non_finite(flat[a:b])
+                    if bad:
+                        self._non_finite = (e.name, bad)
+            i += 1
 
     def close_stream(self, index: int, digest: bytes | None) -> None:
         st = self._streams.get(index)
@@ -500,12 +525,16 @@ class IncomingPayload:
         got = self._hasher.finish(self.total_bytes)
         if len(digests) != 1 or got not in digests:
             raise TransportError(f"{self.label}: hash mismatch (payload corrupted in transit or tampered)")
-        for e in self.entries:
-            bad = non_finite(self.tensors[e.name])
-            if bad:
-                raise TransportError(f"{self.label}: tensor {e.name!r} contains {bad}")
+        for i, k in sorted(self._straddlers):
+            if self._non_finite is None:
+                bad = non_finite(self._flat[i][k : k + 1])
+                if bad:
+                    self._non_finite = (self.entries[i].name, bad)
+        if self._non_finite is not None:
+            name, bad = self._non_finite
+            raise TransportError(f"{self.label}: tensor {name!r} contains {bad}")
         out: StateDict = {}
-        self._views = []
+        self._views, self._flat = [], []
         for e in self.entries:
             t = self.tensors.pop(e.name)  # drop each wire buffer as soon as it is converted
             want_dtype = self.schema.entries[e.name][1]

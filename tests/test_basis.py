@@ -124,3 +124,15 @@ def test_consensus_basis_setting() -> None:
     assert all(p.consensus_basis for p in fed.peers.values())
     with pytest.raises(ConfigError, match="merge.consensus_basis must be true, false or auto"):
         build_federation(compose("merge.consensus_basis=maybe"))
+
+
+def test_a_fetched_state_brings_its_basis() -> None:
+    # a rejoining peer loads a neighbour's state (dimat.grpc_peer): it must adopt that state's basis
+    cfg = TrainConfig(batch_size=32, align_batches=2)
+    late = Peer(3, _mlp(3), _data(), config=cfg)
+    src = Peer(1, _mlp(1), _data(seed=1), config=cfg, basis=0)
+    late.load_state(src.shared_state())
+    assert late.basis == 0
+    assert all(torch.equal(v, src.state()[k]) for k, v in late.state().items())
+    late.load_state(src.state())  # an untagged state leaves the tag alone
+    assert late.basis == 0

@@ -72,19 +72,18 @@ def merge_states(reference: nn.Module, states: Sequence[Mapping[str, torch.Tenso
         raise ValueError(f"into={into} is not a neighbour index (0..{len(states) - 1})")
     aligned = [dict(s) for s in states]
     perms: dict[int, dict[str, torch.Tensor]] = {}
-    if METHODS[method] is not None and states:
-        spec = get_spec(reference)
-        todo = [k for k in range(len(states)) if not (same_basis and same_basis[k])]
+    spec = get_spec(reference) if METHODS[method] is not None else None
+    todo = [k for k in range(len(states)) if spec is not None and not (same_basis and same_basis[k])]
+    if todo:
         others = []
         for k in todo:
             m = copy.deepcopy(reference)
             m.load_state_dict(states[k])
             others.append(m)
-        if todo:
-            found = find_permutations(reference, others, data, METHODS[method], spec, max_batches)
-            for k, p in zip(todo, found):
-                perms[k] = p
-                aligned[k] = permute_state(states[k], spec, p)
+        found = find_permutations(reference, others, data, METHODS[method], spec, max_batches)
+        for k, p in zip(todo, found):
+            perms[k] = p
+            aligned[k] = permute_state(states[k], spec, p)
 
     combine = _resolve_aggregator(aggregator)
     merged = combine({k: v.detach() for k, v in own.items()}, aligned, weights, context)
@@ -94,7 +93,7 @@ def merge_states(reference: nn.Module, states: Sequence[Mapping[str, torch.Tenso
         reset_bn_stats(model, data, max_batches)
         merged = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if into is not None and into in perms:  # a relabelling: the function is unchanged
-        merged = permute_state(merged, get_spec(reference), {g: invert(p) for g, p in perms[into].items()})
+        merged = permute_state(merged, spec, {g: invert(p) for g, p in perms[into].items()})
     return merged
 
 

@@ -6,7 +6,8 @@ no links are rewired, so removing a ring peer leaves a path (check `is_connected
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+import math
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -70,6 +71,33 @@ def with_peer(
     return Topology(mixing_matrix(adj, use), name=topology.name, peers=(*topology.peers, new_id), rule=use)
 
 
+# how far from 1 the weights handed to a merge may sum: rows written as rounded text (0.3333) pass
+WEIGHT_SUM_TOL = 1e-4
+
+
+def check_weights(
+    weights: Sequence[float] | Mapping[int, float], n: int | None = None, *, sums_to_one: bool = False
+) -> list[float]:
+    """The one check of mixing weights; returns them as floats, in order, unchanged.
+
+    ``ValueError`` unless there are ``n`` of them (when given: own + ``n - 1`` neighbours), each is
+    finite and non-negative, they are not all zero and, with ``sums_to_one``, they sum to 1 within
+    ``WEIGHT_SUM_TOL``. Nothing is rescaled here: that is `renormalise`, applied once per round.
+    """
+    values = [float(w) for w in (weights.values() if isinstance(weights, Mapping) else weights)]
+    shown = dict(weights) if isinstance(weights, Mapping) else values
+    if n is not None and len(values) != n:
+        raise ValueError(f"expected {n} weights for {n} models (own + {n - 1} neighbours), got {len(values)}")
+    if any(not math.isfinite(w) or w < 0 for w in values):
+        raise ValueError(f"weights must be finite and non-negative, got {shown}")
+    total = sum(values)
+    if total <= 0:
+        raise ValueError(f"weights must not all be zero, got {shown}")
+    if sums_to_one and abs(total - 1.0) > WEIGHT_SUM_TOL:
+        raise ValueError(f"mixing weights must sum to 1, got sum {total:.6f}")
+    return values
+
+
 def renormalise(
     weights: Mapping[int, float], present: Iterable[int], self_id: int | None = None
 ) -> dict[int, float]:
@@ -78,14 +106,13 @@ def renormalise(
     Rule: drop every peer not in ``present`` and rescale the remaining weights (self included) so they
     sum to 1; the ratios between the remaining peers are unchanged. ``self_id``, when given, is always
     kept (a peer always has its own model). If nothing with positive weight remains, the peer keeps its
-    own model: ``{self_id: 1.0}``; without ``self_id`` that is a ``ValueError``.
+    own model: ``{self_id: 1.0}``; without ``self_id`` that is a ``ValueError``. The row itself must
+    pass `check_weights` (finite, non-negative, not all zero).
     """
+    check_weights(weights)
     keep = set(int(p) for p in present)
     if self_id is not None:
         keep.add(int(self_id))
-    for p, w in weights.items():
-        if not np.isfinite(w) or w < 0:
-            raise ValueError(f"weight for peer {p} must be a finite non-negative number, got {w!r}")
     out = {int(p): float(w) for p, w in weights.items() if int(p) in keep}
     total = sum(out.values())
     if total <= 0:

@@ -106,3 +106,14 @@ def test_reset_bn_stats_matches_data_statistics():
     with torch.no_grad():
         pre = model.conv[0](x)
     assert torch.allclose(model.bn[0].running_mean, pre.mean(dim=(0, 2)), atol=1e-5)
+
+
+def test_merge_states_uses_weights_as_given():
+    # the round renormalises once (Peer.merge); merge_states only checks, it does not rescale again
+    from dimat.merge import merge_states
+
+    a, b = mlp(), mlp(seed=1)
+    with pytest.raises(ValueError, match="sum to 1"):
+        merge_states(a, [b.state_dict()], [1, 3], method="average")
+    merged = merge_states(a, [b.state_dict()], [0.25, 0.75], method="average")
+    assert torch.allclose(merged["head.bias"], 0.25 * a.head.bias + 0.75 * b.head.bias)

@@ -1,10 +1,14 @@
 """Each aggregator on hand-built tensors does what it claims."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
 
+from dimat.merge import weighted_average
 from dimat.merge.aggregators import AggregationContext, available_aggregators, get_aggregator
 
 SIGMA = 0.01
@@ -71,6 +75,22 @@ def test_mean_is_weighted_average_and_keeps_integer_buffers() -> None:
     # no neighbours: own is returned (a copy)
     alone = get_aggregator("mean")(own, [], [1.0])
     assert torch.equal(alone["layer.weight"], own["layer.weight"]) and alone["layer.weight"] is not own["layer.weight"]
+
+
+def test_the_registry_mean_is_the_default_merge_mean() -> None:
+    # aggregator=mean and no aggregator must give the same run, bit for bit
+    own, honest, bad, weights, _, _ = _setup()
+    out = get_aggregator("mean")(own, honest + [bad], weights)
+    default = weighted_average(own, honest + [bad], weights)
+    assert all(torch.equal(out[k], v) for k, v in default.items())
+
+
+@pytest.mark.parametrize("module", ["base", "robust", "safety", "registry"])
+def test_each_aggregator_module_imports_alone(module: str, repo_root) -> None:
+    # a fresh interpreter: an import cycle between the contract, the registry and a plugin shows here
+    run = subprocess.run([sys.executable, "-c", f"import dimat.merge.aggregators.{module}"], cwd=repo_root,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 @pytest.mark.parametrize("name", ROBUST)

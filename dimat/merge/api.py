@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -13,24 +12,13 @@ from ..align.batchnorm import has_batchnorm, reset_bn_stats
 from ..align.inputs import reiterable_inputs
 from ..align.permute import invert, permute_state
 from ..align.spec import get_spec
-from .average import StateDict, weighted_average
+from ..topology.membership import check_weights, renormalise
+from .aggregators import get_aggregator, weighted_average
+from .aggregators.base import StateDict
 
 METHODS = {"dimat": "activation", "weight_matching": "weight", "average": None}
 
 Aggregator = Callable[..., StateDict]
-
-
-def normalise_weights(weights: Sequence[float], n: int) -> list[float]:
-    """Validate mixing weights for ``n`` models and scale them to sum to 1."""
-    weights = [float(w) for w in weights]
-    if len(weights) != n:
-        raise ValueError(f"got {len(weights)} weights for {n} models; give one weight per model")
-    if any(not math.isfinite(w) or w < 0 for w in weights):
-        raise ValueError(f"weights must be finite and non-negative, got {weights}")
-    total = sum(weights)
-    if total <= 0:
-        raise ValueError(f"weights must not all be zero, got {weights}")
-    return [w / total for w in weights]
 
 
 def _resolve_aggregator(aggregator: str | Aggregator | None) -> Aggregator:
@@ -38,7 +26,6 @@ def _resolve_aggregator(aggregator: str | Aggregator | None) -> Aggregator:
     if aggregator is None or aggregator == "mean":
         return weighted_average
     if isinstance(aggregator, str):
-        from .aggregators import get_aggregator  # robust/safety defences
         return get_aggregator(aggregator)
     return aggregator
 
@@ -50,6 +37,9 @@ def merge_states(reference: nn.Module, states: Sequence[Mapping[str, torch.Tenso
                  into: int | None = None) -> StateDict:
     """Merge neighbour ``states`` into ``reference`` (the peer's own model; ``weights[0]`` is its own).
 
+    ``weights`` are used as given: one per model, summing to 1 (`check_weights`); a round's
+    renormalisation over the neighbours that arrived is the caller's (``Peer.merge``).
+
     Neighbours are aligned into the reference's basis (``method``), combined by ``aggregator``
     (weighted average by default) and, if the model has BatchNorm and ``reset_bn``, its running
     statistics are recomputed on ``data``. Returns a new state dict; ``reference`` is untouched.
@@ -58,7 +48,7 @@ def merge_states(reference: nn.Module, states: Sequence[Mapping[str, torch.Tenso
     """
     if method not in METHODS:
         raise ValueError(f"unknown merge method '{method}'; choose one of {list(METHODS)}")
-    weights = normalise_weights(weights, len(states) + 1)
+    weights = check_weights(weights, len(states) + 1, sums_to_one=True)
     own = reference.state_dict()
     for k, s in enumerate(states):
         check_state_compatible(own, s, label=f"neighbour state {k}")
@@ -104,7 +94,8 @@ def merge(models: Sequence[nn.Module], weights: Sequence[float], data: Iterable 
 
     ``method`` is ``"dimat"`` (activation matching on ``data``), ``"weight_matching"`` (data-free)
     or ``"average"`` (no alignment). BatchNorm statistics are recomputed on ``data`` when the
-    model has BatchNorm and ``reset_bn`` is true. Inputs are not modified.
+    model has BatchNorm and ``reset_bn`` is true. Inputs are not modified. ``weights`` need not sum
+    to 1: they are rescaled by the one rule, `dimat.topology.membership.renormalise`.
     """
     models = list(models)
     if not models:
@@ -113,7 +104,8 @@ def merge(models: Sequence[nn.Module], weights: Sequence[float], data: Iterable 
         raise ValueError(f"unknown merge method '{method}'; choose one of {list(METHODS)}")
     if not isinstance(models[0], nn.Module):
         raise ValueError(f"model 0 is a {type(models[0]).__name__}, not a torch.nn.Module")
-    normalise_weights(weights, len(models))
+    row = renormalise(dict(enumerate(check_weights(weights, len(models)))), range(len(models)))
+    weights = [row[k] for k in range(len(models))]
     check_compatible(models[0], models[1:])
     if METHODS[method] is not None:
         get_spec(models[0])

@@ -1,7 +1,8 @@
 """One member of a federation: a model, its optimizer, its data and its random stream.
 
-A :class:`Peer` knows nothing of transports or topologies: the round loop hands it neighbour
-states and mixing weights, and it trains, merges and evaluates. The same class therefore runs under
+A :class:`Peer` knows nothing of transports: the round loop hands it what arrived and its row of the
+topology's mixing weights, and it trains, merges (renormalising that row over the senders that
+arrived, by the topology's rule) and evaluates. The same class therefore runs under
 in-process simulation, gRPC and torchrun.
 
 Batching is done directly on tensors with the peer's own ``torch.Generator`` rather than through a
@@ -17,13 +18,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dimat.merge.basis import BASIS_KEY, attach_basis, plan_rebase, split_basis
+from dimat.topology.membership import renormalise
 
 StateDict = dict[str, torch.Tensor]
 
@@ -111,6 +114,7 @@ class Peer:
         self.reset_bn = reset_bn
         self.aggregator = aggregator
         self.optimizer = build_optimizer(self.model.parameters(), self.config)
+        self.seed = int(seed)  # the run's seed for this peer: every random stream of the peer derives from it
         self.generator = torch.Generator().manual_seed(int(seed))
         # A fixed sample of own data for alignment statistics and BN reset: deterministic and
         # independent of the training stream, so merging never perturbs the shuffling state.
@@ -223,24 +227,24 @@ class Peer:
     ) -> StateDict:
         """Align ``neighbour_states`` to this model, combine with ``weights`` and load the result.
 
-        ``weights`` maps peer ids (including ``self.id``) to mixing weights; ids missing from
-        ``neighbour_states`` are dropped and the rest renormalised, so a neighbour that missed the
-        deadline simply does not count. Returns the merged state.
+        ``weights`` is this peer's raw row of the topology, ``{peer id: weight}`` with ``self.id``,
+        possibly naming neighbours that did not arrive. It is renormalised here, once, by the
+        topology's rule (`dimat.topology.membership.renormalise`) over self and the senders present
+        in both, so a neighbour that missed the deadline simply does not count. A state may carry a
+        basis tag (what :meth:`shared_state` sends); the merged basis is adopted. With no sender to
+        merge, nothing changes (not even the optimizer) and own state is returned. Returns the
+        merged state.
         """
         from dimat.merge import merge_states  # imported lazily: the merge engine is heavy
 
         method = method or self.merge_method
         reset_bn = self.reset_bn if reset_bn is None else reset_bn
-        senders = sorted(j for j in neighbour_states if j != self.id)
-        raw = [float(weights.get(self.id, 0.0))] + [float(weights.get(j, 0.0)) for j in senders]
-        total = sum(raw)
-        if total <= 0:
-            raise ValueError(f"peer {self.id}: mixing weights sum to {total}; nothing to merge")
-        w = [v / total for v in raw]
+        w = renormalise(weights, neighbour_states, self_id=self.id)
+        senders = sorted(j for j in w if j != self.id)
         split = [split_basis(neighbour_states[j], label=f"peer {self.id}: state from peer {j}") for j in senders]
-        states = [s for s, _ in split]
-        if not states:
+        if not split:
             return self.state()
+        states = [s for s, _ in split]
         same, into, new_basis = None, None, self.basis
         if self.consensus_basis and method != "average":
             same, into, new_basis = plan_rebase(self.basis, [t for _, t in split])
@@ -251,14 +255,22 @@ class Peer:
 
             # a defence that looks at predictions (safety-mask refinement) gets own model and data
             context = AggregationContext(model=self.model, data=batches, device=self.device,
-                                         seed=self.id * 100_003 + self.steps_done)
+                                         seed=self.aggregation_seed())
         merged = merge_states(
-            self.model, states, w, batches, method=method, reset_bn=reset_bn,
-            aggregator=self.aggregator, context=context, same_basis=same, into=into,
+            self.model, states, [w.get(self.id, 0.0)] + [w[j] for j in senders], batches, method=method,
+            reset_bn=reset_bn, aggregator=self.aggregator, context=context, same_basis=same, into=into,
         )
         self.load_state(merged, reset_optimizer=reset_optimizer)
         self.basis = new_basis
         return merged
+
+    def aggregation_seed(self) -> int:
+        """The seed a randomised defence gets for this merge: from the run seed, id and steps done.
+
+        Mixed by ``SeedSequence`` so runs with nearby seeds do not share streams shifted by a few steps.
+        """
+        entropy = [self.seed % 2**64, self.id, self.steps_done]  # SeedSequence takes non-negative ints
+        return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
 
     # -------------------------------------------------------------- checkpoints
     def checkpoint(self) -> dict[str, Any]:
@@ -285,21 +297,3 @@ class Peer:
         self._cursor = int(ckpt["cursor"])
         self.steps_done = int(ckpt["steps_done"])
         self.basis = int(ckpt.get("basis", self.basis))
-
-
-def merge_weights_for(
-    own: int, available: Sequence[int], weights: Mapping[int, float]
-) -> dict[int, float]:
-    """Restrict ``weights`` to ``own`` plus ``available`` senders and renormalise to sum to 1."""
-    keep = {j: float(weights[j]) for j in [own, *available] if j in weights}
-    total = sum(keep.values())
-    if total <= 0:
-        raise ValueError(f"peer {own}: no positive mixing weight among {sorted(keep)}")
-    return {j: v / total for j, v in keep.items()}
-
-
-def iter_batches(data: Any, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(x, y)`` batches of ``data`` in order (for evaluation and statistics)."""
-    x, y = as_tensors(data)
-    for i in range(0, len(y), batch_size):
-        yield x[i : i + batch_size], y[i : i + batch_size]

@@ -5,7 +5,9 @@ import torch
 from torch import nn
 
 from dimat.models import build_model
-from dimat.peer import Peer, TrainConfig, merge_weights_for
+from dimat.merge.aggregators import MeanAggregator
+from dimat.peer import Peer, TrainConfig
+from dimat.topology.membership import renormalise
 from dimat.transport.inproc import InProcTransport
 
 
@@ -59,9 +61,58 @@ def test_merge_average_renormalises_and_resets_momentum() -> None:
     assert torch.equal(b.state()[key], sb[key])  # the neighbour is untouched
 
 
-def test_merge_weights_for_drops_absent_senders() -> None:
-    w = merge_weights_for(0, [2], {0: 1 / 3, 1: 1 / 3, 2: 1 / 3})
+def test_renormalise_drops_absent_senders() -> None:
+    # the rule Peer.merge applies to its row (this test covered peer.merge_weights_for before)
+    w = renormalise({0: 1 / 3, 1: 1 / 3, 2: 1 / 3}, [2], self_id=0)
     assert w == {0: 0.5, 2: 0.5}
+
+
+def test_merge_takes_the_raw_row_and_ignores_senders_outside_it() -> None:
+    a, b, c = _peer(0), _peer(1), _peer(2)
+    own, sb = a.state(), b.state()
+    # an unnormalised row naming an absent peer 3; peer 2's state arrived but 2 is not in the row
+    merged = a.merge({1: sb, 2: c.state()}, {0: 2.0, 1: 6.0, 3: 2.0}, method="average", reset_bn=False)
+    key = next(k for k, v in own.items() if v.is_floating_point())
+    assert torch.allclose(merged[key], 0.25 * own[key] + 0.75 * sb[key], atol=1e-6)
+
+
+def test_merge_without_senders_changes_nothing() -> None:
+    a = _peer(0)
+    a.train(1)
+    own, momentum = a.state(), {k: dict(v) for k, v in a.optimizer.state.items()}
+    for got, row in (({}, {0: 0.5, 1: 0.5}), ({1: _peer(1).state()}, {0: 1.0})):
+        out = a.merge(got, row, method="average", reset_bn=False)
+        assert all(torch.equal(out[k], v) and torch.equal(a.state()[k], v) for k, v in own.items())
+        assert a.optimizer.state.keys() == momentum.keys()  # no merge, so no optimizer restart
+
+
+class _SeedRecorder(MeanAggregator):
+    """The plain mean, asking for a context and keeping the seed it was given."""
+
+    needs_context = True
+
+    def __init__(self) -> None:
+        self.seeds: list[int] = []
+
+    def __call__(self, own, others, weights, context=None):  # type: ignore[override]
+        assert context is not None
+        self.seeds.append(context.seed)
+        return super().__call__(own, others, weights, context)
+
+
+def test_aggregation_context_seed_follows_the_run_seed() -> None:
+    def context_seed(run_seed: int, train_steps: int = 0) -> int:
+        agg = _SeedRecorder()
+        peer = Peer(0, build_model("mlp", num_classes=4, input_dim=12, hidden=(16, 16)), _data(),
+                    config=TrainConfig(batch_size=32, align_batches=1), seed=run_seed, aggregator=agg)
+        peer.train_steps(train_steps)
+        peer.merge({1: _peer(1).state()}, {0: 0.5, 1: 0.5}, method="average", reset_bn=False)
+        return agg.seeds[0]
+
+    # same peer id and step count, different runs: a randomised defence must not repeat itself
+    assert context_seed(1) != context_seed(2)
+    assert context_seed(1) == context_seed(1)  # and a rerun of the same run is reproducible
+    assert context_seed(1, train_steps=1) != context_seed(1)
 
 
 def test_inproc_exchange_delivers_private_copies() -> None:

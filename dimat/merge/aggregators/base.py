@@ -55,7 +55,8 @@ class BaseAggregator:
     Subclasses implement ``combine(deltas, weights, key) -> Tensor``: ``deltas`` has shape
     ``(1 + k, *shape)`` with row 0 being own's zero delta, ``weights`` a float64 vector of length
     ``1 + k`` summing to 1; the return value is the delta to add to own for that entry.
-    Aggregators that need the whole model at once override ``aggregate_deltas`` instead.
+    Aggregators that need the whole model at once override ``aggregate_deltas`` instead, and
+    ones that do not work on deltas at all (the mean) override ``aggregate_states``.
     """
 
     name = "base"
@@ -71,12 +72,15 @@ class BaseAggregator:
         w = validate_inputs(own, others, weights)
         if not others:
             return {k: v.clone() for k, v in own.items()}
-        keys = float_keys(own)
-        deltas = {k: stack_deltas(own, others, k) for k in keys}
-        new_deltas = self.aggregate_deltas(deltas, w, own, context)
-        return finish(own, new_deltas)
+        return self.aggregate_states(own, others, w, context)
 
     aggregate = __call__  # the contract's name for the same call
+
+    def aggregate_states(self, own: Mapping[str, torch.Tensor], others: Sequence[Mapping[str, torch.Tensor]],
+                         weights: torch.Tensor, context: AggregationContext | None) -> StateDict:
+        """Combine validated inputs (at least one neighbour); by default through stacked deltas."""
+        deltas = {k: stack_deltas(own, others, k) for k in float_keys(own)}
+        return finish(own, self.aggregate_deltas(deltas, weights, own, context))
 
     def aggregate_deltas(
         self,

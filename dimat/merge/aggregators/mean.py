@@ -5,7 +5,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .base import AggregationContext, BaseAggregator, StateDict, validate_inputs
+from .base import AggregationContext, BaseAggregator, StateDict
 
 
 def weighted_average(own: Mapping[str, torch.Tensor], others: Sequence[Mapping[str, torch.Tensor]],
@@ -33,17 +33,9 @@ class MeanAggregator(BaseAggregator):
 
     name = "mean"
 
-    def __call__(
-        self,
-        own: Mapping[str, torch.Tensor],
-        others: Sequence[Mapping[str, torch.Tensor]],
-        weights: Sequence[float],
-        context: AggregationContext | None = None,
-    ) -> StateDict:
-        validate_inputs(own, others, weights)
+    def aggregate_states(self, own: Mapping[str, torch.Tensor], others: Sequence[Mapping[str, torch.Tensor]],
+                         weights: torch.Tensor, context: AggregationContext | None) -> StateDict:
         return weighted_average(own, others, weights)
-
-    aggregate = __call__
 
 
 __all__ = ["MeanAggregator", "weighted_average"]

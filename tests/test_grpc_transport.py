@@ -47,7 +47,7 @@ def run_round(ts, r, states, ins, outs, timeout=20.0):
     def one(t):
         try:
             results[t.peer_id] = t.exchange(r, {t.peer_id: states[t.peer_id]}, {t.peer_id: ins[t.peer_id]},
-                                            {t.peer_id: outs[t.peer_id]}, timeout)
+                                            {t.peer_id: outs[t.peer_id]}, timeout).received
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
@@ -137,7 +137,7 @@ def test_neighbour_a_round_ahead_is_buffered():
         ts[1].begin_round(0, [0])
         ts[0].send(1, 1, s1)  # round 1 arrives while peer 1 is still in round 0
         assert ts[1].receive(0, [0], timeout=0.2) == {}
-        res = ts[1].exchange(1, {1: model_state(6)}, {1: [0]}, {1: []}, timeout=2)
+        res = ts[1].exchange(1, {1: model_state(6)}, {1: [0]}, {1: []}, timeout=2).received
         assert_same(res[1][0], s1)
     finally:
         close_all(ts)
@@ -153,14 +153,14 @@ def test_health_membership_and_fetch():
         s0 = model_state(3)
         run_round(ts, 0, {0: s0, 1: model_state(4)}, {0: [1], 1: [0]}, {0: [1], 1: [0]})
         assert ts[1].heartbeat(0) == 0
-        assert ts[0].members[1]["alive"]
+        assert ts[0].members[1].alive
         rnd, members = ts[1].join(0)
         assert rnd == 0 and members == {0: ts[0].address, 1: ts[1].address}
         rnd, state = ts[1].fetch_state(0)
         assert rnd == 0
         assert_same(state, s0)
         ts[1].leave([0])
-        assert not ts[0].members[1]["alive"]
+        assert not ts[0].members[1].alive
     finally:
         close_all(ts)
 
@@ -222,7 +222,7 @@ def pair():
 
 
 def _raw_push(sender, receiver, msgs, token="tok"):
-    stub = sender._stub(receiver.peer_id)
+    stub = sender.client.stub(receiver.peer_id)
     return stub.PushWeights(iter(msgs), timeout=5, metadata=token_metadata(token))
 
 
@@ -316,7 +316,7 @@ def test_deadline_when_neighbour_absent():
     t = GrpcTransport(0, {0: "127.0.0.1:0", 1: "127.0.0.1:1"}, deadline=1.0)
     try:
         t0 = time.monotonic()
-        res = t.exchange(0, {0: model_state(0)}, {0: [1]}, {0: [1]}, timeout=1.0)
+        res = t.exchange(0, {0: model_state(0)}, {0: [1]}, {0: [1]}, timeout=1.0).received
         assert res == {0: {}}
         assert t.last_report.missing == [1] and 1 in t.last_report.send_failed
         assert time.monotonic() - t0 < 4.0

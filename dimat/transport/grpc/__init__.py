@@ -16,14 +16,14 @@ zero-copy data-chunk fast path), :mod:`.server` (servicer, inbox), :mod:`.client
 push/fetch/heartbeat/join/leave), :mod:`.membership` (members, heartbeats), :mod:`.transport`
 (:class:`GrpcTransport`). See docs/grpc.md for the protocol and tuning figures.
 """
-from dimat.transport.grpc.client import PeerClient, RetryPolicy
+from dimat.transport.grpc.client import PeerClient, PushRefused, RetryPolicy
 from dimat.transport.grpc.codec import RawDataChunk, decode_chunk, encode_data_chunk, stream_messages
 from dimat.transport.grpc.membership import Member
 from dimat.transport.grpc.proto import MAX_FRAME_BYTES, RETRYABLE, SERVICE_NAME, channel_options, pb2, pb2_grpc
 from dimat.transport.grpc.transport import AllowedSenders, ExchangeReport, GrpcTransport
 
 __all__ = [
-    "AllowedSenders", "ExchangeReport", "GrpcTransport", "MAX_FRAME_BYTES", "Member", "PeerClient", "RETRYABLE",
+    "AllowedSenders", "ExchangeReport", "GrpcTransport", "MAX_FRAME_BYTES", "Member", "PeerClient", "PushRefused", "RETRYABLE",
     "RawDataChunk", "RetryPolicy", "SERVICE_NAME", "channel_options", "decode_chunk", "encode_data_chunk", "pb2",
     "pb2_grpc", "stream_messages",
 ]

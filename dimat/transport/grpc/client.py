@@ -13,12 +13,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dimat.transport.base import StateDict, TransportError
 from dimat.transport.grpc.codec import header_entries, stream_messages
-from dimat.transport.grpc.proto import RETRYABLE, SERVICE_NAME, channel_options, pb2, pb2_grpc
+from dimat.transport.grpc.proto import REFUSED_METADATA, RETRYABLE, SERVICE_NAME, channel_options, pb2, pb2_grpc
 from dimat.transport.schema import Schema
 from dimat.transport.security import TlsConfig, token_metadata
 from dimat.transport.wire import IncomingPayload, OutgoingPayload
 
 log = logging.getLogger("dimat.transport.grpc")
+
+
+class PushRefused(TransportError):
+    """The receiver got the state and refused it by a receive check (delivered, not accepted)."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,9 @@ class PeerClient:
                 retry = code in RETRYABLE and attempt < self.retry.retries and end - time.monotonic() > delay
                 if not retry:
                     name = code.name if code is not None else "ERROR"
-                    raise TransportError(f"peer {self.peer_id}: {what} to peer {peer} failed [{name}]: {details}") from None
+                    trailing = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
+                    cls = PushRefused if trailing.get(REFUSED_METADATA) else TransportError
+                    raise cls(f"peer {self.peer_id}: {what} to peer {peer} failed [{name}]: {details}") from None
                 attempt += 1
                 time.sleep(min(delay * (0.5 + random.random()), max(0.0, end - time.monotonic())))
                 delay = min(delay * 2, self.retry.backoff_max)

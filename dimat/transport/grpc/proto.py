@@ -9,6 +9,8 @@ pb2, pb2_grpc = protogen.load()
 
 SERVICE_NAME = "dimat.v1.Peer"
 #: statuses a client retries (with backoff): the receiver is busy, not ready, or the call raced a restart
+#: trailing-metadata key on a push the receiver got whole enough to check and refused (a receive check)
+REFUSED_METADATA = "dimat-refused"
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
 
 MAX_FRAME_BYTES = (16 << 20) - 1  # the HTTP/2 maximum (2**24 - 1)

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Iterator
 import grpc
 
 from dimat.transport.base import DataLossError, StateDict, TransportError
-from dimat.transport.checks import refusal_message
+from dimat.transport.checks import StateRejected, refusal_message
 from dimat.transport.grpc.codec import decode_chunk, header_entries, stream_messages
-from dimat.transport.grpc.proto import RETRYABLE, SERVICE_NAME, pb2, pb2_grpc
+from dimat.transport.grpc.proto import REFUSED_METADATA, RETRYABLE, SERVICE_NAME, pb2, pb2_grpc
 from dimat.transport.wire import IncomingPayload
 
 if TYPE_CHECKING:
@@ -201,6 +201,8 @@ class Servicer(pb2_grpc.PeerServicer):
             if payload is not None:
                 payload.abort()
             code = grpc.StatusCode.DATA_LOSS if isinstance(exc, DataLossError) else grpc.StatusCode.INVALID_ARGUMENT
+            if isinstance(exc, StateRejected):  # delivered, then refused: the sender counts the bytes as sent
+                context.set_trailing_metadata(((REFUSED_METADATA, "1"),))
             self.reject(context, code, str(exc))
 
     def FetchState(self, request, context):  # noqa: N802

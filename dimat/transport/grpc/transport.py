@@ -16,7 +16,8 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dimat.transport.base import ExchangeResult, StateDict, TransportError
-from dimat.transport.grpc.client import PeerClient, RetryPolicy
+from dimat.transport.checks import StateRejected, check_state, refusal_message
+from dimat.transport.grpc.client import PeerClient, PushRefused, RetryPolicy
 from dimat.transport.grpc.membership import Member, Membership
 from dimat.transport.grpc.proto import SERVICE_NAME, channel_options
 from dimat.transport.grpc.server import Inbox, Servicer, service_handler
@@ -49,8 +50,10 @@ class GrpcTransport:
         peers: ``{id: "host:port"}`` for every peer (the local one included; its port may be 0 to
             bind a free port, see :attr:`address`).
         allowed_senders: who may push weights: a callable ``round -> ids``, a fixed collection, or
-            ``None`` (default) for the in-neighbours given to the latest ``exchange`` (all known peers
-            before the first one). Pushes from anyone else are rejected with PERMISSION_DENIED.
+            ``None`` (default) for the in-neighbours ``exchange`` was given for that round (any known
+            peer for a round not entered yet: a neighbour may run ahead, and time-varying topologies
+            change the neighbourhood every round). Pushes from anyone else are rejected with
+            PERMISSION_DENIED.
         schema: the expected state dict (or :class:`Schema`); defaults to the state passed to
             ``exchange``. Pushes arriving before any schema is known are told to retry (UNAVAILABLE).
         token: shared secret; every RPC but health must carry ``authorization: Bearer <token>``.
@@ -179,8 +182,9 @@ class GrpcTransport:
             return frozenset(int(i) for i in p)
         if round_idx in self._allowed_by_round:
             return self._allowed_by_round[round_idx]
-        if self._allowed_by_round:  # a neighbour ahead of us: assume the latest known neighbourhood
-            return self._allowed_by_round[max(self._allowed_by_round)]
+        # a neighbour ahead of us, in a round whose neighbourhood we do not know yet (time-varying
+        # topologies change it every round): any known peer; only that round's in-neighbours are
+        # collected, the rest is dropped when the round is left
         return frozenset(k for k in self.peers if k != self.peer_id)
 
     # ------------------------------------------------------------------ client calls
@@ -291,9 +295,10 @@ class GrpcTransport:
         """Push the local state to its out-neighbours and collect its in-neighbours' states for the round.
 
         ``bytes_sent`` counts the encoded payload (``OutgoingPayload.total_bytes``: half precision
-        when ``half`` is set) once per out-neighbour whose push *completed*; a push that failed
-        (down, deadline, refused by the receiver) is not counted. Every push leaves the process,
-        so ``wire_bytes`` equals this peer's ``bytes_sent``.
+        when ``half`` is set) once per out-neighbour whose push *completed*, accepted or refused by
+        the receiver's checks (it was delivered, as InProc and torchdist count it); a push that
+        failed otherwise (peer down, deadline, unreachable, data loss, admission denied) is not
+        counted. Every push leaves the process, so ``wire_bytes`` equals this peer's ``bytes_sent``.
         """
         if set(states) != {self.peer_id}:
             raise ValueError(f"GrpcTransport hosts peer {self.peer_id} only; got states for {sorted(states)}")
@@ -316,9 +321,22 @@ class GrpcTransport:
                 failed[j] = f"peer {j} is down ({self.membership.missed.get(j, 0)} missed heartbeats); not sent"
         sends = {j: self._pool.submit(self.client.push, j, round_idx, payload, deadline) for j in outs if j not in failed}
         received, refused = self._collect(round_idx, ins, deadline)
+        for j in [j for j, st in received.items() if Schema.from_state(st) != schema]:
+            # it arrived before this exchange replaced the schema: check it against the one it must fit
+            try:
+                check_state(received[j], schema)
+            except StateRejected as exc:
+                del received[j]
+                refused[j] = refusal_message(j, round_idx, exc.reason)
+        delivered = 0
         for j, f in sends.items():
             try:
                 f.result(timeout=max(0.0, t0 + deadline + 1.0 - time.monotonic()))
+                delivered += 1
+            except PushRefused as exc:  # it arrived and was checked: counted like InProc/torchdist count it
+                delivered += 1
+                failed[j] = str(exc)
+                log.warning("%s", failed[j])
             except (TransportError, futures.TimeoutError) as exc:
                 failed[j] = str(exc) or "timed out"
                 log.warning("%s", failed[j])
@@ -327,7 +345,7 @@ class GrpcTransport:
         if self.report_path:
             with open(self.report_path, "a") as fh:
                 fh.write(json.dumps({"peer": self.peer_id, **dataclasses.asdict(self.last_report)}) + "\n")
-        sent = payload.total_bytes * sum(1 for j in sends if j not in failed)
+        sent = payload.total_bytes * delivered
         return ExchangeResult(
             received={self.peer_id: received},
             missing={self.peer_id: sorted(missing)},

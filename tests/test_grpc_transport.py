@@ -379,3 +379,26 @@ def test_fast_chunk_decoding_matches_protobuf():
     assert decode_chunk(header).header.total_bytes == 9  # everything else: the generated parser
     odd = encode_data_chunk(1, 2, 3, [memoryview(b"x")]) + b"\x28\x01"  # an unknown field 5 varint
     assert decode_chunk(odd) == pb2.WeightChunk.FromString(odd)
+
+
+def test_wait_for_peers_waits_for_a_late_server_and_times_out_on_an_absent_one():
+    import socket
+
+    with socket.socket() as s:  # a port nobody serves (yet)
+        s.bind(("127.0.0.1", 0))
+        late_port = s.getsockname()[1]
+    t = GrpcTransport(0, {0: "127.0.0.1:0", 1: f"127.0.0.1:{late_port}", 2: "127.0.0.1:1"})
+    late = []
+    try:
+        timer = threading.Timer(1.0, lambda: late.append(GrpcTransport(1, {1: f"127.0.0.1:{late_port}"})))
+        timer.start()
+        t0 = time.monotonic()
+        t.wait_for_peers([1], timeout=20)
+        assert late and time.monotonic() - t0 >= 0.9  # it really waited for the server to come up
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"peer 0: peer 2 at 127.0.0.1:1 did not come up within 2s"):
+            t.wait_for_peers([1, 2], timeout=2)
+        assert time.monotonic() - t0 < 8
+    finally:
+        timer.join()
+        close_all([t, *late])

@@ -317,5 +317,128 @@ def test_same_answers_on_every_transport(results: dict, r: int) -> None:
         assert {q: sorted(v) for q, v in a["received"].items()} == {q: sorted(v) for q, v in b["received"].items()}, kind
 
 
+
+# ----------------------------------------------------------------------------- settings and the factory
+
+
+def _config(name: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((REPO / "configs" / "transport" / f"{name}.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", ["inproc", "grpc", "torchdist"])
+def test_settings_read_every_config_key(name: str) -> None:
+    from dimat.transport import TransportSettings
+
+    cfg = _config(name)
+    s = TransportSettings.from_mapping(cfg)
+    for key, value in cfg.items():
+        got = getattr(s, key)
+        if key == "tls":
+            assert {k: getattr(got, k) for k in value} == value
+        else:
+            assert got == value, key
+    # the keys this transport does not take are None, not some default of the dataclass
+    assert all(getattr(s, f) is None for f in s.__dataclass_fields__ if f not in cfg)
+
+
+@pytest.mark.parametrize(
+    "name, change, message",
+    [
+        ("grpc", {"chunk_bytes": "x"}, "transport.chunk_bytes must be a positive integer (got 'x')"),
+        ("grpc", {"chunk_bytes": 128 << 20}, "transport.chunk_bytes must be at most 67108864 (64 MiB) (got 134217728)"),
+        ("grpc", {"retries": True}, "transport.retries must be a non-negative integer (got True)"),
+        ("grpc", {"timeout": 0}, "transport.timeout must be a positive number (got 0)"),
+        ("grpc", {"half": "float8"}, "transport.half must be one of [None, 'float16', 'bfloat16'] (got 'float8')"),
+        ("grpc", {"hash": "md5"}, "transport.hash must be one of ['xxh3_128', 'sha256', 'blake2b'] (got 'md5')"),
+        ("grpc", {"retries": None}, "transport.retries must be a non-negative integer (got None)"),
+        ("grpc", {"chunk_bytse": 5}, "transport.chunk_bytse is not a transport setting"),
+        ("grpc", {"pg_timeout": 5}, "transport.pg_timeout does not apply to the grpc transport"),
+        ("grpc", {"require_cert_identity": True}, "transport.require_cert_identity needs transport.tls.mutual: true"),
+        ("grpc", {"tls": {"dir": None}}, "transport.tls.cert is missing"),
+        ("torchdist", {"backend": "mpi"}, "transport.backend must be one of [None, 'gloo', 'nccl'] (got 'mpi')"),
+        ("inproc", {"name": "carrier-pigeon"}, "transport.name must be one of ['inproc', 'grpc', 'torchdist'] (got 'carrier-pigeon')"),
+    ],
+)
+def test_settings_errors_are_one_line_naming_the_key(name: str, change: dict, message: str) -> None:
+    from dimat.transport import TransportSettings
+
+    cfg = _config(name) | change
+    with pytest.raises(ValueError) as info:
+        TransportSettings.from_mapping(cfg)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("key", ["timeout", "startup_timeout", "max_missed_heartbeats", "tls"])
+def test_settings_a_needed_key_missing_is_an_error(key: str) -> None:
+    from dimat.transport import TransportSettings
+
+    cfg = _config("grpc")
+    del cfg[key]
+    with pytest.raises(ValueError, match=f"^transport.{key} is missing \\(the grpc transport needs it\\)$"):
+        TransportSettings.from_mapping(cfg)
+
+
+def test_build_transport_grpc_passes_every_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TLS from a folder with {id} paths, the token from the named variable, and every wire option."""
+    from dimat.transport import TransportError, TransportSettings, build_transport
+    from dimat.transport.grpc import GrpcTransport
+
+    certs = tmp_path / "certs"
+    subprocess.run(["bash", str(REPO / "launch" / "make_certs.sh"), str(certs), "2"], check=True, capture_output=True)
+    cfg = _config("grpc") | {
+        "timeout": 7.5, "retries": 2, "chunk_bytes": 1 << 16, "num_streams": 2, "half": "bfloat16", "hash": "blake2b",
+        "max_rounds_ahead": 3, "heartbeat_interval": 0.25, "max_missed_heartbeats": 4, "delay": 0.01,
+        "token_env": "CONTRACT_TEST_TOKEN", "require_cert_identity": True,
+        "tls": {"dir": None, "cert": str(certs / "peer-{id}.pem"), "key": str(certs / "peer-{id}.key"),
+                "ca": str(certs / "ca.pem"), "mutual": True, "server_name_override": None},
+    }
+    s = TransportSettings.from_mapping(cfg)
+    monkeypatch.setenv("CONTRACT_TEST_TOKEN", "t0ken")
+    ts = [build_transport(s, peer_id=i, peers={i: "127.0.0.1:0"}) for i in range(2)]
+    try:
+        assert all(isinstance(t, GrpcTransport) for t in ts)
+        t = ts[0]
+        assert (t.deadline, t.client.retry.retries, t.chunk_bytes, t.num_streams, t.half, t.hash_algorithm) == (
+            s.timeout, s.retries, s.chunk_bytes, s.num_streams, s.half, s.hash)
+        assert (t.max_rounds_ahead, t.membership.heartbeat_interval, t.membership.max_missed_heartbeats, t.delay) == (
+            s.max_rounds_ahead, s.heartbeat_interval, s.max_missed_heartbeats, s.delay)
+        assert t.token == "t0ken" and t.require_cert_identity and t.tls is not None and t.tls.mutual
+        assert str(t.tls.cert).endswith("peer-0.pem") and str(ts[1].tls.key).endswith("peer-1.key")
+        book = {x.peer_id: x.address for x in ts}
+        for x in ts:
+            x.set_peers(book)
+        ts[0].wait_for_peers([1], timeout=10)
+        state = good_state(0, 0)
+        ts[1].set_schema(state)
+        ts[1].begin_round(0, [0])
+        ts[0].send(1, 0, state)  # mTLS + identity + token all line up
+        got = ts[1].receive(0, [0], timeout=5)[0]
+        assert torch.allclose(got["fc.weight"], state["fc.weight"], atol=2e-2) and got["fc.weight"].dtype == torch.float32
+        monkeypatch.delenv("CONTRACT_TEST_TOKEN")
+        tokenless = build_transport(s, peer_id=0, peers={0: "127.0.0.1:0", 1: ts[1].address})
+        try:
+            assert tokenless.token is None
+            with pytest.raises(TransportError, match="UNAUTHENTICATED"):
+                tokenless.send(1, 0, state, deadline=3)
+        finally:
+            tokenless.close(grace=0)
+    finally:
+        for x in ts:
+            x.close(grace=0)
+
+
+def test_build_transport_inproc_and_torchdist_arguments() -> None:
+    from dimat.transport import TransportSettings, build_transport
+    from dimat.transport.inproc import InProcTransport
+
+    assert isinstance(build_transport(TransportSettings.from_mapping(_config("inproc"))), InProcTransport)
+    with pytest.raises(ValueError, match="needs n_peers"):
+        build_transport(TransportSettings.from_mapping(_config("torchdist")))
+    with pytest.raises(ValueError, match="needs peer_id and peers"):
+        build_transport(TransportSettings.from_mapping(_config("grpc")))
+
+
 if __name__ == "__main__":
     gloo_rank(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))

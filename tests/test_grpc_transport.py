@@ -41,13 +41,15 @@ def model_state(seed, scale=1):
     }
 
 
-def run_round(ts, r, states, ins, outs, timeout=20.0):
+def run_round(ts, r, states, ins, outs, timeout=20.0, full=False):
+    """One exchange on every transport at once (a thread each); ``{peer: received}`` or, ``full``, ``{peer: ExchangeResult}``."""
     results, errors = {}, []
 
     def one(t):
         try:
-            results[t.peer_id] = t.exchange(r, {t.peer_id: states[t.peer_id]}, {t.peer_id: ins[t.peer_id]},
-                                            {t.peer_id: outs[t.peer_id]}, timeout).received
+            res = t.exchange(r, {t.peer_id: states[t.peer_id]}, {t.peer_id: ins[t.peer_id]},
+                             {t.peer_id: outs[t.peer_id]}, timeout)
+            results[t.peer_id] = res if full else res.received
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 

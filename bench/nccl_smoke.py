@@ -53,7 +53,7 @@ def main() -> None:
         local = list(t.local_peers)
         states = {p: make_state(p, r, args.numel) for p in local}
         t0 = time.perf_counter()
-        got = t.exchange(r, states, {p: ins[p] for p in local}, {p: out[p] for p in local}, timeout=120)
+        got = t.exchange(r, states, {p: ins[p] for p in local}, {p: out[p] for p in local}, timeout=120).received
         dt = time.perf_counter() - t0
         for q, by in got.items():
             assert sorted(by) == ins[q], (q, sorted(by))

@@ -63,7 +63,7 @@ def make_state(size_mib: int, tensors: int = 16, device: str = "cpu") -> dict[st
 # ----------------------------------------------------------------------------- dimat-grpc
 def dimat_serve(args, ready: Callable[[int], None]) -> None:
     from dimat.transport.grpc import GrpcTransport
-    from dimat.transport.wire import Schema
+    from dimat.transport.schema import Schema
 
     schema = Schema.from_state(make_state(args.size_mib, device="meta"))  # shapes only, no memory
     t = GrpcTransport(1, {1: "127.0.0.1:0", 0: "127.0.0.1:1"}, schema=schema, num_streams=args.streams,

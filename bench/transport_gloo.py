@@ -111,7 +111,7 @@ def time_transport(t: TorchDistTransport, state: dict[str, torch.Tensor], reps: 
     for r in range(reps + 1):
         dist.barrier()
         t0 = time.perf_counter()
-        got = t.exchange(r, {me: state}, {me: [other]}, {me: [other]})
+        got = t.exchange(r, {me: state}, {me: [other]}, {me: [other]}).received
         out.append(time.perf_counter() - t0)
         assert other in got[me]
     return out[1:]
@@ -147,7 +147,7 @@ def gloo_serve(args: argparse.Namespace, ready: Callable[[int], None]) -> None:
     dist.init_process_group("gloo", store=store, rank=1, world_size=2)
     t = TorchDistTransport(n_peers=2)
     for r in range(args.reps):
-        got = t.exchange(r, {1: schema_only}, {1: [0]}, {1: []})
+        got = t.exchange(r, {1: schema_only}, {1: [0]}, {1: []}).received
         assert 0 in got[1], f"round {r}: nothing received"
         dist.barrier()  # tells the sender the whole state has arrived
         del got

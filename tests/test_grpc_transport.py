@@ -41,13 +41,15 @@ def model_state(seed, scale=1):
     }
 
 
-def run_round(ts, r, states, ins, outs, timeout=20.0):
+def run_round(ts, r, states, ins, outs, timeout=20.0, full=False):
+    """One exchange on every transport at once (a thread each); ``{peer: received}`` or, ``full``, ``{peer: ExchangeResult}``."""
     results, errors = {}, []
 
     def one(t):
         try:
-            results[t.peer_id] = t.exchange(r, {t.peer_id: states[t.peer_id]}, {t.peer_id: ins[t.peer_id]},
-                                            {t.peer_id: outs[t.peer_id]}, timeout)
+            res = t.exchange(r, {t.peer_id: states[t.peer_id]}, {t.peer_id: ins[t.peer_id]},
+                             {t.peer_id: outs[t.peer_id]}, timeout)
+            results[t.peer_id] = res if full else res.received
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
@@ -137,7 +139,7 @@ def test_neighbour_a_round_ahead_is_buffered():
         ts[1].begin_round(0, [0])
         ts[0].send(1, 1, s1)  # round 1 arrives while peer 1 is still in round 0
         assert ts[1].receive(0, [0], timeout=0.2) == {}
-        res = ts[1].exchange(1, {1: model_state(6)}, {1: [0]}, {1: []}, timeout=2)
+        res = ts[1].exchange(1, {1: model_state(6)}, {1: [0]}, {1: []}, timeout=2).received
         assert_same(res[1][0], s1)
     finally:
         close_all(ts)
@@ -153,14 +155,14 @@ def test_health_membership_and_fetch():
         s0 = model_state(3)
         run_round(ts, 0, {0: s0, 1: model_state(4)}, {0: [1], 1: [0]}, {0: [1], 1: [0]})
         assert ts[1].heartbeat(0) == 0
-        assert ts[0].members[1]["alive"]
+        assert ts[0].members[1].alive
         rnd, members = ts[1].join(0)
         assert rnd == 0 and members == {0: ts[0].address, 1: ts[1].address}
         rnd, state = ts[1].fetch_state(0)
         assert rnd == 0
         assert_same(state, s0)
         ts[1].leave([0])
-        assert not ts[0].members[1]["alive"]
+        assert not ts[0].members[1].alive
     finally:
         close_all(ts)
 
@@ -222,7 +224,7 @@ def pair():
 
 
 def _raw_push(sender, receiver, msgs, token="tok"):
-    stub = sender._stub(receiver.peer_id)
+    stub = sender.client.stub(receiver.peer_id)
     return stub.PushWeights(iter(msgs), timeout=5, metadata=token_metadata(token))
 
 
@@ -316,7 +318,7 @@ def test_deadline_when_neighbour_absent():
     t = GrpcTransport(0, {0: "127.0.0.1:0", 1: "127.0.0.1:1"}, deadline=1.0)
     try:
         t0 = time.monotonic()
-        res = t.exchange(0, {0: model_state(0)}, {0: [1]}, {0: [1]}, timeout=1.0)
+        res = t.exchange(0, {0: model_state(0)}, {0: [1]}, {0: [1]}, timeout=1.0).received
         assert res == {0: {}}
         assert t.last_report.missing == [1] and 1 in t.last_report.send_failed
         assert time.monotonic() - t0 < 4.0
@@ -379,3 +381,26 @@ def test_fast_chunk_decoding_matches_protobuf():
     assert decode_chunk(header).header.total_bytes == 9  # everything else: the generated parser
     odd = encode_data_chunk(1, 2, 3, [memoryview(b"x")]) + b"\x28\x01"  # an unknown field 5 varint
     assert decode_chunk(odd) == pb2.WeightChunk.FromString(odd)
+
+
+def test_wait_for_peers_waits_for_a_late_server_and_times_out_on_an_absent_one():
+    import socket
+
+    with socket.socket() as s:  # a port nobody serves (yet)
+        s.bind(("127.0.0.1", 0))
+        late_port = s.getsockname()[1]
+    t = GrpcTransport(0, {0: "127.0.0.1:0", 1: f"127.0.0.1:{late_port}", 2: "127.0.0.1:1"})
+    late = []
+    try:
+        timer = threading.Timer(1.0, lambda: late.append(GrpcTransport(1, {1: f"127.0.0.1:{late_port}"})))
+        timer.start()
+        t0 = time.monotonic()
+        t.wait_for_peers([1], timeout=20)
+        assert late and time.monotonic() - t0 >= 0.9  # it really waited for the server to come up
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"peer 0: peer 2 at 127.0.0.1:1 did not come up within 2s"):
+            t.wait_for_peers([1, 2], timeout=2)
+        assert time.monotonic() - t0 < 8
+    finally:
+        timer.join()
+        close_all([t, *late])

@@ -170,3 +170,35 @@ def test_nan_is_found_wherever_it_lies_across_chunks_and_streams(dtype):
         bad["w"][k] = float("nan")
         with pytest.raises(TransportError, match="'w' contains NaN"):
             decode_local(bad, Schema.from_state(own), chunk_bytes=64, num_streams=3)
+
+
+def test_lost_bytes_are_data_loss_and_bad_content_is_a_refusal():
+    """The typed errors a server maps to DATA_LOSS and INVALID_ARGUMENT (the type decides, not the text)."""
+    from dimat.transport.base import DataLossError
+    from dimat.transport.checks import StateRejected
+
+    own = {"w": torch.randn(100), "b": torch.randn(10)}
+    out, inc = _incoming(own, own)
+    inc.open_stream(0, 0, out.total_bytes)
+    for off, data in list(out.chunks(0, out.total_bytes, 64))[:-1]:
+        inc.write(0, off, data)
+    with pytest.raises(DataLossError):
+        inc.close_stream(0, out.digest())
+    inc.abort()
+
+    out, inc = _incoming(own, own)
+    inc.open_stream(0, 0, out.total_bytes)
+    for off, data in out.chunks(0, out.total_bytes, 64):
+        inc.write(0, off, data)
+    with pytest.raises(DataLossError, match="stream 0 ended without its trailer"):
+        inc.close_stream(0, None)
+    inc.abort()
+
+    bad = {"w": own["w"].clone(), "b": own["b"]}
+    bad["w"][3] = float("nan")
+    with pytest.raises(StateRejected) as info:
+        decode_local(bad, Schema.from_state(own))
+    assert not isinstance(info.value, DataLossError) and info.value.reason == "tensor 'w' contains NaN"
+    with pytest.raises(StateRejected) as info:
+        _incoming({"w": torch.randn(3), "b": own["b"]}, own)
+    assert info.value.reason == "tensor 'w' has shape [3], expected [100]"

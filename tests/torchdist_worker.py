@@ -89,7 +89,7 @@ def run_scenario(out_dir: Path, name: str, transport: TorchDistTransport) -> Non
         out = edges(n, r)
         ins = invert(out, n)
         states = {p: make_state(p, r) for p in local}
-        got = transport.exchange(r, states, {p: ins[p] for p in local}, {p: out[p] for p in local}, timeout=30)
+        got = transport.exchange(r, states, {p: ins[p] for p in local}, {p: out[p] for p in local}, timeout=30).received
         for q, by_sender in got.items():
             for p, state in by_sender.items():
                 for key, t in state.items():
@@ -127,7 +127,7 @@ def run_mismatches(out_dir: Path, transport: TorchDistTransport) -> None:
     # after all that, a good exchange still works
     got = None
     try:
-        got = transport.exchange(11, {p: make_state(p, 11) for p in local}, ins_l, out_l, timeout=30)
+        got = transport.exchange(11, {p: make_state(p, 11) for p in local}, ins_l, out_l, timeout=30).received
         report["after"] = "ok"
         report["after_equal"] = all(
             all(torch.equal(t, make_state(s, 11)[k]) for k, t in st.items())

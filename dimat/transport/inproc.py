@@ -1,20 +1,30 @@
 """In-process transport: every peer lives in this process (simulation).
 
 Each receiver gets its own clone of every tensor, so no peer can mutate another's model or
-another receiver's copy. Bytes are counted as a wire transport would send them (raw tensor data
-once per out-neighbour), so simulated communication cost is comparable with gRPC and torchrun.
+another receiver's copy. Every delivered state passes the same receive checks as a remote one
+(:mod:`dimat.transport.checks`, against the receiving peer's own state), so a bad state is refused
+with the same text as over gRPC or torchdist. Bytes are counted as a wire transport would send them
+(raw tensor data once per out-neighbour), so simulated communication cost is comparable.
 """
 from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from dimat.transport.base import StateDict, TransportError
+from dimat.transport.base import ExchangeResult, StateDict, TransportError
+from dimat.transport.checks import StateRejected, check_state, refusal_message
+from dimat.transport.schema import Schema
+
+
+def state_nbytes(state: Mapping[str, object]) -> int:
+    """Raw tensor bytes of a state (what a full-precision wire carries, framing excluded)."""
+    return sum(v.numel() * v.element_size() for v in state.values())  # type: ignore[attr-defined]
 
 
 class InProcTransport:
     """Exchange state dicts between peers hosted in one process by copying tensors."""
 
     def __init__(self) -> None:
+        #: totals over the transport's life (the per-exchange figures are in ExchangeResult)
         self.bytes_sent = 0
         self.messages_sent = 0
         self._closed = False
@@ -26,27 +36,48 @@ class InProcTransport:
         in_neighbours: Mapping[int, Sequence[int]],
         out_neighbours: Mapping[int, Sequence[int]],
         timeout: float | None = None,
-    ) -> dict[int, dict[int, StateDict]]:
+    ) -> ExchangeResult:
         """Deliver ``states[p]`` to each of ``out_neighbours[p]``; return what each local peer received.
 
         A sender listed in ``in_neighbours[q]`` that did not address ``q`` (asymmetric lists) or
-        is not hosted here is simply absent, as a missed deadline would be for a remote transport.
+        is not hosted here is missing, as a missed deadline would be for a remote transport. A
+        state that fails the receive checks is refused (in ``missing`` and ``refused``). A delivery
+        counts toward ``bytes_sent`` whether accepted or refused (the bytes moved); nothing leaves
+        the process, so ``wire_bytes`` is 0.
         """
         if self._closed:
             raise TransportError("transport is closed")
-        inbox: dict[int, dict[int, StateDict]] = {q: {} for q in states}
+        received: dict[int, dict[int, StateDict]] = {q: {} for q in states}
+        refused: dict[int, dict[int, str]] = {q: {} for q in states}
+        bytes_sent: dict[int, int] = {p: 0 for p in out_neighbours}
+        schemas: dict[int, Schema] = {}
+        # receivers nearly always share one schema: check each sender's state once per schema
+        verdicts: dict[tuple[int, Schema], str | None] = {}
         for sender, targets in out_neighbours.items():
             if sender not in states:
                 raise TransportError(f"round {round_idx}: peer {sender} has no state to send")
+            state = states[sender]
             for q in targets:
-                if q == sender or q not in inbox or sender not in in_neighbours.get(q, ()):
+                if q == sender or q not in received or sender not in in_neighbours.get(q, ()):
                     continue
-                inbox[q][sender] = {k: v.detach().clone() for k, v in states[sender].items()}
                 self.messages_sent += 1
-                self.bytes_sent += sum(v.numel() * v.element_size() for v in states[sender].values())
-        return inbox
+                bytes_sent[sender] += state_nbytes(state)
+                schema = schemas.get(q) or schemas.setdefault(q, Schema.from_state(states[q]))
+                if (sender, schema) not in verdicts:
+                    try:
+                        check_state(state, schema)
+                        verdicts[(sender, schema)] = None
+                    except StateRejected as exc:
+                        verdicts[(sender, schema)] = exc.reason
+                reason = verdicts[(sender, schema)]
+                if reason is not None:
+                    refused[q][sender] = refusal_message(sender, round_idx, reason)
+                    continue
+                received[q][sender] = {k: v.detach().clone() for k, v in state.items()}
+        self.bytes_sent += sum(bytes_sent.values())
+        missing = {q: sorted(set(int(i) for i in in_neighbours.get(q, ())) - set(received[q])) for q in states}
+        return ExchangeResult(received, missing, refused, bytes_sent, wire_bytes=0)
 
     def close(self) -> None:
         """Nothing to release; later exchanges are refused."""
         self._closed = True
-

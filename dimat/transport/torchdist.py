@@ -40,7 +40,9 @@ from typing import Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from dimat.transport.base import StateDict, TransportError
+from dimat.transport.base import ExchangeResult, StateDict, TransportError
+from dimat.transport.checks import StateRejected, check_state, refusal_message
+from dimat.transport.schema import Schema, schema_hash, state_schema
 
 __all__ = [
     "TorchDistTransport",
@@ -93,26 +95,8 @@ def rank_of_peer(peer: int, world_size: int, n_peers: int) -> int:
 # ----------------------------------------------------------------------------- schema
 
 
-Schema = tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
-
-
-def state_schema(state: Mapping[str, torch.Tensor]) -> Schema:
-    """Canonical (name-sorted) list of ``(name, dtype, shape)``; the wire layout follows it."""
-    out = []
-    for name in sorted(state):
-        t = state[name]
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"state entry {name!r} is {type(t).__name__}, not a tensor")
-        out.append((name, t.dtype, tuple(t.shape)))
-    return tuple(out)
-
-
-def schema_hash(schema: Schema) -> int:
-    """A non-zero signed 64-bit hash of the schema (0 is reserved for "no schema here")."""
-    h = hashlib.blake2b(digest_size=8)
-    for name, dtype, shape in schema:
-        h.update(f"{name}\t{dtype}\t{','.join(map(str, shape))}\n".encode())
-    return int.from_bytes(h.digest(), "little", signed=True) | 1
+# One Schema type for every transport (dimat.transport.schema); the layout follows its canonical
+# (name-sorted) order and the preamble compares its digest.
 
 
 def _wire_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -133,8 +117,8 @@ class _Layout:
     @classmethod
     def of(cls, schema: Schema) -> "_Layout":
         groups: dict[torch.dtype, list[tuple[str, torch.dtype, tuple[int, ...]]]] = {}
-        for name, dtype, shape in schema:
-            groups.setdefault(_wire_dtype(dtype), []).append((name, dtype, shape))
+        for e in schema.canonical:
+            groups.setdefault(_wire_dtype(e.dtype), []).append((e.name, e.dtype, e.shape))
         buffers = []
         nbytes = 0
         for wdt in sorted(groups, key=str):
@@ -147,7 +131,7 @@ class _Layout:
                 off += numel
             buffers.append((wdt, off, tuple(entries)))
             nbytes += off * torch.empty((), dtype=wdt).element_size()
-        return cls(schema, schema_hash(schema), nbytes, tuple(buffers))
+        return cls(schema, schema.digest, nbytes, tuple(buffers))
 
     def pack(
         self, state: Mapping[str, torch.Tensor], device: torch.device, out: Sequence[torch.Tensor] | None = None
@@ -330,7 +314,7 @@ class TorchDistTransport:
         return sends, recvs
 
     def _local_layout(self, states: Mapping[int, StateDict]) -> _Layout | None:
-        schemas = {p: state_schema(s) for p, s in states.items()}
+        schemas = {p: Schema.from_state(s) for p, s in states.items()}
         distinct = set(schemas.values())
         if len(distinct) > 1:
             first = next(iter(schemas))
@@ -349,8 +333,15 @@ class TorchDistTransport:
         in_neighbours: Mapping[int, Sequence[int]],
         out_neighbours: Mapping[int, Sequence[int]],
         timeout: float | None = None,
-    ) -> dict[int, dict[int, StateDict]]:
+    ) -> ExchangeResult:
         """Send/receive states along the round's edges; collective: every rank must call it.
+
+        Every delivered state passes :func:`~dimat.transport.checks.check_state` against the
+        receiving peer's own state; a refused one (NaN/Inf, say) is dropped after it was received,
+        so no rank waits or desyncs. ``bytes_sent`` counts the layout's payload (raw tensor bytes,
+        no half precision here) once per edge a local sender delivered, same-rank edges included;
+        ``wire_bytes`` counts the cross-rank edges only (headers excluded; :attr:`last_bytes_sent`
+        still includes them, for benchmarks).
 
         Raises :class:`TransportError` on every rank when any rank's view is inconsistent
         (schema, round, neighbour maps), and ``ValueError`` on the rank whose arguments were bad.
@@ -422,68 +413,87 @@ class TorchDistTransport:
             )
 
         # -- deliver ---------------------------------------------------------------------------
-        result: dict[int, dict[int, StateDict]] = {int(q): {} for q in in_neighbours}
+        receivers = sorted({int(q) for q in in_neighbours} | {int(q) for q in states})
+        result: dict[int, dict[int, StateDict]] = {q: {} for q in receivers}
+        refused: dict[int, dict[int, str]] = {q: {} for q in receivers}
+        nbytes = layout.nbytes if layout is not None else 0
+        bytes_sent: dict[int, int] = {int(p): 0 for p in out_neighbours}
+        # the receive checks use the receiving peer's own state (all local ones share the layout's)
+        own = {q: (Schema.from_state(states[q]) if q in states else layout.schema) for q in receivers if layout is not None}
+
+        def accept(p: int, q: int, state: StateDict) -> None:
+            try:
+                check_state(state, own[q])
+            except StateRejected as exc:  # the bytes are already here: drop them, ranks stay in step
+                refused[q][p] = refusal_message(p, round_idx, exc.reason)
+                return
+            result[q][p] = state
+
         for p, q in sends:
             if self.rank_of(q) == self.rank and q in result:
-                src = states[p]
-                result[q][p] = {k: v.detach().to("cpu", copy=True) for k, v in src.items()}
+                bytes_sent[p] += nbytes
+                accept(p, q, {k: v.detach().to("cpu", copy=True) for k, v in states[p].items()})
 
         remote = sorted(
             [("s", p, q) for p, q in sends if self.rank_of(q) != self.rank]
             + [("r", p, q) for p, q in recvs if self.rank_of(p) != self.rank],
             key=lambda m: (m[1], m[2]),
         )
-        if not remote:
-            self.last_bytes_sent = 0
-            return result
-        assert layout is not None
-        ops: list[dist.P2POp] = []
-        inbox: list[tuple[int, int, torch.Tensor, list[torch.Tensor]]] = []
-        packed: dict[int, list[torch.Tensor]] = {}
-        nbytes = 0
-        for kind, p, q in remote:
-            if kind == "s":
-                peer_rank = self.rank_of(q)
-                header = torch.tensor(
-                    [_MAGIC, int(round_idx), p, q, layout.hash, layout.nbytes], dtype=torch.int64, device=self.device
-                )
-                if p not in packed:  # pack each sender once, however many neighbours it has
-                    reuse = self._send_bufs.get((p, layout.hash))
-                    if reuse is None:
-                        reuse = self._send_bufs[(p, layout.hash)] = layout.empty(self.device)
-                    packed[p] = layout.pack(states[p], self.device, out=reuse)
-                bufs = packed[p]
-                for t in [header, *(b for b, m in zip(bufs, layout.wire_mask()) if m)]:
-                    ops.append(dist.P2POp(dist.isend, t, peer_rank))
-                nbytes += layout.nbytes + _HDR_LEN * 8
-            else:
-                peer_rank = self.rank_of(p)
-                header = torch.empty(_HDR_LEN, dtype=torch.int64, device=self.device)
-                bufs = layout.empty(self.device)
-                for t in [header, *(b for b, m in zip(bufs, layout.wire_mask()) if m)]:
-                    ops.append(dist.P2POp(dist.irecv, t, peer_rank))
-                inbox.append((p, q, header, bufs))
-        try:
-            works = dist.batch_isend_irecv(ops)
-            for w in works:
-                if timeout is None:
-                    w.wait()
+        wire = 0
+        if remote:
+            assert layout is not None
+            ops: list[dist.P2POp] = []
+            inbox: list[tuple[int, int, torch.Tensor, list[torch.Tensor]]] = []
+            packed: dict[int, list[torch.Tensor]] = {}
+            on_wire = 0
+            for kind, p, q in remote:
+                if kind == "s":
+                    peer_rank = self.rank_of(q)
+                    header = torch.tensor(
+                        [_MAGIC, int(round_idx), p, q, layout.hash, layout.nbytes], dtype=torch.int64, device=self.device
+                    )
+                    if p not in packed:  # pack each sender once, however many neighbours it has
+                        reuse = self._send_bufs.get((p, layout.hash))
+                        if reuse is None:
+                            reuse = self._send_bufs[(p, layout.hash)] = layout.empty(self.device)
+                        packed[p] = layout.pack(states[p], self.device, out=reuse)
+                    bufs = packed[p]
+                    for t in [header, *(b for b, m in zip(bufs, layout.wire_mask()) if m)]:
+                        ops.append(dist.P2POp(dist.isend, t, peer_rank))
+                    on_wire += layout.nbytes + _HDR_LEN * 8
+                    wire += layout.nbytes
+                    bytes_sent[p] += layout.nbytes
                 else:
-                    w.wait(timeout=datetime.timedelta(seconds=timeout))
-        except Exception as exc:
-            raise TransportError(f"round {round_idx}: point-to-point exchange failed on rank {self.rank}: {exc}") from exc
-        self.last_bytes_sent = nbytes
+                    peer_rank = self.rank_of(p)
+                    header = torch.empty(_HDR_LEN, dtype=torch.int64, device=self.device)
+                    bufs = layout.empty(self.device)
+                    for t in [header, *(b for b, m in zip(bufs, layout.wire_mask()) if m)]:
+                        ops.append(dist.P2POp(dist.irecv, t, peer_rank))
+                    inbox.append((p, q, header, bufs))
+            try:
+                works = dist.batch_isend_irecv(ops)
+                for w in works:
+                    if timeout is None:
+                        w.wait()
+                    else:
+                        w.wait(timeout=datetime.timedelta(seconds=timeout))
+            except Exception as exc:
+                raise TransportError(f"round {round_idx}: point-to-point exchange failed on rank {self.rank}: {exc}") from exc
+            self.last_bytes_sent = on_wire
 
-        order = [name for name in next(iter(states.values()))] if states else [n for n, _, _ in layout.schema]
-        for p, q, header, bufs in inbox:
-            got = header.cpu().tolist()
-            want = [_MAGIC, int(round_idx), p, q, layout.hash, layout.nbytes]
-            if got != want:
-                raise TransportError(
-                    f"round {round_idx}: rank {self.rank} expected header {want} for {p}->{q}, got {got}; message discarded"
-                )
-            result[q][p] = layout.unpack(bufs, order)
-        return result
+            order = [name for name in next(iter(states.values()))] if states else layout.schema.names
+            for p, q, header, bufs in inbox:
+                got = header.cpu().tolist()
+                want = [_MAGIC, int(round_idx), p, q, layout.hash, layout.nbytes]
+                if got != want:
+                    raise TransportError(
+                        f"round {round_idx}: rank {self.rank} expected header {want} for {p}->{q}, got {got}; message discarded"
+                    )
+                accept(p, q, layout.unpack(bufs, order))
+        else:
+            self.last_bytes_sent = 0
+        missing = {q: sorted({int(i) for i in in_neighbours.get(q, ())} - set(result[q])) for q in receivers}
+        return ExchangeResult(result, missing, refused, bytes_sent, wire)
 
     def close(self) -> None:
         """Destroy the process group if this transport created it (idempotent)."""

@@ -9,8 +9,11 @@ The receiving side (:class:`IncomingPayload`) checks the table against the recei
 (:class:`Schema`) *before* allocating anything, writes chunks straight into one preallocated tensor per
 name (no intermediate copy of the model), hashes the payload as it arrives on a helper thread
 (hashlib releases the GIL), and on completion verifies the hash, that every byte arrived, and that no
-floating tensor holds NaN/Inf. Any failure raises :class:`~dimat.transport.base.TransportError` naming
-the problem; the caller's model is never touched because nothing is returned until all checks pass.
+floating tensor holds NaN/Inf. The content checks (schema, finiteness) are
+:mod:`dimat.transport.checks`' and raise :class:`~dimat.transport.checks.StateRejected`; lost or
+corrupted bytes raise :class:`~dimat.transport.base.DataLossError`; a malformed table raises
+:class:`~dimat.transport.base.TransportError`. The caller's model is never touched because nothing
+is returned until all checks pass.
 
 This module knows nothing about gRPC; :mod:`dimat.transport.grpc` maps messages to these calls.
 """
@@ -29,26 +32,15 @@ import numpy as np
 import torch
 import xxhash
 
-from dimat.transport.base import StateDict, TransportError
+from dimat.transport import checks
+from dimat.transport.base import DataLossError, StateDict, TransportError
+from dimat.transport.checks import non_finite
+from dimat.transport.schema import DTYPE_NAMES as _DTYPE_NAMES
+from dimat.transport.schema import HALF_DTYPES, WIRE_DTYPES, Schema
 
 if sys.byteorder != "little":  # the wire is little-endian raw bytes; no byte swapping implemented
     raise ImportError("dimat.transport.wire supports little-endian hosts only")
 
-#: dtypes allowed on the wire (the whitelist); anything else is rejected.
-WIRE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-_DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
-HALF_DTYPES = ("float16", "bfloat16")
 #: Payload hashes. The hash guards integrity (truncation, corruption, mis-assembly of parallel
 #: streams); authenticity comes from TLS, the token and the neighbour check. A sender chooses the
 #: hash, so a cryptographic one adds no protection against a malicious neighbour; xxh3 (~20 GB/s) is
@@ -134,23 +126,6 @@ class TensorEntry:
     shape: tuple[int, ...]
     offset: int
     nbytes: int
-
-
-class Schema:
-    """What the receiver expects: names, shapes and dtypes of its own model's state dict."""
-
-    def __init__(self, entries: Mapping[str, tuple[tuple[int, ...], torch.dtype]]):
-        self.entries = dict(entries)
-
-    @classmethod
-    def from_state(cls, state: Mapping[str, torch.Tensor]) -> "Schema":
-        return cls({k: (tuple(v.shape), v.dtype) for k, v in state.items()})
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Schema) and self.entries == other.entries
-
-    def __len__(self) -> int:
-        return len(self.entries)
 
 
 def segments(total: int, num_streams: int, align: int = 64) -> list[tuple[int, int]]:
@@ -254,31 +229,6 @@ class OutgoingPayload:
 
 # ------------------------------------------------------------------------------------------ receive
 
-_FINITE_BLOCK = 1 << 18  # elements; small blocks keep the temporary mask in cache (~10x faster than one pass)
-
-
-def non_finite(t: torch.Tensor) -> str | None:
-    """``"NaN"``/``"Inf"`` if a floating tensor holds one, else ``None`` (ints and bools are always fine)."""
-    if not t.is_floating_point() or t.numel() == 0:
-        return None
-    flat = t.reshape(-1)
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: all-ones exponent bits mean NaN/Inf
-        bits, mask = flat.view(torch.int16).numpy().view(np.uint16), np.uint16(0x7F80)
-        for i in range(0, bits.size, _FINITE_BLOCK):
-            block = bits[i : i + _FINITE_BLOCK]
-            hit = (block & mask) == mask
-            if hit.any():
-                return "NaN" if ((block[hit] & np.uint16(0x7F)) != 0).any() else "Inf"
-        return None
-    arr = flat.numpy()
-    for i in range(0, arr.size, _FINITE_BLOCK):
-        block = arr[i : i + _FINITE_BLOCK]
-        if not np.isfinite(block).all():
-            return "NaN" if np.isnan(block).any() else "Inf"
-    return None
-
-
-
 class _OrderedHasher:
     """Hashes payload regions strictly in offset order on a helper thread, whatever order they come in.
 
@@ -329,7 +279,7 @@ class _OrderedHasher:
         self._thread.join()
         self._payload = None  # break the payload <-> hasher cycle so buffers free without the GC
         if not done:
-            raise TransportError(f"payload incomplete: only {self._next} of {total} bytes arrived in order")
+            raise DataLossError(f"payload incomplete: only {self._next} of {total} bytes arrived in order")
         return self._h.digest()
 
     def abort(self) -> None:
@@ -384,42 +334,35 @@ class IncomingPayload:
         # NaN/Inf are found chunk by chunk as bytes arrive (the chunk is still in cache, and the check
         # no longer delays the reply); elements split across two chunks are checked at finalize
         self._flat = [self.tensors[e.name].reshape(-1) for e in self.entries]
-        self._non_finite: tuple[str, str] | None = None
+        self._non_finite: str | None = None  # the refusal reason of the first NaN/Inf found
         self._straddlers: set[tuple[int, int]] = set()
 
     # -- validation before allocation --
+    def _error(self, cls: type[TransportError], reason: str) -> TransportError:
+        return cls(f"{self.label}: {reason}", reason=reason)
+
     def _validate_table(self, tensors: Sequence[TensorEntry], total: int, schema: Schema, allow_half: bool) -> None:
-        label = self.label
+        """Structure of the table (here) and content against the receiver's schema (:mod:`checks`)."""
         seen: set[str] = set()
         pos = 0
         for e in tensors:
             if e.name in seen:
-                raise TransportError(f"{label}: tensor {e.name!r} announced twice")
+                raise self._error(TransportError, f"tensor {e.name!r} announced twice")
             seen.add(e.name)
             if e.dtype not in WIRE_DTYPES:
-                raise TransportError(f"{label}: tensor {e.name!r} has dtype {e.dtype!r}, not in the wire whitelist {sorted(WIRE_DTYPES)}")
+                raise self._error(TransportError, f"tensor {e.name!r} has dtype {e.dtype!r}, not in the wire whitelist {sorted(WIRE_DTYPES)}")
             if any(d < 0 for d in e.shape):
-                raise TransportError(f"{label}: tensor {e.name!r} has a negative dimension in shape {list(e.shape)}")
+                raise self._error(TransportError, f"tensor {e.name!r} has a negative dimension in shape {list(e.shape)}")
             want_bytes = math.prod(e.shape) * torch.empty((), dtype=WIRE_DTYPES[e.dtype]).element_size()
             if e.nbytes != want_bytes:
-                raise TransportError(f"{label}: tensor {e.name!r} announces {e.nbytes} bytes but {e.dtype}{list(e.shape)} needs {want_bytes}")
+                raise self._error(TransportError, f"tensor {e.name!r} announces {e.nbytes} bytes but {e.dtype}{list(e.shape)} needs {want_bytes}")
             if e.offset != pos:
-                raise TransportError(f"{label}: tensor {e.name!r} at offset {e.offset}, expected {pos} (tensors must be back to back)")
+                raise self._error(TransportError, f"tensor {e.name!r} at offset {e.offset}, expected {pos} (tensors must be back to back)")
             pos += e.nbytes
-            if e.name not in schema.entries:
-                raise TransportError(f"{label}: unexpected tensor {e.name!r} (not in the receiver's model)")
-            shape, dtype = schema.entries[e.name]
-            if tuple(e.shape) != tuple(shape):
-                raise TransportError(f"{label}: tensor {e.name!r} has shape {list(e.shape)}, expected {list(shape)}")
-            want = dtype_name(dtype) if dtype in _DTYPE_NAMES else str(dtype)
-            half_ok = allow_half and e.dtype in HALF_DTYPES and dtype in (torch.float32, torch.float64)
-            if e.dtype != want and not half_ok:
-                raise TransportError(f"{label}: tensor {e.name!r} has dtype {e.dtype}, expected {want}")
+            checks.check_entry(e.name, WIRE_DTYPES[e.dtype], e.shape, schema, allow_half=allow_half, label=self.label)
         if pos != total:
-            raise TransportError(f"{label}: tensor table covers {pos} bytes but total_bytes is {total}")
-        missing = [k for k in schema.entries if k not in seen]
-        if missing:
-            raise TransportError(f"{label}: missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''} ({len(missing)} of {len(schema)})")
+            raise self._error(TransportError, f"tensor table covers {pos} bytes but total_bytes is {total}")
+        checks.check_complete(seen, schema, self.label)
 
     def same_table(self, tensors: Sequence[TensorEntry], total: int, num_streams: int) -> bool:
         return list(tensors) == self.entries and total == self.total_bytes and num_streams == self.num_streams
@@ -431,29 +374,29 @@ class IncomingPayload:
     def open_stream(self, index: int, start: int, end: int) -> None:
         with self._lock:
             if not 0 <= index < self.num_streams:
-                raise TransportError(f"{self.label}: stream index {index} outside [0, {self.num_streams})")
+                raise self._error(TransportError, f"stream index {index} outside [0, {self.num_streams})")
             if index in self._streams:
-                raise TransportError(f"{self.label}: stream {index} opened twice")
+                raise self._error(TransportError, f"stream {index} opened twice")
             if not 0 <= start <= end <= self.total_bytes:
-                raise TransportError(f"{self.label}: segment [{start}, {end}) outside the payload of {self.total_bytes} bytes")
+                raise self._error(TransportError, f"segment [{start}, {end}) outside the payload of {self.total_bytes} bytes")
             for s, e, *_ in self._streams.values():
                 if start < e and s < end:
-                    raise TransportError(f"{self.label}: segment [{start}, {end}) of stream {index} overlaps [{s}, {e})")
+                    raise self._error(TransportError, f"segment [{start}, {end}) of stream {index} overlaps [{s}, {e})")
             self._streams[index] = [start, end, start, None, False]
 
     def write(self, index: int, offset: int, data: bytes | memoryview) -> None:
         """Copy one chunk into the tensors; chunks of a stream must be contiguous and in order."""
         st = self._streams.get(index)
         if st is None:
-            raise TransportError(f"{self.label}: data for stream {index} before its header")
+            raise self._error(TransportError, f"data for stream {index} before its header")
         start, end, pos, _, closed = st
         n = len(data)
         if closed:
-            raise TransportError(f"{self.label}: data after the trailer on stream {index}")
+            raise self._error(TransportError, f"data after the trailer on stream {index}")
         if offset != pos:
-            raise TransportError(f"{self.label}: chunk at offset {offset} on stream {index}, expected {pos} (chunks out of order or lost)")
+            raise self._error(TransportError, f"chunk at offset {offset} on stream {index}, expected {pos} (chunks out of order or lost)")
         if offset + n > end:
-            raise TransportError(f"{self.label}: chunk [{offset}, {offset + n}) runs past the end of segment [{start}, {end})")
+            raise self._error(TransportError, f"chunk [{offset}, {offset + n}) runs past the end of segment [{start}, {end})")
         src = np.frombuffer(data, dtype=np.uint8)
         done = 0
         for view in self._pieces(offset, offset + n):
@@ -479,24 +422,22 @@ class IncomingPayload:
                 if hi % size:
                     self._straddlers.add((i, hi // size))
                 if b > a and self._non_finite is None:
-                    bad = non_finite(flat[a:b])
-                    if bad:
-                        self._non_finite = (e.name, bad)
+                    self._non_finite = checks.finite_problem(e.name, flat[a:b])
             i += 1
 
     def close_stream(self, index: int, digest: bytes | None) -> None:
         st = self._streams.get(index)
         if st is None:
-            raise TransportError(f"{self.label}: stream {index} ended before its header")
+            raise self._error(TransportError, f"stream {index} ended before its header")
         start, end, pos, _, _ = st
         if pos != end:
             names = self._names_in(pos, end)
-            raise TransportError(
-                f"{self.label}: truncated stream {index}: got {pos - start} of {end - start} bytes; "
+            raise self._error(DataLossError,
+                f"truncated stream {index}: got {pos - start} of {end - start} bytes; "
                 f"incomplete tensors {names[:5]}{'...' if len(names) > 5 else ''}"
             )
         if digest is None:
-            raise TransportError(f"{self.label}: stream {index} ended without its trailer (hash)")
+            raise self._error(DataLossError, f"stream {index} ended without its trailer (hash)")
         st[3], st[4] = bytes(digest), True
 
     def _names_in(self, start: int, end: int) -> list[str]:
@@ -516,23 +457,20 @@ class IncomingPayload:
     def finalize(self) -> StateDict:
         """Verify coverage, hash and finiteness; return ``{name: tensor}`` in the schema's dtypes."""
         if not self.complete:
-            raise TransportError(f"{self.label}: finalize before all {self.num_streams} streams completed")
+            raise self._error(TransportError, f"finalize before all {self.num_streams} streams completed")
         covered = sum(s[1] - s[0] for s in self._streams.values())
         if covered != self.total_bytes:
             self.abort()
-            raise TransportError(f"{self.label}: streams cover {covered} of {self.total_bytes} bytes")
+            raise self._error(DataLossError, f"streams cover {covered} of {self.total_bytes} bytes")
         digests = {s[3] for s in self._streams.values()}
         got = self._hasher.finish(self.total_bytes)
         if len(digests) != 1 or got not in digests:
-            raise TransportError(f"{self.label}: hash mismatch (payload corrupted in transit or tampered)")
+            raise self._error(DataLossError, f"hash mismatch (payload corrupted in transit or tampered)")
         for i, k in sorted(self._straddlers):
             if self._non_finite is None:
-                bad = non_finite(self._flat[i][k : k + 1])
-                if bad:
-                    self._non_finite = (self.entries[i].name, bad)
+                self._non_finite = checks.finite_problem(self.entries[i].name, self._flat[i][k : k + 1])
         if self._non_finite is not None:
-            name, bad = self._non_finite
-            raise TransportError(f"{self.label}: tensor {name!r} contains {bad}")
+            raise checks.rejected(self._non_finite, self.label)
         out: StateDict = {}
         self._views, self._flat = [], []
         for e in self.entries:

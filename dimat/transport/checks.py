@@ -1,0 +1,111 @@
+"""The checks a received state must pass before a peer may use it, on every transport.
+
+A state is accepted only if its names, dtypes and shapes equal the receiver's own schema (a half
+precision payload is allowed for float32/float64 entries only where the encoding says so) and no
+floating tensor holds NaN/Inf. This module is the only place that words those failures, so a bad
+state is refused with the same text whether it came over gRPC, gloo/NCCL or in-process.
+
+gRPC calls the per-entry functions as the tensor table and chunks stream in (nothing is allocated
+for a table that fails, NaN is found chunk by chunk); InProc and TorchDist call
+:func:`check_state` on every delivered state.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from dimat.transport.base import TransportError
+from dimat.transport.schema import HALF_DTYPES, Schema, dtype_label
+
+
+class StateRejected(TransportError):
+    """A received state failed a receive check; ``reason`` reads the same on every transport."""
+
+
+def rejected(reason: str, label: str | None = None) -> StateRejected:
+    """The error for ``reason``, prefixed with ``label`` (who/where) when given."""
+    return StateRejected(f"{label}: {reason}" if label else reason, reason=reason)
+
+
+def refusal_message(sender: int, round_idx: int, reason: str) -> str:
+    """The line :attr:`ExchangeResult.refused` holds for a refused state."""
+    return f"state from peer {sender} for round {round_idx}: {reason}"
+
+
+def check_entry(name: str, dtype: torch.dtype, shape: Sequence[int], schema: Schema, *,
+                allow_half: bool = False, label: str | None = None) -> None:
+    """One announced/received tensor against the receiver's schema (name known, shape, dtype)."""
+    if name not in schema.entries:
+        raise rejected(f"unexpected tensor {name!r} (not in the receiver's model)", label)
+    want_shape, want_dtype = schema.entries[name]
+    if tuple(shape) != tuple(want_shape):
+        raise rejected(f"tensor {name!r} has shape {list(shape)}, expected {list(want_shape)}", label)
+    half_ok = allow_half and dtype_label(dtype) in HALF_DTYPES and want_dtype in (torch.float32, torch.float64)
+    if dtype != want_dtype and not half_ok:
+        raise rejected(f"tensor {name!r} has dtype {dtype_label(dtype)}, expected {dtype_label(want_dtype)}", label)
+
+
+def check_complete(names: Iterable[str], schema: Schema, label: str | None = None) -> None:
+    """Every tensor of the receiver's schema is among ``names``."""
+    seen = set(names)
+    missing = [k for k in schema.entries if k not in seen]
+    if missing:
+        raise rejected(f"missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''} ({len(missing)} of {len(schema)})", label)
+
+
+_FINITE_BLOCK = 1 << 18  # elements; small blocks keep the temporary mask in cache (~10x faster than one pass)
+
+
+def non_finite(t: torch.Tensor) -> str | None:
+    """``"NaN"``/``"Inf"`` if a floating tensor holds one, else ``None`` (ints and bools are always fine)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return None
+    flat = t.detach().reshape(-1)
+    if flat.device.type != "cpu":
+        return "NaN" if torch.isnan(flat).any() else ("Inf" if torch.isinf(flat).any() else None)
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: all-ones exponent bits mean NaN/Inf
+        bits, mask = flat.view(torch.int16).numpy().view(np.uint16), np.uint16(0x7F80)
+        for i in range(0, bits.size, _FINITE_BLOCK):
+            block = bits[i : i + _FINITE_BLOCK]
+            hit = (block & mask) == mask
+            if hit.any():
+                return "NaN" if ((block[hit] & np.uint16(0x7F)) != 0).any() else "Inf"
+        return None
+    arr = flat.numpy()
+    for i in range(0, arr.size, _FINITE_BLOCK):
+        block = arr[i : i + _FINITE_BLOCK]
+        if not np.isfinite(block).all():
+            return "NaN" if np.isnan(block).any() else "Inf"
+    return None
+
+
+def finite_problem(name: str, t: torch.Tensor) -> str | None:
+    """The refusal reason if ``t`` (all or part of tensor ``name``) holds NaN/Inf, else ``None``."""
+    bad = non_finite(t)
+    return None if bad is None else f"tensor {name!r} contains {bad}"
+
+
+def check_finite(name: str, t: torch.Tensor, label: str | None = None) -> None:
+    problem = finite_problem(name, t)
+    if problem is not None:
+        raise rejected(problem, label)
+
+
+def check_state(state: Mapping[str, torch.Tensor], schema: Schema, *, allow_half: bool = False,
+                label: str | None = None) -> None:
+    """A whole received state against the receiving peer's own schema; raises :class:`StateRejected`."""
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise rejected(f"entry {name!r} is {type(t).__name__}, not a tensor", label)
+        check_entry(name, t.dtype, tuple(t.shape), schema, allow_half=allow_half, label=label)
+    check_complete(state, schema, label)
+    for name, t in state.items():
+        check_finite(name, t, label)
+
+
+__all__ = [
+    "StateRejected", "rejected", "refusal_message", "check_entry", "check_complete", "check_finite",
+    "check_state", "finite_problem", "non_finite",
+]

@@ -1,0 +1,371 @@
+"""The gRPC transport: one local peer that serves pushes and pushes to its neighbours in ``exchange``."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+from collections import deque
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Callable, Collection, Iterable, Mapping, Sequence
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from dimat.transport.base import ExchangeResult, StateDict, TransportError
+from dimat.transport.checks import StateRejected, check_state, refusal_message
+from dimat.transport.grpc.client import PeerClient, PushRefused, RetryPolicy
+from dimat.transport.grpc.membership import Member, Membership
+from dimat.transport.grpc.proto import SERVICE_NAME, channel_options
+from dimat.transport.grpc.server import Inbox, Servicer, service_handler
+from dimat.transport.schema import Schema
+from dimat.transport.security import TlsConfig, TokenAuthInterceptor
+from dimat.transport.wire import DEFAULT_CHUNK_BYTES, DEFAULT_HASH, OutgoingPayload
+
+log = logging.getLogger("dimat.transport.grpc")
+
+AllowedSenders = Callable[[int], Iterable[int]] | Collection[int] | None
+
+
+@dataclass
+class ExchangeReport:
+    """What happened in the last ``exchange``: who was missing and why (for metrics/logs)."""
+
+    round: int
+    received: list[int]
+    missing: list[int]
+    send_failed: dict[int, str]
+    seconds: float
+    refused: dict[int, str] = dataclasses.field(default_factory=dict)
+
+
+class GrpcTransport:
+    """One local peer served over gRPC. Implements :class:`dimat.transport.base.Transport`.
+
+    Args:
+        peer_id: id of the peer this process hosts.
+        peers: ``{id: "host:port"}`` for every peer (the local one included; its port may be 0 to
+            bind a free port, see :attr:`address`).
+        allowed_senders: who may push weights: a callable ``round -> ids``, a fixed collection, or
+            ``None`` (default) for the in-neighbours ``exchange`` was given for that round (any known
+            peer for a round not entered yet: a neighbour may run ahead, and time-varying topologies
+            change the neighbourhood every round). Pushes from anyone else are rejected with
+            PERMISSION_DENIED.
+        schema: the expected state dict (or :class:`Schema`); defaults to the state passed to
+            ``exchange``. Pushes arriving before any schema is known are told to retry (UNAVAILABLE).
+        token: shared secret; every RPC but health must carry ``authorization: Bearer <token>``.
+        tls: certificate files for TLS (``mutual=True`` for mTLS).
+        deadline: default per-neighbour deadline in seconds (covers retries).
+        retries, backoff, backoff_max: retry policy for retryable statuses (exponential + jitter).
+        chunk_bytes, num_streams, half, hash_algorithm: wire options (see :mod:`dimat.transport.wire`).
+        max_rounds_ahead: how many rounds past the local one a neighbour may push (bounded memory).
+        heartbeat_interval: seconds between heartbeats to every known peer (None = no heartbeats).
+            A peer that misses ``max_missed_heartbeats`` in a row is *down*: ``exchange`` neither
+            pushes to it nor waits for it until a heartbeat succeeds again (it rejoined).
+        report_path: append one JSON line per exchange (received, missing, failed sends) here.
+        delay: seconds to sleep before every exchange: makes this peer a straggler (tests, benches).
+    """
+
+    def __init__(
+        self,
+        peer_id: int,
+        peers: Mapping[int, str],
+        *,
+        bind: str | None = None,
+        allowed_senders: AllowedSenders = None,
+        schema: Schema | Mapping[str, torch.Tensor] | None = None,
+        token: str | None = None,
+        tls: TlsConfig | None = None,
+        deadline: float = 120.0,
+        retries: int = 5,
+        backoff: float = 0.05,
+        backoff_max: float = 2.0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        num_streams: int = 1,
+        half: str | None = None,
+        hash_algorithm: str = DEFAULT_HASH,
+        accept_half: bool = True,
+        max_message_bytes: int | None = None,
+        max_payload_bytes: int | None = None,
+        max_rounds_ahead: int = 8,
+        max_workers: int = 16,
+        require_cert_identity: bool = False,
+        prefetch: int = 2,
+        window_bytes: int | None = None,
+        heartbeat_interval: float | None = 1.0,
+        max_missed_heartbeats: int = 3,
+        report_path: str | None = None,
+        delay: float = 0.0,
+    ):
+        # the keyword defaults equal configs/transport/grpc.yaml; build_transport passes every one
+        if peer_id not in peers:
+            raise ValueError(f"peer id {peer_id} is not in the peers map {sorted(peers)}")
+        if not 0 < chunk_bytes <= (64 << 20):
+            raise ValueError(f"chunk_bytes must be in (0, 64 MiB], got {chunk_bytes}")
+        if require_cert_identity and not (tls and tls.mutual):
+            raise ValueError("require_cert_identity needs mutual TLS")
+        self.peer_id = int(peer_id)
+        self.peers = {int(k): str(v) for k, v in peers.items()}
+        self.token, self.tls = token, tls
+        self.deadline = deadline
+        self.chunk_bytes, self.num_streams, self.half = chunk_bytes, num_streams, half
+        self.hash_algorithm, self.accept_half = hash_algorithm, accept_half
+        self.max_payload_bytes, self.max_rounds_ahead = max_payload_bytes, max_rounds_ahead
+        self.require_cert_identity = require_cert_identity
+        self.prefetch = prefetch
+        self.report_path = report_path
+        self.delay = float(delay)
+        # a chunk plus protobuf framing, or a large tensor table, must fit in one message
+        self.max_message_bytes = max_message_bytes or max(chunk_bytes + (1 << 20), 16 << 20)
+        self._allowed_policy = allowed_senders
+        self._allowed_by_round: dict[int, frozenset[int]] = {}
+        self.schema: Schema | None = None
+        if schema is not None:
+            self.set_schema(schema)
+        self.inbox = Inbox()
+        self.current_round = -1
+        #: the latest state sent, served to peers that fetch it (rejoin)
+        self.latest: tuple[int, OutgoingPayload] | None = None
+        self.errors: deque[str] = deque(maxlen=100)  # recent rejections, newest last
+        self.last_report: ExchangeReport | None = None
+        self.membership = Membership(self, heartbeat_interval, max_missed_heartbeats)
+        self.client = PeerClient(self.peer_id, self.peers, tls=tls, token=token,
+                                 retry=RetryPolicy(retries, backoff, backoff_max),
+                                 max_message_bytes=self.max_message_bytes, window_bytes=window_bytes,
+                                 chunk_bytes=chunk_bytes, num_streams=num_streams)
+        self._pool = futures.ThreadPoolExecutor(max_workers=max(4, 2 * num_streams), thread_name_prefix=f"dimat-send-{peer_id}")
+        self._closed = False
+
+        opts = channel_options(self.max_message_bytes, window_bytes)
+        interceptors = [TokenAuthInterceptor(token)] if token else []
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"dimat-srv-{peer_id}"),
+                                   options=opts, interceptors=interceptors)
+        self._server.add_generic_rpc_handlers((service_handler(Servicer(self)),))
+        self._health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        bind = bind or self.peers[self.peer_id]
+        if tls is not None:
+            port = self._server.add_secure_port(bind, tls.server_credentials())
+        else:
+            port = self._server.add_insecure_port(bind)
+        if port == 0:
+            raise OSError(f"peer {peer_id}: could not bind {bind}")
+        host = bind.rsplit(":", 1)[0]
+        self.port = port
+        self.address = f"{host}:{port}"
+        self.peers[self.peer_id] = self.address
+        self._server.start()
+        for svc in ("", SERVICE_NAME):
+            self._health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+
+    # ------------------------------------------------------------------ configuration
+    def set_schema(self, schema: Schema | Mapping[str, torch.Tensor]) -> None:
+        """What pushes must look like: the names, shapes and dtypes of the local model."""
+        self.schema = schema if isinstance(schema, Schema) else Schema.from_state(schema)
+
+    def set_peers(self, peers: Mapping[int, str]) -> None:
+        """Update neighbour addresses (a restarted peer may come back on another port)."""
+        with self.client.lock:
+            for k, v in peers.items():
+                if int(k) != self.peer_id:
+                    self.peers[int(k)] = str(v)
+
+    def allowed_senders(self, round_idx: int) -> frozenset[int]:
+        """The senders whose pushes for ``round_idx`` are accepted."""
+        p = self._allowed_policy
+        if callable(p):
+            return frozenset(int(i) for i in p(round_idx))
+        if p is not None:
+            return frozenset(int(i) for i in p)
+        if round_idx in self._allowed_by_round:
+            return self._allowed_by_round[round_idx]
+        # a neighbour ahead of us, in a round whose neighbourhood we do not know yet (time-varying
+        # topologies change it every round): any known peer; only that round's in-neighbours are
+        # collected, the rest is dropped when the round is left
+        return frozenset(k for k in self.peers if k != self.peer_id)
+
+    # ------------------------------------------------------------------ client calls
+    def send(self, peer: int, round_idx: int, state: Mapping[str, torch.Tensor] | OutgoingPayload,
+             deadline: float | None = None) -> None:
+        """Push ``state`` to ``peer`` for ``round_idx``; raises TransportError with the receiver's reason."""
+        payload = state if isinstance(state, OutgoingPayload) else OutgoingPayload(state, half=self.half, hash_algorithm=self.hash_algorithm)
+        self.client.push(peer, round_idx, payload, deadline or self.deadline)
+
+    def fetch_state(self, peer: int, deadline: float | None = None) -> tuple[int, StateDict]:
+        """Pull ``peer``'s latest state (checked like a push); returns ``(round, state)``."""
+        if self.schema is None:
+            raise TransportError(f"peer {self.peer_id}: set_schema() before fetching state")
+        return self.client.fetch(peer, max(self.current_round, 0), self.schema, accept_half=self.accept_half,
+                                 max_payload_bytes=self.max_payload_bytes, deadline=deadline or self.deadline)
+
+    def heartbeat(self, peer: int, timeout: float = 2.0) -> int:
+        """Ping ``peer``; returns its current round (raises TransportError if unreachable)."""
+        return self.client.heartbeat(peer, max(self.current_round, 0), timeout)
+
+    def join(self, peer: int, timeout: float = 10.0) -> tuple[int, dict[int, str]]:
+        """Announce this peer to ``peer``; returns its round and the members it knows ``{id: address}``."""
+        return self.client.join(peer, max(self.current_round, 0), self.address, timeout)
+
+    def leave(self, peers: Iterable[int], timeout: float = 2.0) -> None:
+        """Tell ``peers`` this peer is leaving (best effort)."""
+        self.client.leave(peers, max(self.current_round, 0), timeout)
+
+    def wait_for_peers(self, ids: Iterable[int], timeout: float) -> None:
+        """Startup barrier: block until every peer in ``ids`` answers a health check, or raise TimeoutError.
+
+        Uses this transport's channels (so its TLS settings); health checks need no token.
+        """
+        end = time.monotonic() + timeout
+        for pid in ids:
+            if pid == self.peer_id:
+                continue
+            while not self.client.serving(pid, max(0.1, min(5.0, end - time.monotonic()))):
+                if time.monotonic() >= end:
+                    raise TimeoutError(f"peer {self.peer_id}: peer {pid} at {self.peers.get(pid)} "
+                                       f"did not come up within {timeout:.0f}s")
+                time.sleep(0.2)
+
+    # ------------------------------------------------------------------ liveness
+    @property
+    def members(self) -> dict[int, Member]:
+        """The peers this one has heard from (joins, heartbeats), by id."""
+        return self.membership.members
+
+    def start_heartbeats(self, interval: float | None = None) -> None:
+        """Ping every other known peer every ``interval`` seconds on a background thread."""
+        self.membership.start(interval)
+
+    def is_up(self, peer: int) -> bool:
+        """False once ``peer`` missed ``max_missed_heartbeats`` heartbeats in a row (always True without heartbeats)."""
+        return self.membership.is_up(peer)
+
+    def known_round(self, peer: int) -> int:
+        """The latest round ``peer`` reported (heartbeats, joins); -1 if unknown."""
+        return self.membership.known_round(peer)
+
+    def down_peers(self) -> list[int]:
+        return sorted(p for p in self.peers if p != self.peer_id and not self.is_up(p))
+
+    # ------------------------------------------------------------------ receiving
+    def _collect(self, round_idx: int, senders: Iterable[int], timeout: float | None,
+                 ) -> tuple[dict[int, StateDict], dict[int, str]]:
+        """Wait until every sender's state for ``round_idx`` arrived (or was refused) or the timeout passed."""
+        want = set(int(s) for s in senders)
+        end = time.monotonic() + (self.deadline if timeout is None else timeout)
+        inbox = self.inbox
+        with inbox.cv:
+            while True:
+                have = {s for s in want if (round_idx, s) in inbox.states}
+                refused = {s for s in want - have if (round_idx, s) in inbox.refused}
+                # a peer that is down, or already in a later round, will not send this round any more
+                waiting = {s for s in want - have - refused if self.is_up(s) and self.known_round(s) <= round_idx}
+                left = end - time.monotonic()
+                if not waiting or left <= 0:
+                    break
+                inbox.cv.wait(min(left, 0.5))
+            got = {s: inbox.states.pop((round_idx, s)) for s in sorted(have)}
+            why = {s: inbox.refused.pop((round_idx, s)) for s in sorted(refused)}
+            return got, why
+
+    def receive(self, round_idx: int, senders: Iterable[int], timeout: float | None = None) -> dict[int, StateDict]:
+        """Wait until every sender's state for ``round_idx`` arrived or the timeout passed; pop what arrived."""
+        return self._collect(round_idx, senders, timeout)[0]
+
+    def begin_round(self, round_idx: int, in_neighbours: Iterable[int]) -> None:
+        """Enter ``round_idx``: fix the accepted senders for it and drop buffers of older rounds."""
+        self._allowed_by_round[round_idx] = frozenset(int(i) for i in in_neighbours)
+        for r in [r for r in self._allowed_by_round if r < round_idx - 1]:
+            del self._allowed_by_round[r]
+        with self.inbox.cv:
+            self.current_round = max(self.current_round, round_idx)
+            self.inbox.drop_before(round_idx)
+
+    # ------------------------------------------------------------------ Transport protocol
+    def exchange(
+        self,
+        round_idx: int,
+        states: Mapping[int, StateDict],
+        in_neighbours: Mapping[int, Sequence[int]],
+        out_neighbours: Mapping[int, Sequence[int]],
+        timeout: float | None = None,
+    ) -> ExchangeResult:
+        """Push the local state to its out-neighbours and collect its in-neighbours' states for the round.
+
+        ``bytes_sent`` counts the encoded payload (``OutgoingPayload.total_bytes``: half precision
+        when ``half`` is set) once per out-neighbour whose push *completed*, accepted or refused by
+        the receiver's checks (it was delivered, as InProc and torchdist count it); a push that
+        failed otherwise (peer down, deadline, unreachable, data loss, admission denied) is not
+        counted. Every push leaves the process, so ``wire_bytes`` equals this peer's ``bytes_sent``.
+        """
+        if set(states) != {self.peer_id}:
+            raise ValueError(f"GrpcTransport hosts peer {self.peer_id} only; got states for {sorted(states)}")
+        if self.delay > 0:
+            time.sleep(self.delay)
+        t0 = time.monotonic()
+        deadline = self.deadline if timeout is None else timeout
+        state = states[self.peer_id]
+        schema = Schema.from_state(state)
+        if self.schema is None or self.schema != schema:
+            self.set_schema(schema)
+        ins = [int(i) for i in in_neighbours.get(self.peer_id, ())]
+        outs = [int(i) for i in out_neighbours.get(self.peer_id, ())]
+        self.begin_round(round_idx, ins)
+        payload = OutgoingPayload(state, half=self.half, hash_algorithm=self.hash_algorithm)
+        self.latest = (round_idx, payload)
+        failed: dict[int, str] = {}
+        for j in outs:
+            if not self.is_up(j):
+                failed[j] = f"peer {j} is down ({self.membership.missed.get(j, 0)} missed heartbeats); not sent"
+        sends = {j: self._pool.submit(self.client.push, j, round_idx, payload, deadline) for j in outs if j not in failed}
+        received, refused = self._collect(round_idx, ins, deadline)
+        for j in [j for j, st in received.items() if Schema.from_state(st) != schema]:
+            # it arrived before this exchange replaced the schema: check it against the one it must fit
+            try:
+                check_state(received[j], schema)
+            except StateRejected as exc:
+                del received[j]
+                refused[j] = refusal_message(j, round_idx, exc.reason)
+        delivered = 0
+        for j, f in sends.items():
+            try:
+                f.result(timeout=max(0.0, t0 + deadline + 1.0 - time.monotonic()))
+                delivered += 1
+            except PushRefused as exc:  # it arrived and was checked: counted like InProc/torchdist count it
+                delivered += 1
+                failed[j] = str(exc)
+                log.warning("%s", failed[j])
+            except (TransportError, futures.TimeoutError) as exc:
+                failed[j] = str(exc) or "timed out"
+                log.warning("%s", failed[j])
+        missing = [i for i in ins if i not in received]
+        self.last_report = ExchangeReport(round_idx, sorted(received), missing, failed, time.monotonic() - t0, refused)
+        if self.report_path:
+            with open(self.report_path, "a") as fh:
+                fh.write(json.dumps({"peer": self.peer_id, **dataclasses.asdict(self.last_report)}) + "\n")
+        sent = payload.total_bytes * delivered
+        return ExchangeResult(
+            received={self.peer_id: received},
+            missing={self.peer_id: sorted(missing)},
+            refused={self.peer_id: refused},
+            bytes_sent={self.peer_id: sent},
+            wire_bytes=sent,
+        )
+
+    def close(self, grace: float | None = 0.5) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.membership.stop()
+        self._health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()
+        self.client.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> "GrpcTransport":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

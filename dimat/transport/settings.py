@@ -1,0 +1,193 @@
+"""Typed transport settings, read once from the ``transport`` config node (``configs/transport/*.yaml``).
+
+The configs hold every value; this module holds none of its own: a key the chosen transport
+needs but the mapping lacks is an error, as is a key no transport knows or one that does not apply
+to the chosen transport. Keys that do not apply are ``None`` in :class:`TransportSettings`. Every
+error is one line naming the key, e.g. ``transport.chunk_bytes must be a positive integer (got 'x')``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Mapping
+
+from dimat.transport.schema import HALF_DTYPES
+from dimat.transport.wire import HASH_ALGORITHMS, MAX_STREAMS
+
+TRANSPORTS = ("inproc", "grpc", "torchdist")
+MAX_CHUNK_BYTES = 64 << 20  # gRPC message limits are sized from the chunk
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsSettings:
+    """``transport.tls``: TLS is on when ``dir`` or ``cert`` is set; ``{id}`` in a path becomes the peer id."""
+
+    dir: str | None
+    cert: str | None
+    key: str | None
+    ca: str | None
+    mutual: bool
+    server_name_override: str | None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.dir or self.cert)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransportSettings:
+    """Every key of ``configs/transport/{inproc,grpc,torchdist}.yaml``; ``None`` where it does not apply."""
+
+    name: str
+    timeout: float | None  # per-neighbour deadline of one exchange (seconds); None: the transport's own bound
+    # grpc
+    startup_timeout: float | None
+    retries: int | None
+    chunk_bytes: int | None
+    num_streams: int | None
+    half: str | None
+    hash: str | None
+    max_rounds_ahead: int | None
+    heartbeat_interval: float | None
+    max_missed_heartbeats: int | None
+    delay: float | None
+    token_env: str | None
+    require_cert_identity: bool | None
+    tls: TlsSettings | None
+    # torchdist
+    backend: str | None
+    pg_timeout: float | None
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any]) -> "TransportSettings":
+        """Validate the ``transport`` config node; raises ``ValueError`` (one line, naming the key)."""
+        if not isinstance(m, Mapping):
+            raise ValueError(f"transport must be a mapping (got {type(m).__name__})")
+        name = m.get("name")
+        if name not in TRANSPORTS:
+            raise ValueError(f"transport.name must be one of {list(TRANSPORTS)} (got {name!r})")
+        spec = _SPECS[name]
+        known = {f.name for f in fields(cls)}
+        for key in m:
+            if key not in known:
+                raise ValueError(f"transport.{key} is not a transport setting (known: {sorted(known)})")
+            if key not in spec and key != "name":
+                raise ValueError(f"transport.{key} does not apply to the {name} transport (it takes {sorted(spec)})")
+        values: dict[str, Any] = {k: None for k in known}
+        values["name"] = name
+        for key, check in spec.items():
+            if key not in m:
+                raise ValueError(f"transport.{key} is missing (the {name} transport needs it)")
+            values[key] = check(f"transport.{key}", m[key])
+        out = cls(**values)
+        if out.require_cert_identity and not (out.tls is not None and out.tls.mutual):
+            raise ValueError("transport.require_cert_identity needs transport.tls.mutual: true")
+        return out
+
+
+# ----------------------------------------------------------------------------- value checks
+
+
+def _show(v: Any) -> str:
+    return repr(v)
+
+
+def _int(key: str, v: Any, lo: int, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{key} must be a {what} integer (got {_show(v)})")
+    return int(v)
+
+
+def _pos_int(key: str, v: Any) -> int:
+    return _int(key, v, 1, "positive")
+
+
+def _nonneg_int(key: str, v: Any) -> int:
+    return _int(key, v, 0, "non-negative")
+
+
+def _number(key: str, v: Any, *, positive: bool) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (v <= 0 if positive else v < 0):
+        raise ValueError(f"{key} must be a {'positive' if positive else 'non-negative'} number (got {_show(v)})")
+    return float(v)
+
+
+def _pos(key: str, v: Any) -> float:
+    return _number(key, v, positive=True)
+
+
+def _pos_or_none(key: str, v: Any) -> float | None:
+    return None if v is None else _number(key, v, positive=True)
+
+
+def _nonneg(key: str, v: Any) -> float:
+    return _number(key, v, positive=False)
+
+
+def _bool(key: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"{key} must be true or false (got {_show(v)})")
+    return v
+
+
+def _choice(options: tuple[str | None, ...]) -> Callable[[str, Any], Any]:
+    def check(key: str, v: Any) -> Any:
+        if v not in options:
+            raise ValueError(f"{key} must be one of {list(options)} (got {_show(v)})")
+        return v
+
+    return check
+
+
+def _str_or_none(key: str, v: Any) -> str | None:
+    if v is not None and (not isinstance(v, str) or not v):
+        raise ValueError(f"{key} must be a non-empty string or null (got {_show(v)})")
+    return v
+
+
+def _chunk_bytes(key: str, v: Any) -> int:
+    n = _pos_int(key, v)
+    if n > MAX_CHUNK_BYTES:
+        raise ValueError(f"{key} must be at most {MAX_CHUNK_BYTES} (64 MiB) (got {n})")
+    return n
+
+
+def _num_streams(key: str, v: Any) -> int:
+    n = _pos_int(key, v)
+    if n > MAX_STREAMS:
+        raise ValueError(f"{key} must be at most {MAX_STREAMS} (got {n})")
+    return n
+
+
+_TLS_SPEC: dict[str, Callable[[str, Any], Any]] = {
+    "dir": _str_or_none, "cert": _str_or_none, "key": _str_or_none, "ca": _str_or_none,
+    "mutual": _bool, "server_name_override": _str_or_none,
+}
+
+
+def _tls(key: str, v: Any) -> TlsSettings:
+    if not isinstance(v, Mapping):
+        raise ValueError(f"{key} must be a mapping with keys {sorted(_TLS_SPEC)} (got {_show(v)})")
+    for k in v:
+        if k not in _TLS_SPEC:
+            raise ValueError(f"{key}.{k} is not a TLS setting (known: {sorted(_TLS_SPEC)})")
+    vals = {}
+    for k, check in _TLS_SPEC.items():
+        if k not in v:
+            raise ValueError(f"{key}.{k} is missing")
+        vals[k] = check(f"{key}.{k}", v[k])
+    tls = TlsSettings(**vals)
+    if tls.cert and not tls.dir and not (tls.key and tls.ca):
+        raise ValueError(f"{key}.cert is set without {key}.dir: {key}.key and {key}.ca must be set too")
+    return tls
+
+
+_SPECS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
+    "inproc": {"timeout": _pos_or_none},
+    "grpc": {
+        "timeout": _pos, "startup_timeout": _pos, "retries": _nonneg_int, "chunk_bytes": _chunk_bytes,
+        "num_streams": _num_streams, "half": _choice((None, *HALF_DTYPES)), "hash": _choice(HASH_ALGORITHMS),
+        "max_rounds_ahead": _nonneg_int, "heartbeat_interval": _pos_or_none, "max_missed_heartbeats": _pos_int,
+        "delay": _nonneg, "token_env": _str_or_none, "require_cert_identity": _bool, "tls": _tls,
+    },
+    "torchdist": {"backend": _choice((None, "gloo", "nccl")), "timeout": _pos_or_none, "pg_timeout": _pos},
+}

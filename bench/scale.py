@@ -38,24 +38,22 @@ def child(n: int, rounds: int, out: str) -> None:
     import tempfile
 
     import torch
-    from hydra import compose, initialize_config_dir
-
-    from dimat.cli import config_dir
-    from dimat.federation import _load_data, build_federation, run_rounds
+    from dimat.entry import load
+    from dimat.federation import build_federation, run_rounds
+    from dimat.federation.build import load_data
     from dimat.transport.inproc import InProcTransport
 
     torch.set_num_threads(1)
-    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        cfg = compose("config", overrides=_overrides(max(n, 3), rounds))
+    cfg = load(_overrides(max(n, 3), rounds))
     rec: dict = {"n": n}
     if n == 0:
-        _load_data(cfg)
+        load_data(cfg)
         import dimat.merge  # noqa: F401  (same imports as a real run)
     else:
         fed = build_federation(cfg)
         peer = fed.peers[0]
         params = sum(p.numel() * p.element_size() for p in peer.model.parameters())
-        rec["model_bytes"] = fed.model_bytes
+        rec["model_bytes"] = fed.info["model_bytes"]
         rec["optimizer_bytes"] = params  # SGD momentum: one buffer per parameter
         rec["data_bytes_per_peer"] = sum(
             (p.x.numel() * p.x.element_size() + p.y.numel() * p.y.element_size()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -55,102 +54,35 @@ def load_peers_file(path: str | Path) -> dict[int, str]:
     return out
 
 
-def _opt(cfg: Any, key: str, default: Any = None) -> Any:
-    val = cfg.get(key, default) if cfg is not None and hasattr(cfg, "get") else default
-    return default if val is None else val
-
-
-def transport_from_config(peer_id: int, peers: Mapping[int, str], tcfg: Any, *, bind: str | None = None,
-                          report_path: str | None = None):
-    """A :class:`GrpcTransport` for ``peer_id`` configured by the ``transport`` config node."""
-    from dimat.transport.grpc import GrpcTransport
-    from dimat.transport.security import TlsConfig
-    from dimat.transport.wire import DEFAULT_HASH
-
-    tls_cfg = _opt(tcfg, "tls") or {}
-    tls = None
-    if tls_cfg.get("dir") or tls_cfg.get("cert"):
-        d = Path(str(tls_cfg["dir"])) if tls_cfg.get("dir") else None
-        fill = lambda s: None if s is None else str(s).replace("{id}", str(peer_id))  # noqa: E731
-        tls = TlsConfig(
-            cert=fill(tls_cfg.get("cert")) or d / f"peer-{peer_id}.pem",
-            key=fill(tls_cfg.get("key")) or d / f"peer-{peer_id}.key",
-            ca=fill(tls_cfg.get("ca")) or d / "ca.pem",
-            mutual=bool(tls_cfg.get("mutual", False)),
-            server_name_override=tls_cfg.get("server_name_override"),
-        )
-    token = None
-    token_env = _opt(tcfg, "token_env")
-    if token_env:
-        token = os.environ.get(str(token_env)) or None
-    return GrpcTransport(
-        peer_id, peers, bind=bind, token=token, tls=tls,
-        deadline=float(_opt(tcfg, "timeout", 120.0)),
-        retries=int(_opt(tcfg, "retries", 5)),
-        chunk_bytes=int(_opt(tcfg, "chunk_bytes", 4 << 20)),
-        num_streams=int(_opt(tcfg, "num_streams", 1)),
-        half=_opt(tcfg, "half"),
-        hash_algorithm=str(_opt(tcfg, "hash", DEFAULT_HASH)),
-        max_rounds_ahead=int(_opt(tcfg, "max_rounds_ahead", 8)),
-        require_cert_identity=bool(_opt(tcfg, "require_cert_identity", False)),
-        heartbeat_interval=_opt(tcfg, "heartbeat_interval"),
-        max_missed_heartbeats=int(_opt(tcfg, "max_missed_heartbeats", 3)),
-        report_path=report_path,
-        delay=float(_opt(tcfg, "delay", 0.0)),
-    )
-
-
-def wait_for_peers(transport: Any, ids: Sequence[int], timeout: float) -> None:
-    """Block until every peer in ``ids`` answers a health check (startup barrier), or raise."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    end = time.monotonic() + timeout
-    for pid in ids:
-        while True:
-            transport._stub(pid)  # opens the channel with the transport's TLS settings
-            ch = transport._channels[transport.peers[pid]]
-            try:
-                rep = health_pb2_grpc.HealthStub(ch).Check(
-                    health_pb2.HealthCheckRequest(service="dimat.v1.Peer"),
-                    timeout=max(0.1, min(5.0, end - time.monotonic())), wait_for_ready=True)
-                if rep.status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-            except grpc.RpcError:
-                pass
-            if time.monotonic() >= end:
-                raise TimeoutError(f"peer {transport.peer_id}: peer {pid} at {transport.peers[pid]} "
-                                   f"did not come up within {timeout:.0f}s")
-            time.sleep(0.2)
-
-
 def run_peer(cfg: Any, peer_id: int, peers: Mapping[int, str], run_dir: str | Path, *,
              resume: bool = False, echo=print) -> dict[str, Any]:
     """Build peer ``peer_id`` from ``cfg`` and run the federation's round loop over gRPC."""
-    import torch
+    from dimat.config import ConfigError, RunConfig
+    from dimat.entry import set_threads
+    from dimat.federation import build_federation, run_rounds
+    from dimat.transport import build_transport
 
-    from dimat.federation import ConfigError, build_federation, run_rounds
-
-    num_peers = int(cfg.num_peers)
-    if set(peers) != set(range(num_peers)):
-        raise ConfigError(f"peers file lists ids {sorted(peers)}, but num_peers={num_peers} needs 0..{num_peers - 1}")
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    fed = build_federation(cfg, local_ids=[peer_id])
+    run = RunConfig.from_config(cfg)
+    if set(peers) != set(range(run.num_peers)):
+        raise ConfigError(f"peers file lists ids {sorted(peers)}, but num_peers={run.num_peers} "
+                          f"needs 0..{run.num_peers - 1}")
+    set_threads(run.threads)
+    fed = build_federation(run, local_ids=[peer_id])
     tag = f"peer_{peer_id}"
     (Path(run_dir) / tag).mkdir(parents=True, exist_ok=True)
-    transport = transport_from_config(peer_id, peers, cfg.transport, report_path=str(Path(run_dir) / tag / "transport.jsonl"))
+    transport = build_transport(run.transport, peer_id=peer_id, peers=peers, n_peers=run.num_peers,
+                                report_path=str(Path(run_dir) / tag / "transport.jsonl"))
     try:
         neighbours: set[int] = set()
         if fed.schedule is not None:
-            for r in range(1, int(cfg.rounds) + 1):
+            for r in range(1, run.rounds + 1):
                 topo = fed.topology_at(r)
                 neighbours |= set(topo.in_neighbours(peer_id)) | set(topo.out_neighbours(peer_id))
         transport.set_schema(fed.peers[peer_id].shared_state())
         if resume:
             resume = rejoin(fed, transport, sorted(neighbours), run_dir, tag, echo=echo)
         else:
-            wait_for_peers(transport, sorted(neighbours), float(_opt(cfg.transport, "startup_timeout", 300)))
+            transport.wait_for_peers(sorted(neighbours), float(run.transport.startup_timeout))
         transport.start_heartbeats()
         return run_rounds(fed, transport, run_dir, resume=resume, process_tag=tag,
                           progress=False, echo=lambda s: echo(f"[peer {peer_id}] {s}"))
@@ -168,20 +100,22 @@ def rejoin(fed: Any, transport: Any, neighbours: Sequence[int], run_dir: str | P
     L+1..R are lost for this peer only, and logged as a rejoin). Otherwise it resumes from its own
     checkpoint. With no checkpoint and a federation still at its start it starts afresh.
     """
-    from dimat.federation import Checkpointer
-
     from concurrent.futures import ThreadPoolExecutor
 
+    from dimat.federation import Checkpointer
+    from dimat.federation.rounds import exchanges_per_round
+
     pid = transport.peer_id
-    ck = Checkpointer(Path(run_dir), tag=tag)
+    ck = Checkpointer(Path(run_dir), keep_last=fed.config.checkpoint.keep_last, tag=tag)
+    per_round = exchanges_per_round(fed)  # neighbours report exchange numbers, not rounds (gossip)
     last = ck.last_round()
-    if last is not None and last >= int(fed.cfg.rounds):
+    if last is not None and last >= fed.config.rounds:
         return True  # this peer had already finished; nothing to catch up
     rounds: dict[int, int] = {}
 
     def ask(j: int):
         try:
-            return j, transport.join(j, timeout=3.0)[0]
+            return j, -(-transport.join(j, timeout=3.0)[0] // per_round)
         except Exception as exc:  # a neighbour that is down too
             echo(f"[peer {pid}] rejoin: neighbour {j} unreachable ({exc})")
             return j, None
@@ -202,7 +136,8 @@ def rejoin(fed: Any, transport: Any, neighbours: Sequence[int], run_dir: str | P
         return False
     if last is not None:
         ck.restore(last, fed.peers)  # optimizer, data order and RNG continue from our own state
-    rnd, state = transport.fetch_state(src)
+    exchange, state = transport.fetch_state(src)
+    rnd = -(-exchange // per_round)
     peer = fed.peers[pid]
     peer.load_state(state, reset_optimizer=True)
     ck.save(rnd, fed.peers)
@@ -218,52 +153,39 @@ def rejoin(fed: Any, transport: Any, neighbours: Sequence[int], run_dir: str | P
 
 def peer_main(args: Sequence[str]) -> int:
     """CLI entry: ``dimat peer --id K --peers peers.yaml [--resume] [overrides]``."""
-    from dimat.cli import config_dir, fail
+    from omegaconf import OmegaConf
+
+    from dimat.config import ConfigError
+    from dimat.entry import compose, user_errors
+    from dimat.metrics import write_text_atomic
 
     ap = argparse.ArgumentParser(prog="dimat peer", description="run one federation peer over gRPC")
     ap.add_argument("--id", type=int, required=True, help="this peer's id (a key of the peers file)")
     ap.add_argument("--peers", required=True, help="YAML file mapping peer ids to host:port")
     ap.add_argument("--resume", action="store_true", help="continue from this peer's last checkpoint in run_dir")
     ns, overrides = ap.parse_known_args(list(args))
-    bad = [o for o in overrides if o.startswith("-")]
-    if bad:
-        fail(f"unknown option(s) {' '.join(bad)} (hydra overrides are key=value)")
-    try:
-        peers = load_peers_file(ns.peers)
-    except (FileNotFoundError, ValueError) as exc:
-        fail(str(exc))
-    if ns.id not in peers:
-        fail(f"peer id {ns.id} is not in {ns.peers} (ids: {sorted(peers)})")
-    if not any(o.startswith("run_dir=") for o in overrides):
-        fail("dimat peer needs run_dir=<folder> (shared by all peers of the run)")
-    if not any(o.startswith("transport=") for o in overrides):
-        overrides = ["transport=grpc", *overrides]
-
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-            cfg = compose("config", overrides=list(overrides))
-    except Exception as exc:  # composition errors are configuration errors
-        fail(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-    finally:
-        GlobalHydra.instance().clear()
-    if str(cfg.transport.get("name")) != "grpc":
-        fail(f"dimat peer runs the grpc transport (got transport={cfg.transport.get('name')})")
-    run_dir = Path(str(cfg.run_dir))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    from dimat.federation import ConfigError
-    from dimat.metrics import write_text_atomic
-
-    write_text_atomic(run_dir / f"config_peer_{ns.id}.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    logging.basicConfig(level=logging.WARNING, format=f"[peer {ns.id}] %(levelname)s %(message)s")
-    print(f"[peer {ns.id}] serving on {peers[ns.id]}; {cfg.num_peers} peers, {cfg.rounds} rounds -> {run_dir}", flush=True)
-    try:
+    with user_errors():
+        bad = [o for o in overrides if o.startswith("-")]
+        if bad:
+            raise ConfigError(f"unknown option(s) {' '.join(bad)} (hydra overrides are key=value)")
+        try:
+            peers = load_peers_file(ns.peers)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if ns.id not in peers:
+            raise ConfigError(f"peer id {ns.id} is not in {ns.peers} (ids: {sorted(peers)})")
+        if not any(o.startswith("run_dir=") for o in overrides):
+            raise ConfigError("dimat peer needs run_dir=<folder> (shared by all peers of the run)")
+        cfg = compose(overrides, transport="grpc")
+        if str(cfg.transport.get("name")) != "grpc":
+            raise ConfigError(f"dimat peer runs the grpc transport (got transport={cfg.transport.get('name')})")
+        run_dir = Path(str(cfg.run_dir))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / f"config_peer_{ns.id}.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        logging.basicConfig(level=logging.WARNING, format=f"[peer {ns.id}] %(levelname)s %(message)s")
+        print(f"[peer {ns.id}] serving on {peers[ns.id]}; {cfg.num_peers} peers, {cfg.rounds} rounds -> {run_dir}",
+              flush=True)
         summary = run_peer(cfg, ns.id, peers, run_dir, resume=ns.resume, echo=lambda s: print(s, flush=True))
-    except (ConfigError, FileNotFoundError, TimeoutError) as exc:
-        fail(str(exc).splitlines()[0])
     acc = summary.get("final_mean_acc")
     print(f"[peer {ns.id}] done: {summary.get('rounds_done')} rounds, final test accuracy "
           f"{acc if acc is None else f'{acc:.4f}'}", flush=True)

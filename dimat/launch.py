@@ -30,23 +30,15 @@ from dimat.transport.torchdist import TorchDistTransport
 _PATH_BYTES = 4096
 
 
-def _fail(message: str, code: int = 2) -> None:
-    rank = os.environ.get("RANK", "?")
-    print(f"dimat.launch[rank {rank}]: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
+def _prog() -> str:
+    return f"dimat.launch[rank {os.environ.get('RANK', '?')}]"
 
 
 def compose_config(overrides: Sequence[str]) -> Any:
-    """The Hydra config for ``overrides`` (``transport=torchdist`` added when no transport is named)."""
-    from hydra import compose, initialize_config_dir
+    """The composed config for ``overrides`` (``transport=torchdist`` unless a transport is named)."""
+    from dimat.entry import compose
 
-    from dimat.cli import config_dir
-
-    overrides = list(overrides)
-    if not any(o.split("=", 1)[0].lstrip("+~") == "transport" for o in overrides):
-        overrides.insert(0, "transport=torchdist")
-    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        return compose(config_name="config", overrides=overrides)
+    return compose(overrides, transport="torchdist")
 
 
 def _broadcast_text(text: str, transport: TorchDistTransport) -> str:
@@ -129,11 +121,13 @@ def agree_resume(run_dir: Path, tag: str, want: bool, restarted: bool, transport
 
 def merge_outputs(fed: Any, run_dir: Path, local_summary: dict, transport: TorchDistTransport) -> dict | None:
     """Gather every rank's records; rank 0 writes the run's metrics.jsonl/csv, summary.json and plot."""
-    from dimat.federation import RoundResult, RunLog, make_summary, read_metrics
+    from dimat.federation.rounds import summary_of
+    from dimat.metrics import read_jsonl
+    from dimat.metrics.run_log import RunLog, combine_rounds
 
-    metrics = RunLog(run_dir, tag=f"rank{transport.rank}").metrics_path  # where run_rounds logged
+    mine = RunLog(run_dir, tag=f"rank{transport.rank}")  # where run_rounds logged
     payload = json.dumps({
-        "records": read_metrics(metrics) if metrics.exists() else [],
+        "records": read_jsonl(mine.metrics_path) if mine.metrics_path.exists() else [],
         "rounds": local_summary.get("rounds", []),
         "wall": local_summary.get("wall_time_s_this_session", 0.0),
     }).encode()
@@ -141,22 +135,11 @@ def merge_outputs(fed: Any, run_dir: Path, local_summary: dict, transport: Torch
     if transport.rank != 0:
         return None
     records = sorted((r for p in parts for r in p["records"]), key=lambda r: (r["round"], r["peer"]))
-    time_by_round: dict[int, float] = {}
-    for p in parts:
-        for r in p["rounds"]:
-            time_by_round[r["round"]] = max(time_by_round.get(r["round"], 0.0), float(r.get("time_s") or 0.0))
     log = RunLog(run_dir)
     log.start(None)
-    for k in sorted({r["round"] for r in records}):
-        recs = [r for r in records if r["round"] == k]
-        accs = [r["test_acc"] for r in recs]
-        log.log(recs, RoundResult(
-            round=k, mean_acc=sum(accs) / len(accs), min_acc=min(accs), max_acc=max(accs),
-            # each rank only sees its own peers' weights; the global distance is not computed
-            consensus=None,  # type: ignore[arg-type]
-            bytes_sent=int(sum(r.get("bytes_sent") or 0 for r in recs)), time_s=time_by_round.get(k, 0.0),
-        ))
-    summary = make_summary(fed, log.rounds, max(p["wall"] for p in parts), int(fed.cfg.rounds))
+    for res in combine_rounds(records, [p["rounds"] for p in parts]):
+        log.log([r for r in records if r["round"] == res.round], res)
+    summary = summary_of(fed, log.rounds, max(p["wall"] for p in parts))
     summary["local_peers"] = sorted({r["peer"] for r in records})
     summary["world_size"] = transport.world_size
     summary["backend"] = transport.backend
@@ -184,66 +167,60 @@ def _write_config(cfg: Any, overrides: Sequence[str], run_dir: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run this rank's peers for the configured rounds; rank 0 writes the run summary."""
+    from dimat.config import ConfigError, RunConfig
+    from dimat.entry import fail, set_threads, user_errors
+    from dimat.federation import build_federation, run_rounds
+    from dimat.transport import build_transport
+
     args = list(sys.argv[1:] if argv is None else argv)
     if "--resume" in args:
         args = [a for a in args if a != "--resume"] + ["resume=true"]
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        _fail("dimat.launch runs under torchrun, e.g. `torchrun --standalone --nproc_per_node=4 -m dimat.launch`")
-    from dimat.federation import ConfigError, build_federation, run_rounds
-
-    try:
-        cfg = compose_config(args)
-    except Exception as exc:  # Hydra's composition errors: one line, not a traceback per rank
-        _fail(f"config: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        fail("dimat.launch runs under torchrun, e.g. `torchrun --standalone --nproc_per_node=4 -m dimat.launch`",
+             _prog())
     world = int(os.environ["WORLD_SIZE"])
-    n = int(cfg.num_peers)
-    method = str(cfg.merge.get("method", "dimat"))
-    if str(cfg.transport.get("name")) != "torchdist":
-        _fail(f"dimat.launch needs transport=torchdist (got {cfg.transport.get('name')!r})")
-    if method == "centralized":
-        _fail("merge=centralized trains one model; run it with `dimat simulate`")
-    if n < world:
-        _fail(f"num_peers={n} is smaller than the {world} ranks; every rank must host at least one peer")
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-
-    tcfg = cfg.transport
-    transport = TorchDistTransport(
-        n_peers=n,
-        backend=tcfg.get("backend") or None,
-        pg_timeout=float(tcfg.get("pg_timeout") or 600.0),
-    )
+    with user_errors(_prog()):
+        cfg = compose_config(args)
+        run = RunConfig.from_config(cfg)
+        if run.transport.name != "torchdist":
+            raise ConfigError(f"dimat.launch needs transport=torchdist (got {run.transport.name!r})")
+        if run.method == "centralized":
+            raise ConfigError("merge=centralized trains one model; run it with `dimat simulate`")
+        if run.num_peers < world:
+            raise ConfigError(f"num_peers={run.num_peers} is smaller than the {world} ranks; "
+                              "every rank must host at least one peer")
+    set_threads(run.threads)
+    transport = build_transport(run.transport, n_peers=run.num_peers)
     rank = transport.rank
     try:
         user_dir = any(a.startswith("run_dir=") for a in args)
         run_dir = agree_run_dir(cfg, user_dir, transport)
         cfg.run_dir = str(run_dir)
-        if transport.backend == "nccl" and str(cfg.get("device", "cpu")) == "cpu":
+        if transport.backend == "nccl" and run.device == "cpu":
             cfg.device = str(transport.device)  # peers train where their NCCL buffers live
-        try:
-            fed = build_federation(cfg, local_ids=list(transport.local_peers))
-        except (ConfigError, FileNotFoundError, NotADirectoryError) as exc:
-            _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        with user_errors(_prog()):
+            run = RunConfig.from_config(cfg)
+            fed = build_federation(run, local_ids=list(transport.local_peers))
         tag = f"rank{rank}"
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-        resume = agree_resume(run_dir, tag, bool(cfg.get("resume", False)), restarted, transport)
+        resume = agree_resume(run_dir, tag, run.resume, restarted, transport)
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             if not resume:
                 _write_config(cfg, args, run_dir)
-            print(f"dimat.launch: {fed.method} · {cfg.model.name} · {cfg.data.name} · {n} peers on {world} "
-                  f"rank(s) ({transport.backend}) · {cfg.topology.name} · {cfg.rounds} rounds"
+            print(f"dimat.launch: {fed.method} · {run.model.name} · {run.data.name} · {run.num_peers} peers on "
+                  f"{world} rank(s) ({transport.backend}) · {run.topology.name} · {run.rounds} rounds"
                   f"{' (resuming)' if resume else ''} → {run_dir}", flush=True)
         local = run_rounds(
             fed, transport, run_dir, resume=resume, process_tag=tag,
-            progress=bool(cfg.get("progress", True)) and rank == 0,
+            progress=run.progress and rank == 0,
             echo=(lambda s: print(f"[rank 0 peers {list(transport.local_peers)}] {s}", flush=True)) if rank == 0 else None,
         )
         summary = merge_outputs(fed, run_dir, local, transport)
         if summary is not None:
             print(f"dimat.launch: final test accuracy mean {summary['final_mean_acc']:.4f} "
-                  f"(min {summary['final_min_acc']:.4f}, max {summary['final_max_acc']:.4f}) over {n} peers; "
-                  f"outputs in {run_dir}", flush=True)
+                  f"(min {summary['final_min_acc']:.4f}, max {summary['final_max_acc']:.4f}) over {run.num_peers} "
+                  f"peers; outputs in {run_dir}", flush=True)
     finally:
         transport.close()
     return 0

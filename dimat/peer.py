@@ -17,7 +17,6 @@ optimizer each round. Consensus SGD (``gossip``) keeps it, see :meth:`Peer.load_
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -25,26 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dimat.config import TrainConfig
 from dimat.merge.basis import BASIS_KEY, attach_basis, plan_rebase, split_basis
 from dimat.topology.membership import renormalise
 
 StateDict = dict[str, torch.Tensor]
 
 MERGE_METHODS = ("dimat", "weight_matching", "average")
-
-
-@dataclass
-class TrainConfig:
-    """How a peer trains. ``align_batches`` bounds the own data used for alignment and BN reset."""
-
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    optimizer: str = "sgd"
-    nesterov: bool = False
-    align_batches: int = 8
-    eval_batch_size: int = 1024
 
 
 def as_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,11 +44,6 @@ def as_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.stack([torch.as_tensor(p[0]) for p in pairs])
         y = torch.as_tensor([int(p[1]) for p in pairs])
     return x.float() if not x.is_floating_point() else x, y.long()
-
-
-def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:
-    """Bytes of raw tensor data in a state dict (what a transport puts on the wire, before framing)."""
-    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 def build_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -88,7 +69,7 @@ class Peer:
         train_data: Any,
         val_data: Any | None = None,
         *,
-        config: TrainConfig | None = None,
+        config: TrainConfig,
         seed: int = 0,
         device: str | torch.device = "cpu",
         merge_method: str = "dimat",
@@ -101,7 +82,7 @@ class Peer:
         # which unit ordering the model is in (dimat.merge.basis): own id, or a shared one (shared init)
         self.basis = self.id if basis is None else int(basis)
         self.consensus_basis = bool(consensus_basis)
-        self.config = config or TrainConfig()
+        self.config = config
         self.device = torch.device(device)
         self.model = model.to(self.device)
         if BASIS_KEY in self.model.state_dict():

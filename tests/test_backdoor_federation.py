@@ -5,27 +5,25 @@ import json
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from dimat.federation import build_federation, simulate
 
 
 def _cfg(tmp: Path, aggregator: str = "mean", scale: float = 1.0) -> object:
-    return OmegaConf.create({
-        "seed": 0, "num_peers": 3, "rounds": 2, "local_epochs": 1, "pretrain_epochs": 0, "init": "different",
-        "device": "cpu", "threads": 1, "progress": False,
-        "model": {"name": "mlp", "hidden": [16]},
-        "data": {"name": "digits", "root": None, "val_fraction": 0.0},
-        "partition": {"scheme": "iid"},
-        "topology": {"name": "fully_connected", "rule": "uniform"},
-        "merge": {"method": "dimat", "align_batches": 2, "reset_bn": True, "aggregator": aggregator},
-        "transport": {"name": "inproc"},
-        "train": {"batch_size": 32, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "optimizer": "sgd"},
-        "checkpoint": {"enabled": False, "keep_last": 1},
-        "attack": {"malicious": [1], "trigger": "badnets", "trigger_kwargs": {"value": 2.0, "size": 3},
-                   "target_class": 0, "poison_rate": 0.5, "scale": scale, "seed": 0},
-        "run_dir": str(tmp),
-    })
+    from dimat.entry import compose
+
+    return compose([
+        "seed=0", "num_peers=3", "rounds=2", "local_epochs=1", "pretrain_epochs=0", "init=different",
+        "device=cpu", "threads=1", "progress=false",
+        "model=mlp", "model.hidden=[16]", "data=digits", "data.val_fraction=0.0",
+        "partition=iid", "topology=fully_connected", "topology.rule=uniform",
+        "merge=dimat", "merge.align_batches=2", "merge.reset_bn=true", f"merge.aggregator={aggregator}",
+        "train.batch_size=32", "train.lr=0.05", "train.momentum=0.9", "train.weight_decay=0.0", "train.optimizer=sgd",
+        "checkpoint.enabled=false", "checkpoint.keep_last=1",
+        "attack=badnets", "attack.malicious=[1]", "attack.trigger=badnets",
+        "attack.trigger_kwargs={value: 2.0, size: 3}", "attack.target_class=0", "attack.poison_rate=0.5",
+        f"attack.scale={scale}", "attack.seed=0", f"run_dir={tmp}",
+    ])
 
 
 def test_malicious_peer_is_poisoned_and_asr_is_logged(tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ from dimat.federation import simulate
 from dimat.merge import BASIS_KEY, attach_basis, merge_states, split_basis
 from dimat.merge.basis import plan_rebase
 from dimat.models import build_model
-from dimat.peer import Peer, TrainConfig
+from dimat.entry import default_train_config
+from dimat.peer import Peer
 
 from test_federation import compose
 
@@ -77,7 +78,7 @@ def test_same_basis_is_not_rematched() -> None:
 
 
 def test_peer_adopts_the_lowest_basis_and_rejects_a_bad_tag() -> None:
-    cfg = TrainConfig(batch_size=32, align_batches=2)
+    cfg = default_train_config(batch_size=32, lr=0.05, align_batches=2)
     a = Peer(2, _mlp(2), _data(), config=cfg)
     b = Peer(1, _mlp(1), _data(seed=1), config=cfg)
     assert (a.basis, b.basis) == (2, 1)
@@ -128,7 +129,7 @@ def test_consensus_basis_setting() -> None:
 
 def test_a_fetched_state_brings_its_basis() -> None:
     # a rejoining peer loads a neighbour's state (dimat.grpc_peer): it must adopt that state's basis
-    cfg = TrainConfig(batch_size=32, align_batches=2)
+    cfg = default_train_config(batch_size=32, lr=0.05, align_batches=2)
     late = Peer(3, _mlp(3), _data(), config=cfg)
     src = Peer(1, _mlp(1), _data(seed=1), config=cfg, basis=0)
     late.load_state(src.shared_state())

@@ -6,7 +6,8 @@ from torch import nn
 
 from dimat.models import build_model
 from dimat.merge.aggregators import MeanAggregator
-from dimat.peer import Peer, TrainConfig
+from dimat.entry import default_train_config
+from dimat.peer import Peer
 from dimat.topology.membership import renormalise
 from dimat.transport.inproc import InProcTransport
 
@@ -21,7 +22,7 @@ def _data(n: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def _peer(pid: int, seed: int = 0, **kw) -> Peer:
     torch.manual_seed(100 + pid)
     model = build_model("mlp", num_classes=4, input_dim=12, hidden=(16, 16))
-    return Peer(pid, model, _data(seed=seed), _data(64, seed=9), config=TrainConfig(batch_size=32, lr=0.05, align_batches=2),
+    return Peer(pid, model, _data(seed=seed), _data(64, seed=9), config=default_train_config(batch_size=32, lr=0.05, align_batches=2),
                 seed=seed + pid, **kw)
 
 
@@ -104,7 +105,7 @@ def test_aggregation_context_seed_follows_the_run_seed() -> None:
     def context_seed(run_seed: int, train_steps: int = 0) -> int:
         agg = _SeedRecorder()
         peer = Peer(0, build_model("mlp", num_classes=4, input_dim=12, hidden=(16, 16)), _data(),
-                    config=TrainConfig(batch_size=32, align_batches=1), seed=run_seed, aggregator=agg)
+                    config=default_train_config(batch_size=32, lr=0.05, align_batches=1), seed=run_seed, aggregator=agg)
         peer.train_steps(train_steps)
         peer.merge({1: _peer(1).state()}, {0: 0.5, 1: 0.5}, method="average", reset_bn=False)
         return agg.seeds[0]
@@ -119,7 +120,7 @@ def test_inproc_exchange_delivers_private_copies() -> None:
     t = InProcTransport()
     states = {i: {"w": torch.full((3,), float(i))} for i in range(3)}
     ring_in = {0: [1, 2], 1: [0, 2], 2: [0, 1]}
-    got = t.exchange(1, states, ring_in, ring_in)
+    got = t.exchange(1, states, ring_in, ring_in).received
     assert sorted(got[0]) == [1, 2] and torch.equal(got[0][1]["w"], states[1]["w"])
     got[0][1]["w"].add_(100.0)  # a receiver scribbling on its copy...
     assert torch.equal(states[1]["w"], torch.ones(3))  # ...changes neither the sender
@@ -130,7 +131,7 @@ def test_inproc_exchange_delivers_private_copies() -> None:
 def test_inproc_respects_directed_edges() -> None:
     t = InProcTransport()
     states = {i: {"w": torch.zeros(1)} for i in range(3)}
-    got = t.exchange(1, states, {0: [2], 1: [0], 2: [1]}, {0: [1], 1: [2], 2: [0]})
+    got = t.exchange(1, states, {0: [2], 1: [0], 2: [1]}, {0: [1], 1: [2], 2: [0]}).received
     assert {q: sorted(v) for q, v in got.items()} == {0: [2], 1: [0], 2: [1]}
 
 

@@ -18,15 +18,18 @@ set (``clean_acc``) and on the triggered non-target test inputs (``asr``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from dimat.confutil import plain as _plain
 
 from dimat.attacks.metrics import attack_success_rate
 from dimat.attacks.poison import poison_dataset, scale_update
 from dimat.attacks.triggers import Trigger, build_trigger
+from dimat.merge.basis import attach_basis, split_basis
+
+if TYPE_CHECKING:
+    from dimat.config import AttackSettings
 
 StateDict = dict[str, torch.Tensor]
 
@@ -74,7 +77,9 @@ class Attack:
             return out
         for pid, st in states.items():
             if self.is_malicious(pid) and pid in self._base:
-                out[pid] = scale_update(st, self._base[pid], self.scale)
+                model, basis = split_basis(st)  # the tag travels unchanged
+                scaled = scale_update(model, self._base[pid], self.scale)
+                out[pid] = scaled if basis is None else attach_basis(scaled, basis)
         return out
 
     def evaluate(self, model: torch.nn.Module, x_test: torch.Tensor, y_test: torch.Tensor) -> float:
@@ -82,25 +87,26 @@ class Attack:
         return attack_success_rate(model, x_test, y_test, self.trigger, self.target_class)
 
 
-def build_attack(cfg: Any, num_peers: int, num_classes: int) -> Attack | None:
-    """The :class:`Attack` described by ``cfg.attack``, or None when there is none (or no malicious peer)."""
-    node = cfg.get("attack", None) if hasattr(cfg, "get") else getattr(cfg, "attack", None)
-    a = _plain(node)
-    malicious = [int(i) for i in (a.get("malicious") or [])]
-    if not malicious:
+def build_attack(settings: "AttackSettings | Mapping[str, Any]", num_peers: int, num_classes: int) -> Attack | None:
+    """The :class:`Attack` described by ``settings``, or None without a malicious peer.
+
+    ``settings`` is ``RunConfig.attack``, or a config mapping (``{"attack": {...}}`` or the section
+    itself) whose absent keys take their values from ``configs/``.
+    """
+    from dimat.config import AttackSettings
+
+    if not isinstance(settings, AttackSettings):
+        from dimat.entry import compose
+
+        section = settings.get("attack", settings) if isinstance(settings, Mapping) else settings
+        settings = AttackSettings.from_mapping({**compose()["attack"], **dict(section or {})})
+    if not settings.malicious:
         return None
-    bad = [i for i in malicious if not 0 <= i < num_peers]
+    bad = [i for i in settings.malicious if not 0 <= i < num_peers]
     if bad:
         raise ValueError(f"attack.malicious ids {bad} out of range for {num_peers} peers")
-    target = int(a.get("target_class", 0))
-    if not 0 <= target < num_classes:
-        raise ValueError(f"attack.target_class {target} out of range for {num_classes} classes")
-    rate = float(a.get("poison_rate", 0.3))
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"attack.poison_rate must be in [0, 1], got {rate}")
-    scale = float(a.get("scale", 1.0))
-    if not scale > 0:
-        raise ValueError(f"attack.scale must be > 0, got {scale}")
-    kind = str(a.get("trigger", "badnets"))
-    trigger = build_trigger(kind, **(a.get("trigger_kwargs") or {}))
-    return Attack(sorted(set(malicious)), trigger, target, rate, scale, int(a.get("seed", 0)), kind)
+    if not 0 <= settings.target_class < num_classes:
+        raise ValueError(f"attack.target_class {settings.target_class} out of range for {num_classes} classes")
+    trigger = build_trigger(settings.trigger, **settings.trigger_kwargs)
+    return Attack(list(settings.malicious), trigger, settings.target_class, settings.poison_rate, settings.scale,
+                  settings.seed, settings.trigger)

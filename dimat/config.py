@@ -1,0 +1,346 @@
+"""The run configuration as typed records, validated once from the composed Hydra config.
+
+Every default lives in ``configs/`` (the YAML files); nothing here supplies a value the config did
+not give. :func:`RunConfig.from_config` checks types and ranges once and raises
+:class:`ConfigError` with one line naming the key; builders, the round loop and every entry point
+read the typed record, never the raw config. ``RunConfig.raw`` keeps the resolved plain mapping so a
+run folder can record exactly what ran.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+METHODS = ("dimat", "weight_matching", "average", "gossip", "isolated", "centralized")
+#: methods whose round ends in one exchange + merge on the peer (the rest exchange differently or never)
+MERGE_METHODS = ("dimat", "weight_matching", "average")
+
+
+class ConfigError(ValueError):
+    """The configuration cannot describe a federation (reported as one line, exit code 2)."""
+
+
+def plain(node: Any) -> dict[str, Any]:
+    """A plain dict copy of a config node (OmegaConf or mapping); ``{}`` for None."""
+    if node is None:
+        return {}
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+    return dict(node)
+
+
+class _Reader:
+    """Typed access to one config section; every failure names ``<section>.<key>``."""
+
+    def __init__(self, data: Mapping[str, Any], where: str = "") -> None:
+        self.data = dict(data)
+        self.where = where
+        self.used: set[str] = set()
+
+    def name(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def raw(self, key: str, *, optional: bool = False) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            if optional:
+                return None
+            raise ConfigError(f"config is missing {self.name(key)} (every default lives in configs/)")
+        return self.data[key]
+
+    def number(self, key: str, kind: type, minimum: float | None = None, *, optional: bool = False) -> Any:
+        raw = self.raw(key, optional=optional)
+        if raw is None:
+            if optional:
+                return None
+            raise ConfigError(f"{self.name(key)} must be set (got null)")
+        try:
+            if isinstance(raw, bool):
+                raise ValueError
+            val = kind(raw)
+            if kind is int and float(raw) != val:
+                raise ValueError
+        except (TypeError, ValueError):
+            noun = "an integer" if kind is int else "a number"
+            raise ConfigError(f"{self.name(key)} must be {noun} (got {raw!r})") from None
+        if minimum is not None and val < minimum:
+            raise ConfigError(f"{self.name(key)} must be at least {minimum} (got {val})")
+        return val
+
+    def flag(self, key: str) -> bool:
+        raw = self.raw(key)
+        if not isinstance(raw, bool):
+            raise ConfigError(f"{self.name(key)} must be true or false (got {raw!r})")
+        return raw
+
+    def text(self, key: str, choices: tuple[str, ...] | None = None, *, optional: bool = False) -> str | None:
+        raw = self.raw(key, optional=optional)
+        if raw is None and optional:
+            return None
+        if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
+            raise ConfigError(f"{self.name(key)} must be a string (got {raw!r})")
+        val = str(raw)
+        if choices is not None and val not in choices:
+            raise ConfigError(f"{self.name(key)} must be one of {', '.join(choices)} (got {val!r})")
+        return val
+
+    def section(self, key: str) -> dict[str, Any]:
+        raw = self.raw(key)
+        if raw is None:
+            return {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{self.name(key)} must be a mapping (got {raw!r})")
+        return dict(raw)
+
+    def rest(self) -> dict[str, Any]:
+        """The keys not read yet (options passed through to a builder), without nulls."""
+        return {k: v for k, v in self.data.items() if k not in self.used and v is not None}
+
+    def no_others(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(f"unknown {self.where or 'config'} option(s): {', '.join(unknown)}")
+
+
+@dataclass
+class TrainConfig:
+    """How a peer trains. ``align_batches`` bounds the own data used for alignment and BN reset.
+
+    No field has a default: the defaults live in ``configs/`` (``dimat.entry.default_train_config``).
+    """
+
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    optimizer: str
+    nesterov: bool
+    align_batches: int
+    eval_batch_size: int
+
+
+@dataclass(frozen=True)
+class Component:
+    """A pluggable part named in the config (model, data set, partition, topology): name + options."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    name: str
+    root: str | None
+    val_fraction: float
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    method: str
+    align_batches: int
+    reset_bn: bool
+    #: True / False, or None for "auto" (on unless a defence aggregates)
+    consensus_basis: bool | None
+    aggregator: str
+    aggregator_kwargs: dict[str, Any]
+    gossip_every: int
+
+    @property
+    def merges_on_peer(self) -> bool:
+        return self.method in MERGE_METHODS
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    enabled: bool
+    keep_last: int
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    malicious: tuple[int, ...]
+    trigger: str
+    trigger_kwargs: dict[str, Any]
+    target_class: int
+    poison_rate: float
+    scale: float
+    seed: int
+
+    @classmethod
+    def from_mapping(cls, section: Mapping[str, Any]) -> "AttackSettings":
+        """Validate a complete ``attack`` section (one :class:`ConfigError` line naming the key)."""
+        return _attack_settings(_Reader(section, "attack"))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs, typed and checked; built by :meth:`from_config`."""
+
+    seed: int
+    num_peers: int
+    rounds: int
+    local_epochs: float
+    pretrain_epochs: float
+    init: str
+    device: str
+    threads: int | None
+    tensorboard: bool
+    progress: bool
+    resume: bool
+    run_dir: str
+    train: TrainConfig
+    merge: MergeSettings
+    checkpoint: CheckpointSettings
+    transport: Any  # dimat.transport.settings.TransportSettings
+    model: Component
+    data: DataSettings
+    partition: Component
+    topology: Component
+    attack: AttackSettings
+    raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.merge.method
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "RunConfig":
+        """Validate a composed config (OmegaConf node or mapping); a :class:`RunConfig` passes through."""
+        if isinstance(cfg, RunConfig):
+            return cfg
+        try:
+            raw = plain(cfg)
+        except Exception as exc:  # interpolation errors (${oc.env:...}, missing ???) are config errors
+            raise ConfigError("config cannot be resolved") from exc
+        raw.pop("hydra", None)
+        root = _Reader(raw)
+        merge = _merge_settings(_Reader(root.section("merge"), "merge"))
+        run = cls(
+            seed=root.number("seed", int, -(2**31)),
+            num_peers=root.number("num_peers", int, 1),
+            rounds=root.number("rounds", int, 0),
+            local_epochs=root.number("local_epochs", float, 0),
+            pretrain_epochs=root.number("pretrain_epochs", float, 0),
+            init=root.text("init", ("different", "shared")),  # type: ignore[arg-type]
+            device=root.text("device"),  # type: ignore[arg-type]
+            threads=root.number("threads", int, 1, optional=True),
+            tensorboard=root.flag("tensorboard"),
+            progress=root.flag("progress"),
+            resume=root.flag("resume"),
+            run_dir=root.text("run_dir"),  # type: ignore[arg-type]
+            train=_train_settings(_Reader(root.section("train"), "train"), merge.align_batches),
+            merge=merge,
+            checkpoint=_checkpoint_settings(_Reader(root.section("checkpoint"), "checkpoint")),
+            transport=_transport_settings(root.section("transport")),
+            model=_component(_Reader(root.section("model"), "model"), "name"),
+            data=_data_settings(_Reader(root.section("data"), "data")),
+            partition=_component(_Reader(root.section("partition"), "partition"), "scheme"),
+            topology=_component(_Reader(root.section("topology"), "topology"), "name"),
+            attack=_attack_settings(_Reader(root.section("attack"), "attack")),
+            raw=raw,
+        )
+        root.raw("experiment", optional=True)  # a preset's own keys were merged into the others
+        root.no_others()
+        return run
+
+
+def _merge_settings(r: _Reader) -> MergeSettings:
+    method = r.text("method")
+    if method not in METHODS:
+        raise ConfigError(f"unknown merge method {method!r} (expected one of {', '.join(METHODS)})")
+    basis = r.raw("consensus_basis")
+    if basis == "auto":
+        basis = None
+    elif not isinstance(basis, bool):
+        raise ConfigError(f"merge.consensus_basis must be true, false or auto (got {basis!r})")
+    kwargs = r.raw("aggregator_kwargs")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise ConfigError(f"merge.aggregator_kwargs must be a mapping (got {kwargs!r})")
+    out = MergeSettings(
+        method=method,  # type: ignore[arg-type]
+        align_batches=r.number("align_batches", int, 1),
+        reset_bn=r.flag("reset_bn"),
+        consensus_basis=basis,
+        aggregator=r.text("aggregator"),  # type: ignore[arg-type]
+        aggregator_kwargs=dict(kwargs or {}),
+        gossip_every=r.number("gossip_every", int, 1),
+    )
+    r.no_others()
+    return out
+
+
+def _train_settings(r: _Reader, align_batches: int) -> TrainConfig:
+    tc = TrainConfig(
+        batch_size=r.number("batch_size", int, 1),
+        lr=r.number("lr", float),
+        momentum=r.number("momentum", float, 0),
+        weight_decay=r.number("weight_decay", float, 0),
+        optimizer=r.text("optimizer", ("sgd", "adam", "adamw")),  # type: ignore[arg-type]
+        nesterov=r.flag("nesterov"),
+        align_batches=align_batches,
+        eval_batch_size=r.number("eval_batch_size", int, 1),
+    )
+    if not tc.lr > 0:
+        raise ConfigError(f"train.lr must be positive (got {tc.lr})")
+    r.no_others()
+    return tc
+
+
+def _checkpoint_settings(r: _Reader) -> CheckpointSettings:
+    out = CheckpointSettings(enabled=r.flag("enabled"), keep_last=r.number("keep_last", int, 1))
+    r.no_others()
+    return out
+
+
+def _transport_settings(section: Mapping[str, Any]) -> Any:
+    from dimat.transport.settings import TransportSettings
+
+    try:
+        return TransportSettings.from_mapping(section)
+    except ValueError as exc:
+        raise ConfigError(str(exc).splitlines()[0]) from None
+
+
+def _component(r: _Reader, key: str) -> Component:
+    name = r.text(key)
+    return Component(name=name, options=r.rest())  # type: ignore[arg-type]
+
+
+def _data_settings(r: _Reader) -> DataSettings:
+    name = r.text("name")
+    root = r.text("root", optional=True)
+    val = r.number("val_fraction", float, 0)
+    if val >= 1:
+        raise ConfigError(f"data.val_fraction must be below 1 (got {val})")
+    return DataSettings(name=name, root=root, val_fraction=val, options=r.rest())  # type: ignore[arg-type]
+
+
+def _attack_settings(r: _Reader) -> AttackSettings:
+    malicious = r.raw("malicious") or []
+    if not isinstance(malicious, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in malicious):
+        raise ConfigError(f"attack.malicious must be a list of peer ids (got {malicious!r})")
+    kwargs = r.raw("trigger_kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        raise ConfigError(f"attack.trigger_kwargs must be a mapping (got {kwargs!r})")
+    out = AttackSettings(
+        malicious=tuple(sorted({int(i) for i in malicious})),
+        trigger=r.text("trigger"),  # type: ignore[arg-type]
+        trigger_kwargs=dict(kwargs),
+        target_class=r.number("target_class", int, 0),
+        poison_rate=r.number("poison_rate", float, 0),
+        scale=r.number("scale", float),
+        seed=r.number("seed", int),
+    )
+    if out.poison_rate > 1:
+        raise ConfigError(f"attack.poison_rate must be in [0, 1] (got {out.poison_rate})")
+    if not out.scale > 0:
+        raise ConfigError(f"attack.scale must be > 0 (got {out.scale})")
+    r.no_others()
+    return out
+
+
+__all__ = ["ConfigError", "RunConfig", "TrainConfig", "MergeSettings", "CheckpointSettings", "AttackSettings", "DataSettings",
+           "Component", "METHODS", "MERGE_METHODS", "plain"]

@@ -1,0 +1,213 @@
+"""Building a federation from a :class:`~dimat.config.RunConfig`: data, partition, schedule, peers.
+
+Every process builds the same partition and schedule from the same config, so processes only need
+to agree on the config, never to ship data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from dimat.config import MERGE_METHODS, ConfigError, RunConfig
+from dimat.peer import Peer, as_tensors
+
+
+@dataclass
+class Federation:
+    """Everything a process needs to run rounds for its local peers."""
+
+    config: RunConfig
+    peers: dict[int, Peer]
+    test_data: tuple[torch.Tensor, torch.Tensor]
+    schedule: Any | None
+    partition_sizes: dict[int, int]
+    num_peers: int
+    info: dict[str, Any] = field(default_factory=dict)
+    attack: Any | None = None  # a dimat.attacks.Attack when some peers are malicious
+
+    @property
+    def method(self) -> str:
+        return self.config.merge.method
+
+    def topology_at(self, round_idx: int) -> Any:
+        """The topology used in round ``round_idx`` (time-varying schedules change it)."""
+        return self.schedule.at(round_idx)
+
+
+def _first_arg(exc: BaseException) -> Any:
+    return exc.args[0] if exc.args else exc
+
+
+def build_model(run: RunConfig, num_classes: int, input_shape: Sequence[int], seed: int) -> torch.nn.Module:
+    """The configured model with its initial weights drawn from ``seed``."""
+    from dimat.models import build_model as _build
+
+    name = run.model.name
+    kw = {"num_classes": int(num_classes), "input_shape": tuple(int(s) for s in input_shape), **run.model.options}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        try:
+            return _build(name, **kw)
+        except (TypeError, ValueError) as exc:  # an option the model does not take
+            msg = str(exc)
+            raise ConfigError(msg if msg.startswith("model") else f"model {name!r}: {msg}") from exc
+
+
+def check_model_name(run: RunConfig) -> None:
+    from dimat.models import available_models
+
+    if run.model.name not in available_models():
+        raise ConfigError(f"unknown model {run.model.name!r} (available: {', '.join(sorted(available_models()))})")
+
+
+def load_data(run: RunConfig) -> Any:
+    from dimat.data import load_dataset
+
+    d = run.data
+    if d.root is not None and not Path(d.root).expanduser().exists():
+        raise ConfigError(f"data folder {d.root} does not exist (data.root for data set {d.name!r})")
+    try:
+        return load_dataset(d.name, root=d.root, **d.options)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"data set {d.name!r}: {exc}") from exc
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"data set {d.name!r}: {_first_arg(exc)}") from exc
+
+
+def split_peers(run: RunConfig, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Partition the training set, then carve each peer's local validation split."""
+    from dimat.data import partition, train_val_split
+
+    scheme = run.partition.name
+    try:
+        parts = partition(labels, run.num_peers, scheme=scheme, seed=run.seed, **run.partition.options)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(f"partition {scheme!r}: {_first_arg(exc)}") from exc
+    out = []
+    for i, idx in enumerate(parts):
+        idx = np.asarray(idx, dtype=np.int64)
+        if len(idx) == 0:
+            raise ConfigError(f"partition {scheme!r} left peer {i} with no data ({run.num_peers} peers)")
+        if run.data.val_fraction > 0:
+            tr, va = train_val_split(idx, val_fraction=run.data.val_fraction, seed=run.seed + i)
+            out.append((np.asarray(tr, dtype=np.int64), np.asarray(va, dtype=np.int64)))
+        else:
+            out.append((idx, np.empty(0, dtype=np.int64)))
+    return out
+
+
+def build_schedule(run: RunConfig) -> Any:
+    """The (possibly time-varying) topology schedule named by ``run.topology``."""
+    from dimat.topology import build_schedule as _build
+
+    name, kw = run.topology.name, dict(run.topology.options)
+    if name in ("erdos_renyi", "random_matching"):
+        kw.setdefault("seed", run.seed)  # random graphs follow the run's seed unless the config pins one
+    try:
+        schedule = _build(name, run.num_peers, **kw)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"topology {name!r}: {exc}") from exc
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(f"topology {name!r} with {run.num_peers} peers: {_first_arg(exc)}") from exc
+    if getattr(schedule.at(1), "n", run.num_peers) != run.num_peers:
+        raise ConfigError(f"topology has {schedule.at(1).n} peers, but num_peers={run.num_peers}")
+    return schedule
+
+
+def peer_seed(seed: int, peer_id: int) -> int:
+    """Per-peer seed: distinct, stable, and far from neighbouring base seeds."""
+    return int(seed) * 100_003 + 1_009 * (int(peer_id) + 1)
+
+
+def build_aggregator(run: RunConfig) -> Any | None:
+    """``None`` for the default weighted mean, else the configured aggregator object."""
+    from dimat.merge.aggregators import get_aggregator
+
+    name = run.merge.aggregator
+    if name == "mean":
+        return None
+    try:
+        return get_aggregator(name, **run.merge.aggregator_kwargs)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(f"aggregator {name!r}: {_first_arg(exc)}") from exc
+
+
+def consensus_basis(run: RunConfig, aggregator: Any | None) -> bool:
+    """``merge.consensus_basis``; auto (None) = on unless a robust/safety aggregator is set.
+
+    Under a defence, neighbours are not trusted, and the lowest basis tag (which any neighbour can
+    claim) makes its model the anchor every peer aligns to in the round the federation switches
+    basis; that makes it central in distance-based defences (docs/safety.md measures it).
+    """
+    return aggregator is None if run.merge.consensus_basis is None else run.merge.consensus_basis
+
+
+def build_attack(run: RunConfig, num_classes: int) -> Any | None:
+    from dimat.attacks import build_attack as _build
+
+    try:
+        return _build(run.attack, run.num_peers, num_classes)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"attack: {_first_arg(exc)}") from exc
+
+
+def build_federation(cfg: Any, local_ids: Sequence[int] | None = None) -> Federation:
+    """Load data, partition it, build the schedule and the peers hosted here (all by default).
+
+    ``cfg`` is a :class:`RunConfig` or a composed config (validated here). Raises
+    :class:`ConfigError` on bad configs.
+    """
+    run = RunConfig.from_config(cfg)
+    method = run.merge.method
+    check_model_name(run)  # before the (slower) data loading
+    bundle = load_data(run)
+    x_train, y_train = as_tensors(bundle.train)
+    test = as_tensors(bundle.test)
+    splits = split_peers(run, y_train.numpy())
+    schedule = None if method in ("isolated", "centralized") else build_schedule(run)
+
+    ids = list(range(run.num_peers)) if local_ids is None else [int(i) for i in local_ids]
+    if any(i < 0 or i >= run.num_peers for i in ids):
+        raise ConfigError(f"local peer ids {ids} out of range for {run.num_peers} peers")
+    aggregator = build_aggregator(run)
+    one_basis = consensus_basis(run, aggregator)
+
+    def make(pid: int, tr: np.ndarray, va: np.ndarray) -> Peer:
+        init_seed = run.seed if run.init == "shared" else peer_seed(run.seed, pid)
+        model = build_model(run, bundle.num_classes, bundle.input_shape, init_seed)
+        val = (x_train[va], y_train[va]) if len(va) else None
+        return Peer(pid, model, (x_train[tr], y_train[tr]), val, config=run.train, seed=peer_seed(run.seed, pid) + 1,
+                    device=run.device, merge_method=method if method in MERGE_METHODS else "average",
+                    reset_bn=run.merge.reset_bn, aggregator=aggregator,
+                    basis=0 if run.init == "shared" else pid, consensus_basis=one_basis)
+
+    if method == "centralized":
+        tr = np.concatenate([s[0] for s in splits])
+        va = np.concatenate([s[1] for s in splits])
+        peers = {0: make(0, tr, va)} if 0 in ids else {}
+        sizes, n_logical, attack = {0: len(tr)}, 1, None
+    else:
+        peers = {pid: make(pid, *splits[pid]) for pid in ids}
+        sizes = {i: len(s[0]) for i, s in enumerate(splits)}
+        n_logical = run.num_peers
+        attack = build_attack(run, bundle.num_classes)
+    if attack is not None:
+        attack.poison_peers(peers)
+    any_peer = next(iter(peers.values()), None)
+    info = {"num_classes": bundle.num_classes, "input_shape": list(bundle.input_shape),
+            "train_size": int(len(y_train)), "test_size": int(len(test[1])),
+            "model_bytes": state_bytes(any_peer.shared_state()) if any_peer is not None else 0}
+    if attack is not None:
+        info["attack"] = {"malicious": attack.malicious, "trigger": attack.trigger_name,
+                          "target_class": attack.target_class, "poison_rate": attack.poison_rate,
+                          "scale": attack.scale}
+    return Federation(run, peers, test, schedule, sizes, n_logical, info, attack)
+
+
+def state_bytes(state: dict[str, torch.Tensor]) -> int:
+    """Raw tensor bytes of a state (one uncompressed message's payload; reported, not counted)."""
+    return sum(t.numel() * t.element_size() for t in state.values())

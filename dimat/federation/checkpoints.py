@@ -1,0 +1,74 @@
+"""Per-peer checkpoints: every round's state on disk, written atomically, and the resume point."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from dimat.atomic import atomic_write
+from dimat.metrics import write_text_atomic
+from dimat.peer import Peer
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through :func:`dimat.atomic.atomic_write`: never a half-written checkpoint."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+class Checkpointer:
+    """Per-peer, per-round checkpoints under ``<run>/checkpoints/peer_XXX/round_XXXX.pt``.
+
+    ``progress[_tag].json`` records the last round whose checkpoints are *all* on disk; it is
+    written last, so a crash mid-round resumes from the previous finished round.
+    """
+
+    def __init__(self, run_dir: Path, keep_last: int | None = None, tag: str | None = None) -> None:
+        """``keep_last``: rounds kept per peer when saving (``checkpoint.keep_last``); None keeps all."""
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep_last = None if keep_last is None else max(int(keep_last), 1)
+        self.progress = self.root / (f"progress_{tag}.json" if tag else "progress.json")
+
+    def path(self, peer_id: int, round_idx: int) -> Path:
+        return self.root / f"peer_{peer_id:03d}" / f"round_{round_idx:04d}.pt"
+
+    def save(self, round_idx: int, peers: Mapping[int, Peer]) -> None:
+        for pid, peer in peers.items():
+            ckpt = peer.checkpoint()
+            ckpt["round"] = round_idx
+            ckpt["torch_rng"] = torch.get_rng_state()
+            atomic_torch_save(ckpt, self.path(pid, round_idx))
+        write_text_atomic(self.progress, json.dumps({"last_round": round_idx, "peers": sorted(peers)}))
+        for pid in peers if self.keep_last is not None else ():
+            for old in sorted(self.path(pid, 0).parent.glob("round_*.pt"))[: -self.keep_last]:
+                old.unlink(missing_ok=True)
+
+    def last_round(self) -> int | None:
+        if not self.progress.exists():
+            return None
+        return int(json.loads(self.progress.read_text())["last_round"])
+
+    def remove_partial_writes(self, peers: Mapping[int, Peer]) -> int:
+        """Delete temporary files a killed process left mid-write (they were never renamed into place)."""
+        removed = 0
+        for pid in peers:
+            for tmp in self.path(pid, 0).parent.glob(".round_*.tmp"):
+                tmp.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def restore(self, round_idx: int, peers: Mapping[int, Peer]) -> None:
+        self.remove_partial_writes(peers)
+        rng = None
+        for pid, peer in peers.items():
+            p = self.path(pid, round_idx)
+            if not p.exists():
+                raise FileNotFoundError(f"checkpoint {p} is missing; cannot resume round {round_idx}")
+            ckpt = torch.load(p, map_location="cpu", weights_only=True)
+            if int(ckpt["round"]) != round_idx:
+                raise ValueError(f"checkpoint {p} is for round {ckpt['round']}, expected {round_idx}")
+            peer.restore(ckpt)
+            rng = ckpt.get("torch_rng", rng)
+        if rng is not None:
+            torch.set_rng_state(rng)

@@ -1,0 +1,247 @@
+"""The round loop, written once for every transport.
+
+One round, for the peers hosted by this process::
+
+    train (E local epochs) -> exchange shared states with the topology's neighbours (transport)
+    -> each peer merges what it received (align, mix with the topology's weights, BN reset)
+    -> evaluate on the global test set -> log -> checkpoint
+
+Methods (``merge.method``), all on the same data and epoch budget:
+
+* ``dimat`` — activation-matched alignment then mixing-weight average (the paper's method);
+* ``weight_matching`` — alignment by weight matching, then average;
+* ``average`` — plain mixing-weight averaging without alignment (the paper's WA baseline);
+* ``gossip`` — consensus decentralized SGD: every ``gossip_every`` local steps, average with the
+  mixing weights (no alignment, optimizer momentum kept, BN statistics averaged);
+* ``isolated`` — peers never communicate;
+* ``centralized`` — one model trained on the union of all peers' training data.
+
+The transport sees exchange numbers, not rounds: round ``r`` of a method that exchanges ``g`` times
+per round (gossip) uses exchanges ``(r-1)*g + 1 .. r*g``; every other method uses exchange ``r``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from dimat.config import MERGE_METHODS, ConfigError
+from dimat.federation.build import Federation, build_federation
+from dimat.federation.checkpoints import Checkpointer
+from dimat.metrics.run_log import RoundResult, RunLog, make_summary, round_result
+
+
+@dataclass
+class RoundOutput:
+    """What one round's training and exchanges produced for this process's peers."""
+
+    train: dict[int, dict[str, float]]
+    bytes_sent: dict[int, int]
+    heard: dict[int, list[int]]
+    missing: dict[int, list[int]]
+    refused: dict[int, dict[int, str]] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, peers: Any) -> "RoundOutput":
+        return cls({}, {p: 0 for p in peers}, {p: [] for p in peers}, {p: [] for p in peers}, {})
+
+
+def exchanges_per_round(fed: Federation) -> int:
+    """Exchanges in one round: 1, or for gossip one every ``gossip_every`` steps of the median-size peer."""
+    if fed.method != "gossip":
+        return 1
+    steps = [math.ceil(n / fed.config.train.batch_size) * fed.config.local_epochs for n in fed.partition_sizes.values()]
+    return max(1, round(float(np.median(steps)) / fed.config.merge.gossip_every))
+
+
+def exchange_and_merge(fed: Federation, transport: Any, topo: Any, exchange_idx: int, out: RoundOutput, *,
+                       method: str, reset_bn: bool, reset_optimizer: bool) -> None:
+    """One exchange of shared states, then every local peer merges what it received (into ``out``)."""
+    states = {pid: p.shared_state() for pid, p in fed.peers.items()}
+    if fed.attack is not None:
+        states = fed.attack.outgoing(states)  # model replacement by malicious peers
+    in_nb = {pid: list(topo.in_neighbours(pid)) for pid in fed.peers}
+    out_nb = {pid: list(topo.out_neighbours(pid)) for pid in fed.peers}
+    result = transport.exchange(exchange_idx, states, in_nb, out_nb, timeout=fed.config.transport.timeout)
+    for pid, peer in fed.peers.items():
+        got = result.received.get(pid, {})
+        peer.merge(got, topo.weights_for(pid), method=method, reset_bn=reset_bn, reset_optimizer=reset_optimizer)
+        out.bytes_sent[pid] += int(result.bytes_sent.get(pid, 0))
+        out.heard[pid] = sorted(got)
+        out.missing[pid] = sorted(set(out.missing[pid]) | set(result.missing.get(pid, [])))
+        if result.refused.get(pid):
+            out.refused.setdefault(pid, {}).update(result.refused[pid])
+
+
+def train_round(fed: Federation, transport: Any, round_idx: int, epochs: float) -> RoundOutput:
+    """Local training and the round's exchanges (interleaved with training for gossip)."""
+    out = RoundOutput.empty(fed.peers)
+    if fed.method == "gossip":
+        g = exchanges_per_round(fed)
+        topo = fed.topology_at(round_idx)
+        totals = {pid: round(epochs * p.steps_per_epoch) for pid, p in fed.peers.items()}
+        parts: dict[int, list[dict[str, float]]] = {pid: [] for pid in fed.peers}
+        for k in range(g):
+            for pid, p in fed.peers.items():
+                t = totals[pid]
+                parts[pid].append(p.train_steps(t * (k + 1) // g - t * k // g))
+            exchange_and_merge(fed, transport, topo, (round_idx - 1) * g + k + 1, out, method="average",
+                               reset_bn=False, reset_optimizer=False)
+        for pid, chunks in parts.items():
+            n = sum(x["steps"] for x in chunks) or 1
+            out.train[pid] = {"loss": sum(x["loss"] * x["steps"] for x in chunks) / n,
+                              "acc": sum(x["acc"] * x["steps"] for x in chunks) / n}
+        return out
+    if fed.attack is not None:
+        fed.attack.before_training(fed.peers)
+    for pid, p in fed.peers.items():
+        out.train[pid] = p.train(epochs)
+    if fed.method in MERGE_METHODS:
+        exchange_and_merge(fed, transport, fed.topology_at(round_idx), round_idx, out, method=fed.method,
+                           reset_bn=fed.config.merge.reset_bn, reset_optimizer=True)
+    return out
+
+
+def evaluate_round(fed: Federation, round_idx: int, out: RoundOutput, elapsed: float) -> tuple[list[dict[str, Any]], RoundResult]:
+    """Evaluate every local peer on the global test set and on its validation split."""
+    records: list[dict[str, Any]] = []
+    for pid, p in sorted(fed.peers.items()):
+        test = p.evaluate(fed.test_data)
+        val = p.evaluate_val()
+        tr = out.train.get(pid, {})
+        rec = {
+            "round": round_idx, "peer": pid, "method": fed.method,
+            "test_acc": test["acc"], "test_loss": test["loss"],
+            "val_acc": None if val is None else val["acc"], "val_loss": None if val is None else val["loss"],
+            "train_loss": tr.get("loss"), "train_acc": tr.get("acc"),
+            "neighbours": out.heard.get(pid, []), "missing": out.missing.get(pid, []),
+            "bytes_sent": int(out.bytes_sent.get(pid, 0)),
+        }
+        if out.refused.get(pid):
+            rec["refused"] = {str(j): why for j, why in sorted(out.refused[pid].items())}
+        if fed.attack is not None:
+            rec.update({"malicious": fed.attack.is_malicious(pid), "clean_acc": test["acc"],
+                        "asr": fed.attack.evaluate(p.model, *fed.test_data)})
+        records.append(rec)
+    return records, round_result(round_idx, records, consensus=consensus_of(fed), time_s=elapsed)
+
+
+def consensus_of(fed: Federation) -> float | None:
+    """Consensus distance over every peer of the federation; None when this process does not host them all."""
+    from dimat.metrics import consensus_distance
+
+    if len(fed.peers) != fed.num_peers or not fed.peers:
+        return None
+    return float(consensus_distance([p.state() for p in fed.peers.values()]))
+
+
+def summary_of(fed: Federation, rounds: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
+    run = fed.config
+    return make_summary(
+        title=f"{fed.method} · {run.model.name} · {run.data.name} · {fed.num_peers} peer(s) · {run.topology.name}",
+        method=fed.method, num_peers=fed.num_peers, local_peers=sorted(fed.peers), rounds_planned=run.rounds,
+        rounds=rounds, wall_s=wall_s, model_bytes=int(fed.info.get("model_bytes", 0)), info=fed.info)
+
+
+def run_rounds(
+    fed: Federation,
+    transport: Any,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    process_tag: str | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or continue) the configured rounds for ``fed``'s local peers; returns the summary.
+
+    ``resume=True`` restores every local peer from the last round finished in ``run_dir`` and
+    continues from there; the result equals an uninterrupted run.
+    """
+    run = fed.config
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    total = run.rounds
+    ckpt = Checkpointer(run_dir, keep_last=run.checkpoint.keep_last, tag=process_tag)
+    log = RunLog(run_dir, tag=process_tag, tensorboard=run.tensorboard)
+    start = 0
+    if resume:
+        last = ckpt.last_round()
+        if last is None:
+            raise FileNotFoundError(f"nothing to resume in {run_dir}: no finished round recorded")
+        ckpt.restore(last, fed.peers)
+        start = last
+    log.start(start if resume else None)
+
+    say = echo or (lambda s: None)
+    t_run = time.perf_counter()
+    if start == 0 and run.pretrain_epochs > 0:
+        t0 = time.perf_counter()
+        out = RoundOutput.empty(fed.peers)
+        out.train = {pid: p.train(run.pretrain_epochs) for pid, p in fed.peers.items()}
+        records, res = evaluate_round(fed, 0, out, time.perf_counter() - t0)
+        log.log(records, res)
+        say(res.line(total))
+        if run.checkpoint.enabled:
+            ckpt.save(0, fed.peers)
+
+    bar = None
+    if progress and start < total:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=start, desc=f"{fed.method}", unit="round", leave=False, dynamic_ncols=True)
+    for r in range(start + 1, total + 1):
+        t0 = time.perf_counter()
+        out = train_round(fed, transport, r, run.local_epochs)
+        records, res = evaluate_round(fed, r, out, 0.0)
+        res.time_s = time.perf_counter() - t0
+        log.log(records, res)
+        if run.checkpoint.enabled:
+            ckpt.save(r, fed.peers)
+        if bar is not None:
+            bar.update(1)
+            bar.write(res.line(total))
+        else:
+            say(res.line(total))
+    if bar is not None:
+        bar.close()
+
+    summary = summary_of(fed, log.rounds, time.perf_counter() - t_run)
+    log.finish(summary)
+    return summary
+
+
+def simulate(cfg: Any, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+             echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Build every peer in this process and run the federation with the in-process transport.
+
+    The run folder gets ``config.yaml`` (the resolved config that ran) besides the run's outputs.
+    """
+    from omegaconf import OmegaConf
+
+    from dimat.config import RunConfig
+    from dimat.entry import set_threads
+    from dimat.metrics import write_text_atomic
+    from dimat.transport import build_transport
+
+    run = RunConfig.from_config(cfg)
+    if run.transport.name != "inproc":
+        raise ConfigError(f"`dimat simulate` runs every peer in one process; transport={run.transport.name} "
+                          "has its own launcher")
+    set_threads(run.threads)
+    fed = build_federation(run)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(run.raw)))
+    if echo is not None:
+        echo(f"dimat: {fed.method} · {run.model.name} · {run.data.name} · {fed.num_peers} peer(s) · "
+             f"{run.topology.name} · {run.rounds} rounds x {run.local_epochs} epochs → {run_dir}")
+    transport = build_transport(run.transport, n_peers=run.num_peers)
+    try:
+        return run_rounds(fed, transport, run_dir, resume=resume, progress=progress and run.progress, echo=echo)
+    finally:
+        transport.close()

@@ -119,6 +119,10 @@ class TrainConfig:
     nesterov: bool
     align_batches: int
     eval_batch_size: int
+    #: FedRS restricted softmax: logits of classes absent from own data x this (1 = off, 0 = hard mask)
+    absent_logit_scale: float
+    #: FedProx: + prox_mu / 2 * ||theta - theta_round_start||^2 (0 = off)
+    prox_mu: float
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,8 @@ class RunConfig:
     num_peers: int
     rounds: int
     local_epochs: float
+    #: SGD steps per round instead of epochs (None: local_epochs decides)
+    local_steps: int | None
     pretrain_epochs: float
     init: str
     device: str
@@ -223,6 +229,7 @@ class RunConfig:
             num_peers=root.number("num_peers", int, 1),
             rounds=root.number("rounds", int, 0),
             local_epochs=root.number("local_epochs", float, 0),
+            local_steps=root.number("local_steps", int, 1, optional=True),
             pretrain_epochs=root.number("pretrain_epochs", float, 0),
             init=root.text("init", ("different", "shared")),  # type: ignore[arg-type]
             device=root.text("device"),  # type: ignore[arg-type]
@@ -282,7 +289,11 @@ def _train_settings(r: _Reader, align_batches: int) -> TrainConfig:
         nesterov=r.flag("nesterov"),
         align_batches=align_batches,
         eval_batch_size=r.number("eval_batch_size", int, 1),
+        absent_logit_scale=r.number("absent_logit_scale", float, 0),
+        prox_mu=r.number("prox_mu", float, 0),
     )
+    if tc.absent_logit_scale > 1:
+        raise ConfigError(f"train.absent_logit_scale must be in [0, 1] (got {tc.absent_logit_scale})")
     if not tc.lr > 0:
         raise ConfigError(f"train.lr must be positive (got {tc.lr})")
     r.no_others()

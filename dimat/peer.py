@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dimat.config import TrainConfig
+from dimat.train.objective import LocalObjective
 from dimat.merge.basis import BASIS_KEY, attach_basis, plan_rebase, split_basis
 from dimat.topology.membership import renormalise
 
@@ -94,7 +95,10 @@ class Peer:
         self.merge_method = merge_method
         self.reset_bn = reset_bn
         self.aggregator = aggregator
-        self.optimizer = build_optimizer(self.model.parameters(), self.config)
+        self._params = [q for q in self.model.parameters() if q.requires_grad]
+        self.optimizer = build_optimizer(self._params, self.config)
+        self.objective = LocalObjective(self.y, absent_logit_scale=self.config.absent_logit_scale,
+                                        prox_mu=self.config.prox_mu)
         self.seed = int(seed)  # the run's seed for this peer: every random stream of the peer derives from it
         self.generator = torch.Generator().manual_seed(int(seed))
         # A fixed sample of own data for alignment statistics and BN reset: deterministic and
@@ -131,7 +135,7 @@ class Peer:
             xb, yb = self._next_batch()
             self.optimizer.zero_grad(set_to_none=True)
             out = self.model(xb)
-            loss = F.cross_entropy(out, yb)
+            loss = self.objective(out, yb, self._params)
             loss.backward()
             self.optimizer.step()
             total_loss += loss.item() * len(yb)
@@ -140,9 +144,19 @@ class Peer:
         self.steps_done += int(steps)
         return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1), "steps": int(steps)}
 
-    def train(self, epochs: float) -> dict[str, float]:
-        """Train for ``epochs`` passes over the local partition (fractions round to whole batches)."""
-        return self.train_steps(round(epochs * self.steps_per_epoch))
+    def start_round(self) -> None:
+        """Local training of a round begins (the proximal term's anchor is the model now)."""
+        self.objective.start_round(self._params)
+
+    def train(self, epochs: float | None = None, *, steps: int | None = None) -> dict[str, float]:
+        """Start a round and train ``steps`` SGD steps, or ``epochs`` passes over the local partition.
+
+        Fractions of an epoch round to whole batches.
+        """
+        if (epochs is None) == (steps is None):
+            raise ValueError("give epochs or steps")
+        self.start_round()
+        return self.train_steps(round(epochs * self.steps_per_epoch) if steps is None else int(steps))
 
     # --------------------------------------------------------------- evaluation
     @torch.no_grad()

@@ -50,12 +50,25 @@ class RoundOutput:
         return cls({}, {p: 0 for p in peers}, {p: [] for p in peers}, {p: [] for p in peers}, {})
 
 
+def local_steps(fed: Federation, peer: Any, epochs: float) -> int:
+    """SGD steps a peer takes in one round: ``local_steps``, else ``epochs`` passes over its data."""
+    steps = fed.config.local_steps
+    return int(steps) if steps else round(epochs * peer.steps_per_epoch)
+
+
 def exchanges_per_round(fed: Federation) -> int:
-    """Exchanges in one round: 1, or for gossip one every ``gossip_every`` steps of the median-size peer."""
+    """Exchanges in one round: 1, or for gossip one every ``gossip_every`` steps of the median-size peer.
+
+    Computed from the partition sizes, which every process knows, so all agree without talking.
+    """
     if fed.method != "gossip":
         return 1
-    steps = [math.ceil(n / fed.config.train.batch_size) * fed.config.local_epochs for n in fed.partition_sizes.values()]
-    return max(1, round(float(np.median(steps)) / fed.config.merge.gossip_every))
+    run = fed.config
+    if run.local_steps:
+        steps = [float(run.local_steps)]
+    else:
+        steps = [math.ceil(n / run.train.batch_size) * run.local_epochs for n in fed.partition_sizes.values()]
+    return max(1, round(float(np.median(steps)) / run.merge.gossip_every))
 
 
 def exchange_and_merge(fed: Federation, transport: Any, topo: Any, exchange_idx: int, out: RoundOutput, *,
@@ -83,8 +96,10 @@ def train_round(fed: Federation, transport: Any, round_idx: int, epochs: float) 
     if fed.method == "gossip":
         g = exchanges_per_round(fed)
         topo = fed.topology_at(round_idx)
-        totals = {pid: round(epochs * p.steps_per_epoch) for pid, p in fed.peers.items()}
+        totals = {pid: local_steps(fed, p, epochs) for pid, p in fed.peers.items()}
         parts: dict[int, list[dict[str, float]]] = {pid: [] for pid in fed.peers}
+        for p in fed.peers.values():
+            p.start_round()
         for k in range(g):
             for pid, p in fed.peers.items():
                 t = totals[pid]
@@ -94,12 +109,13 @@ def train_round(fed: Federation, transport: Any, round_idx: int, epochs: float) 
         for pid, chunks in parts.items():
             n = sum(x["steps"] for x in chunks) or 1
             out.train[pid] = {"loss": sum(x["loss"] * x["steps"] for x in chunks) / n,
-                              "acc": sum(x["acc"] * x["steps"] for x in chunks) / n}
+                              "acc": sum(x["acc"] * x["steps"] for x in chunks) / n,
+                              "steps": sum(x["steps"] for x in chunks)}
         return out
     if fed.attack is not None:
         fed.attack.before_training(fed.peers)
     for pid, p in fed.peers.items():
-        out.train[pid] = p.train(epochs)
+        out.train[pid] = p.train(steps=local_steps(fed, p, epochs))
     if fed.method in MERGE_METHODS:
         exchange_and_merge(fed, transport, fed.topology_at(round_idx), round_idx, out, method=fed.method,
                            reset_bn=fed.config.merge.reset_bn, reset_optimizer=True)
@@ -117,7 +133,7 @@ def evaluate_round(fed: Federation, round_idx: int, out: RoundOutput, elapsed: f
             "round": round_idx, "peer": pid, "method": fed.method,
             "test_acc": test["acc"], "test_loss": test["loss"],
             "val_acc": None if val is None else val["acc"], "val_loss": None if val is None else val["loss"],
-            "train_loss": tr.get("loss"), "train_acc": tr.get("acc"),
+            "train_loss": tr.get("loss"), "train_acc": tr.get("acc"), "local_steps": tr.get("steps", 0),
             "neighbours": out.heard.get(pid, []), "missing": out.missing.get(pid, []),
             "bytes_sent": int(out.bytes_sent.get(pid, 0)),
         }

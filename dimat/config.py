@@ -146,6 +146,8 @@ class MergeSettings:
     method: str
     align_batches: int
     reset_bn: bool
+    #: keep optimizer momentum across merges (permuted with the units when the model is relabelled)
+    keep_momentum: bool
     #: True / False, or None for "auto" (on unless a defence aggregates)
     consensus_basis: bool | None
     aggregator: str
@@ -270,6 +272,7 @@ def _merge_settings(r: _Reader) -> MergeSettings:
         method=method,  # type: ignore[arg-type]
         align_batches=r.number("align_batches", int, 1),
         reset_bn=r.flag("reset_bn"),
+        keep_momentum=r.flag("keep_momentum"),
         consensus_basis=basis,
         aggregator=r.text("aggregator"),  # type: ignore[arg-type]
         aggregator_kwargs=dict(kwargs or {}),

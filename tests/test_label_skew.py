@@ -68,3 +68,35 @@ def test_local_steps_replace_epochs_in_a_federation(tmp_path) -> None:
     simulate(run, tmp_path)
     recs = read_metrics(tmp_path / "metrics.jsonl")
     assert {r["local_steps"] for r in recs} == {3} and len(recs) == 10
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn1d"])
+def test_kept_momentum_is_permuted_with_its_parameters(name: str) -> None:
+    import copy
+
+    from dimat.align.permute import permute_state
+    from dimat.align.spec import get_spec
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 40) if name == "cnn1d" else torch.randn(64, 12)
+    y = torch.randint(0, 4, (64,))
+    kw = {"input_shape": (1, 40)} if name == "cnn1d" else {"input_dim": 12, "hidden": (16, 16)}
+    model = build_model(name, num_classes=4, **kw)
+    peer = Peer(0, model, (x, y), config=default_train_config(batch_size=16, lr=0.1, align_batches=1), seed=3)
+    peer.train(steps=5)  # momentum buffers now hold 5 steps of history
+    spec = get_spec(peer.model)
+    perms = {g.name: torch.randperm(g.size) for g in spec.groups}
+    twin = copy.deepcopy(peer)
+    twin.permute_units(perms)
+    peer.train_steps(3)
+    twin.train_steps(3)
+    want = permute_state(peer.model.state_dict(), spec, perms)
+    for k, v in twin.model.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=1e-5, atol=1e-6, msg=k)
+    # the same relabelling without the momentum's: the next steps differ
+    lost = copy.deepcopy(peer)
+    lost.model.load_state_dict(permute_state(lost.model.state_dict(), spec, perms))
+    ref = copy.deepcopy(twin)
+    lost.train_steps(2)
+    ref.train_steps(2)
+    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(lost.model.parameters(), ref.model.parameters()))

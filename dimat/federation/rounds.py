@@ -118,7 +118,7 @@ def train_round(fed: Federation, transport: Any, round_idx: int, epochs: float) 
         out.train[pid] = p.train(steps=local_steps(fed, p, epochs))
     if fed.method in MERGE_METHODS:
         exchange_and_merge(fed, transport, fed.topology_at(round_idx), round_idx, out, method=fed.method,
-                           reset_bn=fed.config.merge.reset_bn, reset_optimizer=True)
+                           reset_bn=fed.config.merge.reset_bn, reset_optimizer=not fed.config.merge.keep_momentum)
     return out
 
 

@@ -152,7 +152,8 @@ class MergeSettings:
     consensus_basis: bool | None
     aggregator: str
     aggregator_kwargs: dict[str, Any]
-    gossip_every: int
+    #: merge every this many local steps within a round (None: once per round, after local training)
+    every_steps: int | None
 
     @property
     def merges_on_peer(self) -> bool:
@@ -276,7 +277,7 @@ def _merge_settings(r: _Reader) -> MergeSettings:
         consensus_basis=basis,
         aggregator=r.text("aggregator"),  # type: ignore[arg-type]
         aggregator_kwargs=dict(kwargs or {}),
-        gossip_every=r.number("gossip_every", int, 1),
+        every_steps=r.number("every_steps", int, 1, optional=True),
     )
     r.no_others()
     return out

@@ -200,6 +200,8 @@ class RunConfig:
     progress: bool
     resume: bool
     run_dir: str
+    #: after the run, train this reference on the same budget and compare ("centralized" or None)
+    baseline: str | None
     train: TrainConfig
     merge: MergeSettings
     checkpoint: CheckpointSettings
@@ -241,6 +243,7 @@ class RunConfig:
             progress=root.flag("progress"),
             resume=root.flag("resume"),
             run_dir=root.text("run_dir"),  # type: ignore[arg-type]
+            baseline=root.text("baseline", ("centralized",), optional=True),
             train=_train_settings(_Reader(root.section("train"), "train"), merge.align_batches),
             merge=merge,
             checkpoint=_checkpoint_settings(_Reader(root.section("checkpoint"), "checkpoint")),

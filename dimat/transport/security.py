@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+log = logging.getLogger("dimat.transport.grpc")
 
 TOKEN_HEADER = "authorization"
 #: methods reachable without the token (load balancers and launchers probe health unauthenticated)
@@ -51,6 +55,34 @@ class TlsConfig:
 
     def channel_options(self) -> list[tuple[str, str]]:
         return [("grpc.ssl_target_name_override", self.server_name_override)] if self.server_name_override else []
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address's host part, brackets allowed) names this machine only."""
+    h = host.strip("[]")
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_exposed(host: str, *, token: str | None, tls: "TlsConfig | None") -> bool:
+    """Warn loudly when serving beyond loopback with neither token nor TLS; returns whether it warned.
+
+    Anyone who reaches the port can then push weights as any peer, send heartbeats and Leaves in
+    its name and hold streams open (docs/grpc.md, "Threat model").
+    """
+    if is_loopback(host) or token or tls is not None:
+        return False
+    log.warning(
+        "!!! dimat peer is listening on %s with NO authentication (no token, no TLS): anyone who "
+        "reaches this port can push weights and speak for any peer. Make certificates with "
+        "`launch/make_certs.sh certs/ <num_peers>` and set transport.tls.dir=certs transport.tls.mutual=true "
+        "transport.require_cert_identity=true, or at least export a shared token in $DIMAT_TOKEN "
+        "(transport.token_env). !!!", host)
+    return True
 
 
 def token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

@@ -90,6 +90,9 @@ class TransportSettings:
             raise ValueError(f"transport.max_concurrent_streams must be below transport.max_concurrent_rpcs "
                              f"({out.max_concurrent_rpcs}) so health checks and heartbeats keep workers "
                              f"(got {out.max_concurrent_streams})")
+        if out.max_streams_per_sender is not None and (out.num_streams or 1) > out.max_streams_per_sender:
+            raise ValueError(f"transport.num_streams ({out.num_streams}) must not exceed transport.max_streams_per_sender "
+                             f"({out.max_streams_per_sender}): a receiver would refuse the extra streams")
         return out
 
 

@@ -112,8 +112,11 @@ class BoundedStream:
 class StreamSlots:
     """Admission of streaming RPCs: at most ``total`` at once, at most ``per_caller`` per caller key.
 
-    The table holds one counter per caller with a stream open, so it never exceeds ``total`` keys.
-    ``refused`` counts the streams turned away (``RESOURCE_EXHAUSTED``; the sender retries).
+    A push enters under its connection (or certificate) key, and once its header names the sender
+    moves to that sender's key (:meth:`rekey`): the connection cap bounds streams that have not said
+    who they are, the sender cap those that have. The table holds one counter per key with a stream
+    open, so it never exceeds ``total`` keys. ``refused`` counts the streams turned away
+    (``RESOURCE_EXHAUSTED``; an honest sender retries with backoff).
     """
 
     def __init__(self, total: int, per_caller: int) -> None:
@@ -123,26 +126,40 @@ class StreamSlots:
         self.by_caller: dict[str, int] = {}
         self.refused = 0
 
-    def acquire(self, key: str, *, counts_to_total: bool = True) -> bool:
+    def enter(self, key: str) -> bool:
         with self.lock:
             n = self.by_caller.get(key, 0)
-            if n >= self.per_caller or (counts_to_total and self.used >= self.total):
+            if n >= self.per_caller or self.used >= self.total:
                 self.refused += 1
                 return False
             self.by_caller[key] = n + 1
-            if counts_to_total:
-                self.used += 1
+            self.used += 1
             return True
 
-    def release(self, key: str, *, counts_to_total: bool = True) -> None:
+    def rekey(self, old: str, new: str) -> bool:
+        """Move one stream from ``old`` to ``new`` (False, nothing moved, when ``new`` is full)."""
         with self.lock:
-            n = self.by_caller.get(key, 0) - 1
-            if n > 0:
-                self.by_caller[key] = n
-            else:
-                self.by_caller.pop(key, None)
-            if counts_to_total:
-                self.used = max(0, self.used - 1)
+            if old == new:
+                return True
+            n = self.by_caller.get(new, 0)
+            if n >= self.per_caller:
+                self.refused += 1
+                return False
+            self.by_caller[new] = n + 1
+            self._drop(old)
+            return True
+
+    def leave(self, key: str) -> None:
+        with self.lock:
+            self._drop(key)
+            self.used = max(0, self.used - 1)
+
+    def _drop(self, key: str) -> None:
+        n = self.by_caller.get(key, 0) - 1
+        if n > 0:
+            self.by_caller[key] = n
+        else:
+            self.by_caller.pop(key, None)
 
 
 def segment_of(header) -> tuple[int, int]:
@@ -239,7 +256,7 @@ class Servicer(pb2_grpc.PeerServicer):
     def open_stream(self, context, what: str) -> str:
         """Take a stream slot for the caller (or abort ``RESOURCE_EXHAUSTED``); returns its key."""
         key = self.caller_key(context)
-        if not self.t.slots.acquire(key):
+        if not self.t.slots.enter(key):
             self.reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"peer {self.t.peer_id}: {what}: too many concurrent streams "
                         f"(at most {self.t.slots.total}, {self.t.slots.per_caller} per caller); retry")
@@ -252,15 +269,15 @@ class Servicer(pb2_grpc.PeerServicer):
 
     # ---- weights ----
     def PushWeights(self, request_iterator, context):  # noqa: N802 (generated service API)
-        key = self.open_stream(context, "push")
+        held = [self.open_stream(context, "push")]  # the slot's key: the connection, then the sender
         stream = self.bounded(request_iterator)
         try:
-            return self._push(stream, context)
+            return self._push(stream, context, held)
         finally:
             stream.close()
-            self.t.slots.release(key)
+            self.t.slots.leave(held[0])
 
-    def _push(self, stream: BoundedStream, context):
+    def _push(self, stream: BoundedStream, context, held: list[str]):
         t = self.t
         inbox = t.inbox
         try:
@@ -278,13 +295,11 @@ class Servicer(pb2_grpc.PeerServicer):
         if code is not None:
             self.reject(context, code, f"{where}: {why}")
         sender_key = f"sender:{sender}"
-        if not t.slots.acquire(sender_key, counts_to_total=False):
+        if not t.slots.rekey(held[0], sender_key):
             self.reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"{where}: too many concurrent streams from peer {sender} (at most {t.slots.per_caller}); retry")
-        try:
-            return self._receive(stream, context, first, round_idx, sender, key, where)
-        finally:
-            t.slots.release(sender_key, counts_to_total=False)
+        held[0] = sender_key
+        return self._receive(stream, context, first, round_idx, sender, key, where)
 
     def _receive(self, stream: BoundedStream, context, first, round_idx: int, sender: int, key, where: str):
         t = self.t
@@ -377,7 +392,7 @@ class Servicer(pb2_grpc.PeerServicer):
                                        chunk_bytes=t.chunk_bytes)
         finally:
             timer.cancel()
-            t.slots.release(key)
+            t.slots.leave(key)
 
     # ---- membership ----
     def _member_call(self, what: str, request, context) -> int:

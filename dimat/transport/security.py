@@ -25,6 +25,32 @@ def _read(path: str | Path | None, what: str) -> bytes | None:
     return p.read_bytes()
 
 
+def check_pem_files(cert: str | Path, key: str | Path, ca: str | Path | None) -> None:
+    """Parse the certificate, its key and the CA bundle (stdlib ``ssl``) before gRPC sees them.
+
+    gRPC reports a bad file only as "Failed to bind"; this names it: a
+    :class:`~dimat.files.BadFileError` ``<file>: <problem>`` (a missing file: FileNotFoundError).
+    """
+    import ssl
+
+    from dimat.files import BadFileError, describe
+
+    for path, what in ((cert, "cert"), (key, "key"), (ca, "ca")):
+        if path is not None:
+            _read(path, what)
+    for path in (cert, ca):
+        if path is None:
+            continue
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(path))
+        except (ssl.SSLError, ValueError, OSError) as exc:
+            raise BadFileError(path, f"not a PEM certificate ({describe(exc)})") from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, ValueError, OSError) as exc:
+        raise BadFileError(key, f"not a PEM private key, or not the key of {cert} ({describe(exc)})") from None
+
+
 @dataclass(frozen=True)
 class TlsConfig:
     """Certificate files for one peer. ``mutual=True`` makes servers demand and verify client certs.
@@ -39,7 +65,12 @@ class TlsConfig:
     mutual: bool = False
     server_name_override: str | None = None  # when dialling an address the certificate does not name
 
+    def check(self) -> None:
+        """Every file exists and parses (:func:`check_pem_files`)."""
+        check_pem_files(self.cert, self.key, self.ca)
+
     def server_credentials(self) -> grpc.ServerCredentials:
+        self.check()
         return grpc.ssl_server_credentials(
             [(_read(self.key, "key"), _read(self.cert, "cert"))],
             root_certificates=_read(self.ca, "ca") if self.mutual else None,

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("dimat.transport.grpc")
 
 _END = object()
+#: refusals logged per second at most; the rest are counted (every one is kept in ``transport.errors``)
+LOG_PER_SECOND = 10
 
 
 class StreamTimeout(TransportError):
@@ -203,6 +205,8 @@ class Servicer(pb2_grpc.PeerServicer):
 
     def __init__(self, transport: "GrpcTransport"):
         self.t = transport
+        self._log_lock = threading.Lock()
+        self._log_window, self._logged, self._suppressed = 0.0, 0, 0
 
     # ---- admission ----
     def identify(self, sender: int, context, *, member: bool = True):
@@ -242,8 +246,22 @@ class Servicer(pb2_grpc.PeerServicer):
     def reject(self, context, code: grpc.StatusCode, msg: str) -> None:
         if code not in RETRYABLE:
             self.t.errors.append(msg)
-            log.warning("%s", msg)
+            self._log(msg)
         context.abort(code, msg)
+
+    def _log(self, msg: str) -> None:
+        """Log a refusal, at most :data:`LOG_PER_SECOND` a second (a flood must not fill the disk)."""
+        now = time.monotonic()
+        with self._log_lock:
+            if now - self._log_window >= 1.0:
+                if self._suppressed:
+                    log.warning("peer %s: %d more refusals in the last second not logged", self.t.peer_id, self._suppressed)
+                self._log_window, self._logged, self._suppressed = now, 0, 0
+            if self._logged >= LOG_PER_SECOND:
+                self._suppressed += 1
+                return
+            self._logged += 1
+        log.warning("%s", msg)
 
     def caller_key(self, context) -> str:
         """Who holds a stream before its first message: the certificate identity, else the connection."""

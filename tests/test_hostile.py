@@ -370,3 +370,24 @@ def test_federation_finishes_with_undisturbed_metrics_under_attack(tmp_path):
     differ = [(key, m, got[key][m], want[key][m]) for key in want for m in ("test_acc", "test_loss", "train_loss", "train_acc")
               if not math.isclose(got[key][m], want[key][m], rel_tol=1e-5, abs_tol=1e-6)]
     assert not differ and all(got[key]["neighbours"] == want[key]["neighbours"] for key in want), differ
+
+
+# --------------------------------------------------------------------------- exposed without authentication
+
+
+def test_listening_beyond_loopback_without_token_or_tls_warns_loudly(caplog, certs):
+    from dimat.transport.security import warn_if_exposed
+
+    with caplog.at_level("WARNING", logger="dimat.transport.grpc"):
+        assert warn_if_exposed("0.0.0.0", token=None, tls=None)
+        assert warn_if_exposed("10.1.2.3", token=None, tls=None)
+        assert warn_if_exposed("[::]", token=None, tls=None)
+    assert "NO authentication" in caplog.text and "launch/make_certs.sh" in caplog.text
+    assert not warn_if_exposed("127.0.0.1", token=None, tls=None) and not warn_if_exposed("[::1]", token=None, tls=None)
+    assert not warn_if_exposed("localhost", token=None, tls=None)
+    assert not warn_if_exposed("0.0.0.0", token="s3cret", tls=None)
+    assert not warn_if_exposed("0.0.0.0", token=None, tls=_tls(certs, 0, True))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dimat.transport.grpc"):  # a real peer on loopback is quiet
+        GrpcTransport(0, {0: "127.0.0.1:0"}, heartbeat_interval=None).close(grace=0)
+    assert "NO authentication" not in caplog.text

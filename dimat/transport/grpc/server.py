@@ -297,7 +297,6 @@ class Servicer(pb2_grpc.PeerServicer):
 
     def _push(self, stream: BoundedStream, context, held: list[str]):
         t = self.t
-        inbox = t.inbox
         try:
             first = stream.next()
         except StreamTimeout as exc:

@@ -5,7 +5,8 @@
 ``--hostile`` adds an attacker beside the random kills (raw clients from the generated ``dimat.v1``
 stubs; the peers run without token or TLS, the default, so it reaches every handler): it holds
 ``--stalled`` PushWeights streams that send nothing against every peer, sends heartbeats from
-made-up ids and a shape bomb (a header with 32k dimensions of 2**62) every few seconds, and probes
+made-up ids and a shape bomb (a header with 32k dimensions of 2**62, for round R+1, which a
+receiver admits once it is within ``max_rounds_ahead`` of the end) every few seconds, and probes
 each peer's health. Printed besides: the attacker's counts, the slowest health answer and each
 peer's peak resident memory (sampled from /proc every 0.2 s).
 
@@ -75,7 +76,7 @@ def rss_mb(pid: int) -> float:
 class Attacker:
     """Hostile clients against every peer address, until :meth:`stop` (every loop bounded by ``seconds``)."""
 
-    def __init__(self, addresses: dict[int, str], stalled: int, seconds: float, seed: int = 0) -> None:
+    def __init__(self, addresses: dict[int, str], stalled: int, seconds: float, seed: int = 0, rounds: int = 0) -> None:
         import grpc
 
         from dimat.transport.grpc import pb2, pb2_grpc
@@ -83,6 +84,7 @@ class Attacker:
         self.grpc, self.pb2, self.pb2_grpc = grpc, pb2, pb2_grpc
         self.addresses, self.stalled, self.end = addresses, stalled, time.monotonic() + seconds
         self.rng = random.Random(seed)
+        self.bomb_round = rounds + 1  # claims peer 0, for a round the run never reaches (admitted near the end)
         self.halt = threading.Event()
         self.counts: dict[str, int] = {}
         self.worst_health_ms = 0.0
@@ -117,7 +119,7 @@ class Attacker:
 
     def _noise(self) -> None:
         grpc, pb2 = self.grpc, self.pb2
-        bomb = pb2.WeightChunk(round=10 ** 6, sender=0, header=pb2.PayloadHeader(
+        bomb = pb2.WeightChunk(round=self.bomb_round, sender=0, header=pb2.PayloadHeader(
             tensors=[pb2.TensorSpec(name="x", dtype="float32", shape=[2 ** 62] * 32768, offset=0, nbytes=4)], total_bytes=4))
         while self._alive():
             for address in self.addresses.values():
@@ -189,7 +191,7 @@ def main() -> int:
         if ns.hostile:
             from dimat.grpc_peer import load_peers_file
 
-            attacker = Attacker(load_peers_file(fed.peers_file), ns.stalled, ns.timeout, seed=ns.seed)
+            attacker = Attacker(load_peers_file(fed.peers_file), ns.stalled, ns.timeout, seed=ns.seed, rounds=ns.rounds)
             attacker.start()
         started: dict[int, float] = {}
         for k in range(ns.peers):

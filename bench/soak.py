@@ -102,7 +102,7 @@ class Attacker:
 
     def _stall(self, address: str, i: int) -> None:
         grpc = self.grpc
-        ch = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)] if i % 8 == 0 else [])
+        ch = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)] if i % 16 == 0 else [])
 
         def nothing():
             self.halt.wait(max(0.0, self.end - time.monotonic()))

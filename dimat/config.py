@@ -154,6 +154,8 @@ class MergeSettings:
     aggregator_kwargs: dict[str, Any]
     #: merge every this many local steps within a round (None: once per round, after local training)
     every_steps: int | None
+    #: consensus SGD (merge=gossip): local steps between averagings
+    gossip_every: int
 
     @property
     def merges_on_peer(self) -> bool:
@@ -281,6 +283,7 @@ def _merge_settings(r: _Reader) -> MergeSettings:
         aggregator=r.text("aggregator"),  # type: ignore[arg-type]
         aggregator_kwargs=dict(kwargs or {}),
         every_steps=r.number("every_steps", int, 1, optional=True),
+        gossip_every=r.number("gossip_every", int, 1),
     )
     r.no_others()
     return out

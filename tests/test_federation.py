@@ -17,7 +17,9 @@ from dimat.federation import METHODS, build_federation, read_metrics, simulate
 REPO = Path(__file__).resolve().parents[1]
 
 # Small and fast: MNIST-1D with a narrow MLP, 5 peers, one local epoch per round.
-FAST = ["model=mlp", "model.width=0.25", "local_epochs=1", "train.batch_size=64", "merge.align_batches=2",
+# The paper's protocol (one merge per round, on a ring), which these tests were written for.
+PAPER = ["topology=ring", "merge.every_steps=null", "merge.keep_momentum=false", "merge.reset_bn=true", "baseline=null"]
+FAST = [*PAPER, "model=mlp", "model.width=0.25", "local_epochs=1", "train.batch_size=64", "merge.align_batches=2",
         "progress=false", "threads=1"]
 
 
@@ -94,7 +96,7 @@ def test_same_seed_same_metrics_and_other_seed_differs(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_runs(tmp_path: Path, method: str) -> None:
-    summary = simulate(compose("rounds=1", f"merge={method}", "merge.every_steps=4", "partition=iid", "init=shared",
+    summary = simulate(compose("rounds=1", f"merge={method}", "merge.gossip_every=4", "partition=iid", "init=shared",
                                "train.lr=0.05"),
                        tmp_path / method)
     recs = read_metrics(tmp_path / method / "metrics.jsonl")

@@ -11,7 +11,7 @@ Methods (``merge.method``), all on the same data and epoch budget:
 * ``dimat`` — activation-matched alignment then mixing-weight average (the paper's method);
 * ``weight_matching`` — alignment by weight matching, then average;
 * ``average`` — plain mixing-weight averaging without alignment (the paper's WA baseline);
-* ``gossip`` — consensus decentralized SGD: every ``merge.every_steps`` local steps, average with
+* ``gossip`` — consensus decentralized SGD: every ``merge.gossip_every`` local steps, average with
   the mixing weights (no alignment, optimizer momentum kept, BN statistics averaged: its config);
 * ``isolated`` — peers never communicate;
 * ``centralized`` — one model trained on the union of all peers' training data.
@@ -58,12 +58,12 @@ def local_steps(fed: Federation, peer: Any, epochs: float) -> int:
 
 def exchanges_per_round(fed: Federation) -> int:
     """Exchanges in one round: 1, or with ``merge.every_steps`` one every that many steps of the
-    median-size peer (gossip always merges so).
+    median-size peer (gossip: ``merge.gossip_every``).
 
     Computed from the partition sizes, which every process knows, so all agree without talking.
     """
     run = fed.config
-    every = run.merge.every_steps
+    every = run.merge.gossip_every if fed.method == "gossip" else run.merge.every_steps
     if fed.method not in (*MERGE_METHODS, "gossip") or not every:
         return 1
     if run.local_steps:

@@ -12,7 +12,7 @@ Methods (``merge.method``), all on the same data and epoch budget:
 * ``weight_matching`` — alignment by weight matching, then average;
 * ``average`` — plain mixing-weight averaging without alignment (the paper's WA baseline);
 * ``gossip`` — consensus decentralized SGD: every ``merge.gossip_every`` local steps, average with
-  the mixing weights (no alignment, optimizer momentum kept, BN statistics averaged: its config);
+  the mixing weights (no alignment, optimizer momentum kept, BN statistics averaged);
 * ``isolated`` — peers never communicate;
 * ``centralized`` — one model trained on the union of all peers' training data.
 
@@ -104,7 +104,10 @@ def train_round(fed: Federation, transport: Any, round_idx: int, epochs: float) 
         return out
     g = exchanges_per_round(fed)
     topo = fed.topology_at(round_idx)
-    method = fed.method if fed.method in MERGE_METHODS else "average"
+    gossip = fed.method == "gossip"  # consensus SGD: plain averaging, momentum runs on, BN buffers averaged
+    method = "average" if gossip else fed.method
+    reset_bn = False if gossip else run.merge.reset_bn
+    reset_optimizer = False if gossip else not run.merge.keep_momentum
     totals = {pid: local_steps(fed, p, epochs) for pid, p in fed.peers.items()}
     parts: dict[int, list[dict[str, float]]] = {pid: [] for pid in fed.peers}
     for p in fed.peers.values():
@@ -114,7 +117,7 @@ def train_round(fed: Federation, transport: Any, round_idx: int, epochs: float) 
             t = totals[pid]
             parts[pid].append(p.train_steps(t * (k + 1) // g - t * k // g))
         exchange_and_merge(fed, transport, topo, (round_idx - 1) * g + k + 1, out, method=method,
-                           reset_bn=run.merge.reset_bn, reset_optimizer=not run.merge.keep_momentum)
+                           reset_bn=reset_bn, reset_optimizer=reset_optimizer)
     for pid, chunks in parts.items():
         out.train[pid] = chunks[0] if len(chunks) == 1 else _pooled(chunks)
     return out

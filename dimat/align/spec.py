@@ -3,7 +3,17 @@
 A *group* is a set of hidden units (neurons, channels) that may be permuted together without
 changing the network's function. It lists every (state-dict key, axis) it acts on — weights,
 biases, BatchNorm affine parameters and running statistics — and the modules whose outputs carry
-its units on dim 1, which is where activation matching looks.
+its units (on dim 1, or on ``hook_dims``), which is where activation matching looks.
+
+Two structured kinds of group:
+
+- *headed* (``heads > 1``): the units are ``heads`` equal blocks (attention heads) and a
+  permutation must move whole blocks, with any order of units inside each block. Groups naming
+  the same ``head_group`` (a head's query/key units and its value/output units) move their blocks
+  by one shared head permutation.
+- *derived* (``parts``): the axis is a concatenation of other groups' units (``torch.cat``); its
+  permutation is theirs side by side (``None`` marks a segment that is never permuted). It needs
+  no hooks and is never matched on its own.
 """
 from __future__ import annotations
 
@@ -20,6 +30,34 @@ class PermutationGroup:
     size: int
     axes: tuple[tuple[str, int], ...]
     hooks: tuple[str, ...] = ()
+    hook_dims: tuple[int, ...] = ()  # per hook, the output dim carrying the units; () means dim 1 for all
+    heads: int = 1
+    head_group: str | None = None
+    parts: tuple[tuple[str | None, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "axes", tuple((str(k), int(a)) for k, a in self.axes))
+        set_(self, "hooks", tuple(self.hooks))
+        dims = tuple(int(d) for d in self.hook_dims) or (1,) * len(self.hooks)
+        if len(dims) != len(self.hooks):
+            raise ValueError(f"permutation group '{self.name}': {len(self.hooks)} hooks but {len(dims)} hook_dims")
+        set_(self, "hook_dims", dims)
+        set_(self, "parts", tuple((None if g is None else str(g), int(n)) for g, n in self.parts))
+        if self.heads < 1 or self.size % self.heads:
+            raise ValueError(f"permutation group '{self.name}': {self.heads} heads do not divide its {self.size} units")
+        if self.heads > 1 and self.head_group is None:
+            set_(self, "head_group", self.name)
+        if self.parts and sum(n for _, n in self.parts) != self.size:
+            raise ValueError(f"permutation group '{self.name}': parts {self.parts} do not add up to its size {self.size}")
+
+    @property
+    def derived(self) -> bool:
+        return bool(self.parts)
+
+    @property
+    def hook_points(self) -> tuple[tuple[str, int], ...]:
+        return tuple(zip(self.hooks, self.hook_dims))
 
 
 @dataclass(frozen=True)
@@ -32,6 +70,14 @@ class PermutationSpec:
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate permutation group names in {names}")
         self._by_name.update({g.name: g for g in self.groups})
+        for g in self.groups:
+            for part, n in g.parts:
+                if part is None:
+                    continue
+                if part not in self._by_name or self._by_name[part].derived:
+                    raise ValueError(f"derived group '{g.name}' names part '{part}', which is no plain group")
+                if self._by_name[part].size != n:
+                    raise ValueError(f"derived group '{g.name}': part '{part}' has {self._by_name[part].size} units, not {n}")
 
     def __getitem__(self, name: str) -> PermutationGroup:
         return self._by_name[name]
@@ -39,6 +85,21 @@ class PermutationSpec:
     @property
     def names(self) -> list[str]:
         return [g.name for g in self.groups]
+
+    @property
+    def matched(self) -> list[PermutationGroup]:
+        """The groups a permutation is found for (derived groups follow from their parts)."""
+        return [g for g in self.groups if not g.derived]
+
+    def head_groups(self) -> dict[str, list[PermutationGroup]]:
+        out: dict[str, list[PermutationGroup]] = {}
+        for g in self.groups:
+            if g.heads > 1:
+                out.setdefault(g.head_group, []).append(g)
+        for name, gs in out.items():
+            if len({g.heads for g in gs}) != 1:
+                raise ValueError(f"head group '{name}' joins groups with different head counts")
+        return out
 
     def axes_to_groups(self) -> dict[str, dict[int, str]]:
         """For each state key, which group permutes which axis."""
@@ -69,21 +130,63 @@ class PermutationSpec:
                         raise ValueError(f"permutation group '{g.name}' hooks module '{h}', which the model does not have")
 
 
-def get_spec(model: nn.Module) -> PermutationSpec:
-    """The model's declared permutation structure, or a ValueError saying it has none."""
+def get_spec(model: nn.Module, example_input: torch.Tensor | None = None) -> PermutationSpec:
+    """The model's declared permutation structure; without one, the structure traced on ``example_input``.
+
+    A derived spec is cached on the model instance (the same object is traced once).
+    """
     fn = getattr(model, "permutation_spec", None)
     if fn is None:
-        raise ValueError(
-            f"{type(model).__name__} declares no permutation structure: give it a "
-            "`permutation_spec()` method returning dimat.align.PermutationSpec")
+        cached = getattr(model, "_dimat_derived_spec", None)
+        if cached is not None:
+            return cached
+        if example_input is None:
+            raise ValueError(
+                f"{type(model).__name__} declares no permutation structure and no example input was given to "
+                "derive one: give it a `permutation_spec()` method, or pass data (the first batch is traced)")
+        from .trace import derive_spec
+        spec = derive_spec(model, example_input)
+        object.__setattr__(model, "_dimat_derived_spec", spec)  # plain attribute, not a submodule or state
+        return spec
     spec = fn()
     if not isinstance(spec, PermutationSpec):
         raise ValueError(f"{type(model).__name__}.permutation_spec() returned {type(spec).__name__}, not a PermutationSpec")
     return spec
 
 
+def block_permutation(head_perm: torch.Tensor, inner: list[torch.Tensor]) -> torch.Tensor:
+    """A permutation of ``len(head_perm)`` blocks: block ``i`` takes block ``head_perm[i]``, reordered by ``inner[i]``."""
+    d = len(inner[0]) if inner else 0
+    return torch.cat([int(h) * d + inner[i] for i, h in enumerate(head_perm.tolist())]) if d else torch.arange(0)
+
+
+def complete(spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``perms`` with every derived group's permutation put together from its parts'."""
+    out = dict(perms)
+    for g in spec.groups:
+        if not g.derived or any(p is not None and p not in out for p, _ in g.parts):
+            continue
+        pieces, offset = [], 0
+        for part, n in g.parts:
+            p = torch.arange(n) if part is None else torch.as_tensor(out[part], dtype=torch.long).cpu()
+            pieces.append(p + offset)
+            offset += n
+        out[g.name] = torch.cat(pieces)
+    return out
+
+
 def random_permutations(spec: PermutationSpec, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    return {g.name: torch.randperm(g.size, generator=generator) for g in spec.groups}
+    """A random permutation per group (whole heads moved by one draw per head group), derived groups completed."""
+    out: dict[str, torch.Tensor] = {}
+    head_perm = {name: torch.randperm(gs[0].heads, generator=generator) for name, gs in spec.head_groups().items()}
+    for g in spec.matched:
+        if g.heads > 1:
+            d = g.size // g.heads
+            out[g.name] = block_permutation(head_perm[g.head_group],
+                                            [torch.randperm(d, generator=generator) for _ in range(g.heads)])
+        else:
+            out[g.name] = torch.randperm(g.size, generator=generator)
+    return complete(spec, out)
 
 
 def identity_permutations(spec: PermutationSpec) -> dict[str, torch.Tensor]:
@@ -96,8 +199,9 @@ class SpecBuilder:
     def __init__(self) -> None:
         self._groups: list[PermutationGroup] = []
 
-    def add(self, name: str, size: int, axes: list[tuple[str, int]], hooks: list[str] | tuple[str, ...] = ()) -> None:
-        self._groups.append(PermutationGroup(name, size, tuple(axes), tuple(hooks)))
+    def add(self, name: str, size: int, axes: list[tuple[str, int]], hooks: list[str] | tuple[str, ...] = (),
+            **kw) -> None:
+        self._groups.append(PermutationGroup(name, size, tuple(axes), tuple(hooks), **kw))
 
     def build(self) -> PermutationSpec:
         return PermutationSpec(tuple(self._groups))

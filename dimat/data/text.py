@@ -21,6 +21,7 @@ same version); ``source="generated"`` gives a seeded synthetic corpus that does 
 from __future__ import annotations
 
 import ast
+import functools
 import string
 import sysconfig
 from pathlib import Path
@@ -65,8 +66,9 @@ def _docstrings(source: str) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
+@functools.lru_cache(maxsize=4)
 def stdlib_documents(modules: Sequence[str] = MODULES) -> list[tuple[str, str]]:
-    """``(module, text)`` for every listed module whose source the interpreter ships."""
+    """``(module, text)`` for every listed module whose source the interpreter ships (read once per process)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     docs = []
     for m in modules:
@@ -117,7 +119,7 @@ def load_text(root: str | Path | None = None, source: str = "stdlib", context: i
               test_fraction: float = 0.15, max_docs: int | None = None, seed: int = 0) -> DatasetBundle:
     """Next-character windows over an offline corpus (see the module docstring)."""
     if source == "stdlib":
-        docs = stdlib_documents()
+        docs = list(stdlib_documents())
     elif source == "generated":
         docs = generated_documents(seed=seed)
     else:

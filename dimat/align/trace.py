@@ -176,6 +176,7 @@ class _Tracer(TorchFunctionMode):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.modules = dict(model.named_modules())
         self.v = _Vars()
         self.values: dict[int, tuple[torch.Tensor, list[int]]] = {}
         self.keep: list[torch.Tensor] = []
@@ -198,7 +199,7 @@ class _Tracer(TorchFunctionMode):
     # ---- naming
     def where(self) -> str:
         name = self.stack[-1] if self.stack else ""
-        mod = dict(self.model.named_modules()).get(name) if name else self.model
+        mod = self.modules.get(name) if name else self.model
         return f"module '{name or '<root>'}' ({type(mod).__name__})"
 
     # ---- values

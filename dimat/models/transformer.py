@@ -75,8 +75,11 @@ def _ln(prefix: str) -> list[tuple[str, int]]:
     return [(f"{prefix}.weight", 0), (f"{prefix}.bias", 0)]
 
 
-def _blocks_spec(b: SpecBuilder, blocks: nn.ModuleList, stream: list[tuple[str, int]], hooks: list[str]) -> None:
-    """Add each block's attention and MLP groups; extend the stream's axes and hooks."""
+def _transformer_spec(dim: int, blocks: nn.ModuleList, embed: list[tuple[str, int]]) -> PermutationSpec:
+    """Every block's attention and MLP groups, then the residual stream (from ``embed`` axes to the head)."""
+    b = SpecBuilder()
+    stream = list(embed)
+    hooks: list[str] = []
     for i, blk in enumerate(blocks):
         p = f"blocks.{i}"
         stream += _ln(f"{p}.ln1") + _ln(f"{p}.ln2")
@@ -94,6 +97,10 @@ def _blocks_spec(b: SpecBuilder, blocks: nn.ModuleList, stream: list[tuple[str, 
         b.add(f"{p}.mlp.hidden", blk.mlp.fc1.out_features,
               [(f"{p}.mlp.fc1.weight", 0), (f"{p}.mlp.fc1.bias", 0), (f"{p}.mlp.fc2.weight", 1)],
               hooks=[f"{p}.mlp.act"], hook_dims=(2,))
+    stream += _ln("ln_f") + [("head.weight", 1)]
+    hooks.append("ln_f")
+    b.add("stream", dim, stream, hooks=hooks, hook_dims=(2,) * len(hooks))
+    return b.build()
 
 
 class TransformerLM(nn.Module):
@@ -120,14 +127,7 @@ class TransformerLM(nn.Module):
         return self.head(self.ln_f(h)[:, -1])
 
     def permutation_spec(self) -> PermutationSpec:
-        b = SpecBuilder()
-        stream = [("tok.weight", 1), ("pos", 2)]
-        hooks: list[str] = []
-        _blocks_spec(b, self.blocks, stream, hooks)
-        stream += _ln("ln_f") + [("head.weight", 1)]
-        hooks.append("ln_f")
-        b.add("stream", self.tok.embedding_dim, stream, hooks=hooks, hook_dims=(2,) * len(hooks))
-        return b.build()
+        return _transformer_spec(self.tok.embedding_dim, self.blocks, [("tok.weight", 1), ("pos", 2)])
 
 
 class ViT(nn.Module):
@@ -155,14 +155,8 @@ class ViT(nn.Module):
         return self.head(self.ln_f(h)[:, 0])
 
     def permutation_spec(self) -> PermutationSpec:
-        b = SpecBuilder()
-        stream = [("patch.weight", 0), ("patch.bias", 0), ("cls", 2), ("pos", 2)]
-        hooks: list[str] = []
-        _blocks_spec(b, self.blocks, stream, hooks)
-        stream += _ln("ln_f") + [("head.weight", 1)]
-        hooks.append("ln_f")
-        b.add("stream", self.patch.out_channels, stream, hooks=hooks, hook_dims=(2,) * len(hooks))
-        return b.build()
+        return _transformer_spec(self.patch.out_channels, self.blocks,
+                                 [("patch.weight", 0), ("patch.bias", 0), ("cls", 2), ("pos", 2)])
 
 
 @register_model("transformer")

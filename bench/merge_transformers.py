@@ -106,27 +106,34 @@ def main():
     ap.add_argument("--align-batches", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--table-from", nargs="+", default=None,
+                    help="only print the table of earlier --json outputs (e.g. one process per seed)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     results = {}
-    for name in args.models:
-        for seed in args.seeds:
-            r = run(name, seed, args.steps, args.batch, args.align_batches)
-            results[f"{name}/{seed}"] = r
-            print(f"{name} seed {seed}: " + ", ".join(f"{k} {v['loss']:.3f}/{v['acc']:.3f}"
-                                                      for k, v in r.items() if not k.startswith("_")), flush=True)
+    if args.table_from:
+        for path in args.table_from:
+            with open(path) as f:
+                results.update(json.load(f))
+    else:
+        for name in args.models:
+            for seed in args.seeds:
+                r = run(name, seed, args.steps, args.batch, args.align_batches)
+                results[f"{name}/{seed}"] = r
+                print(f"{name} seed {seed}: " + ", ".join(f"{k} {v['loss']:.3f}/{v['acc']:.3f}"
+                                                          for k, v in r.items() if not k.startswith("_")), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
     print("\n| model | merge | test loss (mean ± sd over seeds) | test acc |")
     print("|---|---|---|---|")
-    for name in args.models:
-        runs = [results[f"{name}/{s}"] for s in args.seeds]
+    for name in dict.fromkeys(k.split("/")[0] for k in results):
+        runs = [v for k, v in results.items() if k.split("/")[0] == name]
         for key in [k for k in runs[0] if not k.startswith("_")]:
             loss = torch.tensor([r[key]["loss"] for r in runs])
             acc = torch.tensor([r[key]["acc"] for r in runs])
             sd = (lambda t: f" ± {t.std().item():.3f}" if len(t) > 1 else "")
             print(f"| {name} | {key} | {loss.mean():.3f}{sd(loss)} | {acc.mean():.3f}{sd(acc)} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

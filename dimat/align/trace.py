@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .spec import PermutationGroup, PermutationSpec
+from .structure import PermutationGroup, PermutationSpec
 
 
 class TraceError(ValueError):

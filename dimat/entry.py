@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any, Iterator, NoReturn, Sequence
 
 from dimat.config import ConfigError
+from dimat.files import BadFileError
 
 EXIT_CONFIG = 2
 GROUPS = ("model", "data", "partition", "topology", "merge", "transport", "attack", "experiment")
 #: what a bad config or bad file raises on its way up; each becomes one error line
-USER_ERRORS = (ConfigError, FileNotFoundError, NotADirectoryError, TimeoutError)
+USER_ERRORS = (ConfigError, BadFileError, FileNotFoundError, NotADirectoryError, TimeoutError)
 
 
 def one_line(exc: BaseException) -> str:

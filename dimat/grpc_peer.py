@@ -29,29 +29,120 @@ log = logging.getLogger(__name__)
 
 
 def load_peers_file(path: str | Path) -> dict[int, str]:
-    """Read ``{id: "host:port"}`` from a peers YAML file; raises with a message naming the problem."""
+    """Read ``{id: "host:port"}`` from a peers YAML file, validated as it is read.
+
+    Ids are unique non-negative integers (``1`` and ``'01'`` are the same id, so both is an error,
+    as is a key given twice), ports are 1-65535, hosts are IP addresses (IPv6 in brackets) or host
+    names, and no two ids share an address. Every problem is a :class:`~dimat.files.BadFileError`
+    ``<file>: <problem>``.
+    """
     import yaml
+
+    from dimat.files import BadFileError, describe
 
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"peers file {p} not found")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.load(p.read_text(), Loader=_unique_key_loader()) or {}
+    except _DuplicateKey as exc:
+        raise BadFileError(p, str(exc)) from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise BadFileError(p, f"not readable YAML ({describe(exc)})") from None
     if isinstance(data, dict) and "peers" in data:
         data = data["peers"]
     if not isinstance(data, dict) or not data:
-        raise ValueError(f"peers file {p}: expected a mapping of peer id to host:port")
+        raise BadFileError(p, "expected a mapping of peer id to host:port")
     out: dict[int, str] = {}
+    spelled: dict[int, object] = {}
+    where: dict[tuple[str, int], int] = {}
     for k, v in data.items():
-        try:
-            pid = int(k)
-        except (TypeError, ValueError):
-            raise ValueError(f"peers file {p}: peer id {k!r} is not an integer") from None
-        addr = str(v)
-        host, sep, port = addr.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"peers file {p}: address {addr!r} of peer {pid} is not host:port")
-        out[pid] = addr
+        pid = _peer_id(k)
+        if pid is None:
+            raise BadFileError(p, f"peer id {k!r} is not a non-negative integer")
+        if pid in spelled:
+            raise BadFileError(p, f"peer ids {spelled[pid]!r} and {k!r} both name peer {pid}")
+        spelled[pid] = k
+        problem = _address_problem(v)
+        if problem:
+            raise BadFileError(p, f"address {v!r} of peer {pid}: {problem}")
+        host, _, port = str(v).rpartition(":")
+        key = (host.strip("[]").lower(), int(port))
+        if key in where:
+            raise BadFileError(p, f"peers {where[key]} and {pid} share the address {v} (each peer needs its own)")
+        where[key] = pid
+        out[pid] = str(v)
     return out
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_key_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """``yaml.SafeLoader`` that refuses a mapping key given twice (plain YAML keeps the last)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    dup = key in seen
+                except TypeError:  # an unhashable key: the normal constructor reports it
+                    break
+                if dup:
+                    raise _DuplicateKey(f"key {key!r} appears twice (line {key_node.start_mark.line + 1})")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
+def _peer_id(k: object) -> int | None:
+    if isinstance(k, bool):
+        return None
+    if isinstance(k, int):
+        return k if k >= 0 else None
+    if isinstance(k, str) and k.strip().isdigit() and k.strip().isascii():
+        return int(k.strip())
+    return None
+
+
+def _address_problem(v: object) -> str | None:
+    """Why ``v`` is not a usable ``host:port``, or None."""
+    import ipaddress
+    import re
+
+    if not isinstance(v, str):
+        return "not a host:port string"
+    host, sep, port = v.rpartition(":")
+    if not sep or not host:
+        return "not host:port"
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        return f"port {port!r} is not in 1-65535"
+    if host.startswith("["):
+        if not host.endswith("]"):
+            return f"host {host!r} has an unclosed bracket"
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return f"host {host!r} is not an IPv6 address"
+        return None
+    if ":" in host:
+        return f"host {host!r}: an IPv6 address must be in brackets ([::1]:port)"
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return f"host {host!r} is not an IPv4 address"
+        return None
+    label = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+    if len(host) > 253 or not re.fullmatch(rf"{label}(\.{label})*\.?", host):
+        return f"host {host!r} is not a host name or IP address"
+    return None
 
 
 def run_peer(cfg: Any, peer_id: int, peers: Mapping[int, str], run_dir: str | Path, *,

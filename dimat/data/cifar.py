@@ -5,14 +5,13 @@ Nothing is downloaded. The files are loaded with a restricted unpickler (see `sa
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .bundle import DatasetBundle, make_bundle, register_dataset
-from .safe_pickle import UnsafePickleError, safe_load_file
+from .safe_pickle import safe_load_file
 
 __all__ = ["CIFAR10", "CIFAR100", "CifarSpec", "find_cifar_folder", "load_cifar", "read_cifar_batch"]
 
@@ -94,12 +93,7 @@ def _get(d: dict, key: bytes) -> object:
 def read_cifar_batch(path: str | Path, label_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """One batch file -> (uint8 data N x 3072, int64 labels N), checked."""
     path = Path(path)
-    try:
-        d = safe_load_file(path)
-    except UnsafePickleError:
-        raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
-        raise ValueError(f"{path}: not a readable CIFAR batch file ({type(e).__name__}: {e})") from e
+    d = safe_load_file(path, what="CIFAR batch file")  # BadFileError (UnsafePickleError too) names the file
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a dict, found {type(d).__name__}")
     data, labels = _get(d, b"data"), _get(d, label_key)

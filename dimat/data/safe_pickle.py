@@ -2,7 +2,9 @@
 
 Those files are pickles, and a pickle can name any importable callable. This unpickler resolves
 only the handful of globals numpy needs to rebuild arrays, plus builtin containers; any other
-global raises `UnsafePickleError` naming it, before anything is called.
+global raises `UnsafePickleError` naming it, before anything is called. `bytearray` is allowed
+only from bytes or text, never from a size (a 121-byte pickle could otherwise ask for 1 TiB).
+Every failure to read a file is a `BadFileError` naming it (one error line, exit code 2).
 """
 
 from __future__ import annotations
@@ -15,11 +17,23 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from dimat.files import BadFileError, describe
+
 __all__ = ["UnsafePickleError", "RestrictedUnpickler", "safe_load", "safe_load_file"]
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """A pickle referred to a global outside the allow-list."""
+class UnsafePickleError(pickle.UnpicklingError, BadFileError):
+    """A pickle referred to a global outside the allow-list (or asked for a refused construction)."""
+
+    def __init__(self, message: str) -> None:  # the message already names the file
+        Exception.__init__(self, message)
+
+
+def _bytearray(*args: Any) -> bytearray:
+    """`bytearray` from bytes or text only: `bytearray(n)` would allocate n zero bytes on request."""
+    if args and not isinstance(args[0], (bytes, bytearray, str)):
+        raise UnsafePickleError(f"refusing bytearray({type(args[0]).__name__}) in a data file (only bytes or text)")
+    return bytearray(*args)
 
 
 def _multiarray_attr(name: str) -> Any:
@@ -48,8 +62,9 @@ for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
     for _name in ("_reconstruct", "scalar"):
         _ALLOWED[(_mod, _name)] = _multiarray_attr(_name)
 for _mod in ("builtins", "__builtin__"):  # __builtin__: Python 2 pickles
-    for _name in ("dict", "list", "tuple", "set", "frozenset", "bytearray"):
+    for _name in ("dict", "list", "tuple", "set", "frozenset"):
         _ALLOWED[(_mod, _name)] = getattr(builtins, _name)
+    _ALLOWED[(_mod, "bytearray")] = _bytearray
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -77,7 +92,15 @@ def safe_load(file: BinaryIO, source: str = "<pickle>") -> Any:
     return RestrictedUnpickler(file, source=source, encoding="bytes").load()
 
 
-def safe_load_file(path: str | Path) -> Any:
+def safe_load_file(path: str | Path, what: str = "pickle") -> Any:
+    """Unpickle a file; any failure (refused global, truncation, garbage, memory) is a `BadFileError`
+    (``<path>: not a readable <what> (...)``)."""
     path = Path(path)
     with open(path, "rb") as f:
-        return safe_load(f, source=str(path))
+        try:
+            return safe_load(f, source=str(path))
+        except UnsafePickleError as exc:
+            text = str(exc)
+            raise UnsafePickleError(text if text.startswith(str(path)) else f"{path}: {text}") from None
+        except Exception as exc:  # a damaged or hostile file: whatever the unpickler raised
+            raise BadFileError(path, f"not a readable {what} ({describe(exc)})") from None

@@ -1,4 +1,8 @@
-"""Per-peer checkpoints: every round's state on disk, written atomically, and the resume point."""
+"""Per-peer checkpoints: every round's state on disk, written atomically, and the resume point.
+
+A checkpoint or progress file that cannot be used on resume (empty, truncated, garbage, another
+model's) is a :class:`~dimat.files.BadFileError` naming the file: one error line, exit code 2.
+"""
 from __future__ import annotations
 
 import json
@@ -8,6 +12,7 @@ from typing import Any, Mapping
 import torch
 
 from dimat.atomic import atomic_write
+from dimat.files import BadFileError, describe
 from dimat.metrics import write_text_atomic
 from dimat.peer import Peer
 
@@ -45,9 +50,17 @@ class Checkpointer:
                 old.unlink(missing_ok=True)
 
     def last_round(self) -> int | None:
+        """The last round recorded in the progress file; None without one."""
         if not self.progress.exists():
             return None
-        return int(json.loads(self.progress.read_text())["last_round"])
+        try:
+            data = json.loads(self.progress.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise BadFileError(self.progress, f"not a readable progress file ({describe(exc)})") from None
+        last = data.get("last_round") if isinstance(data, dict) else None
+        if isinstance(last, bool) or not isinstance(last, int) or last < 0:
+            raise BadFileError(self.progress, f"expected {{\"last_round\": <round >= 0>, ...}}, found {str(data)[:80]}")
+        return last
 
     def remove_partial_writes(self, peers: Mapping[int, Peer]) -> int:
         """Delete temporary files a killed process left mid-write (they were never renamed into place)."""
@@ -65,10 +78,18 @@ class Checkpointer:
             p = self.path(pid, round_idx)
             if not p.exists():
                 raise FileNotFoundError(f"checkpoint {p} is missing; cannot resume round {round_idx}")
-            ckpt = torch.load(p, map_location="cpu", weights_only=True)
-            if int(ckpt["round"]) != round_idx:
-                raise ValueError(f"checkpoint {p} is for round {ckpt['round']}, expected {round_idx}")
-            peer.restore(ckpt)
+            try:
+                ckpt = torch.load(p, map_location="cpu", weights_only=True)
+            except Exception as exc:  # empty, truncated, garbage, or objects weights_only refuses
+                raise BadFileError(p, f"not a readable checkpoint ({describe(exc)})") from None
+            if not isinstance(ckpt, dict) or not isinstance(ckpt.get("round"), int):
+                raise BadFileError(p, f"not a dimat checkpoint (no round number; found {type(ckpt).__name__})")
+            if ckpt["round"] != round_idx:
+                raise BadFileError(p, f"checkpoint is for round {ckpt['round']}, expected {round_idx}")
+            try:
+                peer.restore(ckpt)
+            except Exception as exc:  # missing keys, another model's shapes
+                raise BadFileError(p, f"does not fit peer {pid} ({describe(exc)})") from None
             rng = ckpt.get("torch_rng", rng)
         if rng is not None:
             torch.set_rng_state(rng)

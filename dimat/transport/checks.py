@@ -20,6 +20,21 @@ from dimat.transport.base import TransportError
 from dimat.transport.schema import HALF_DTYPES, Schema, dtype_label
 
 
+#: caps on an announced tensor, checked before any arithmetic on its (untrusted) dimensions
+MAX_RANK = 32
+MAX_ELEMENTS = 1 << 40
+
+
+def bounded_numel(shape: Sequence[int], cap: int = MAX_ELEMENTS) -> int | None:
+    """The product of ``shape``, or ``None`` once it exceeds ``cap`` (never builds a huge integer)."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+        if n > cap:
+            return None
+    return n
+
+
 class StateRejected(TransportError):
     """A received state failed a receive check; ``reason`` reads the same on every transport."""
 
@@ -36,12 +51,21 @@ def refusal_message(sender: int, round_idx: int, reason: str) -> str:
 
 def check_entry(name: str, dtype: torch.dtype, shape: Sequence[int], schema: Schema, *,
                 allow_half: bool = False, label: str | None = None) -> None:
-    """One announced/received tensor against the receiver's schema (name known, shape, dtype)."""
+    """One announced/received tensor against the receiver's schema (name known, rank, shape, dtype).
+
+    Linear in the announcement's size: the rank is capped before the shape is compared, and the
+    shape is compared with the schema's before anything multiplies its dimensions.
+    """
     if name not in schema.entries:
-        raise rejected(f"unexpected tensor {name!r} (not in the receiver's model)", label)
+        shown = name if len(name) <= 200 else name[:200] + "..."
+        raise rejected(f"unexpected tensor {shown!r} (not in the receiver's model)", label)
     want_shape, want_dtype = schema.entries[name]
+    if len(shape) > MAX_RANK:
+        raise rejected(f"tensor {name!r} has {len(shape)} dimensions (at most {MAX_RANK}), expected {list(want_shape)}", label)
     if tuple(shape) != tuple(want_shape):
         raise rejected(f"tensor {name!r} has shape {list(shape)}, expected {list(want_shape)}", label)
+    if bounded_numel(want_shape) is None:
+        raise rejected(f"tensor {name!r} has more than {MAX_ELEMENTS} elements", label)
     half_ok = allow_half and dtype_label(dtype) in HALF_DTYPES and want_dtype in (torch.float32, torch.float64)
     if dtype != want_dtype and not half_ok:
         raise rejected(f"tensor {name!r} has dtype {dtype_label(dtype)}, expected {dtype_label(want_dtype)}", label)
@@ -106,6 +130,6 @@ def check_state(state: Mapping[str, torch.Tensor], schema: Schema, *, allow_half
 
 
 __all__ = [
-    "StateRejected", "rejected", "refusal_message", "check_entry", "check_complete", "check_finite",
+    "MAX_ELEMENTS", "MAX_RANK", "bounded_numel", "StateRejected", "rejected", "refusal_message", "check_entry", "check_complete", "check_finite",
     "check_state", "finite_problem", "non_finite",
 ]

@@ -64,6 +64,8 @@ def build_transport(
             half=s.half, hash_algorithm=s.hash, max_rounds_ahead=s.max_rounds_ahead,
             require_cert_identity=s.require_cert_identity, heartbeat_interval=s.heartbeat_interval,
             max_missed_heartbeats=s.max_missed_heartbeats, report_path=report_path, delay=s.delay,
+            max_concurrent_rpcs=s.max_concurrent_rpcs, max_concurrent_streams=s.max_concurrent_streams,
+            max_streams_per_sender=s.max_streams_per_sender, stream_idle_timeout=s.stream_idle_timeout,
         )  # type: ignore[arg-type]
     if settings.name == "torchdist":
         from dimat.transport.torchdist import TorchDistTransport

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+log = logging.getLogger("dimat.transport.grpc")
 
 TOKEN_HEADER = "authorization"
 #: methods reachable without the token (load balancers and launchers probe health unauthenticated)
@@ -19,6 +23,32 @@ def _read(path: str | Path | None, what: str) -> bytes | None:
     if not p.is_file():
         raise FileNotFoundError(f"TLS {what} file not found: {p}")
     return p.read_bytes()
+
+
+def check_pem_files(cert: str | Path, key: str | Path, ca: str | Path | None) -> None:
+    """Parse the certificate, its key and the CA bundle (stdlib ``ssl``) before gRPC sees them.
+
+    gRPC reports a bad file only as "Failed to bind"; this names it: a
+    :class:`~dimat.files.BadFileError` ``<file>: <problem>`` (a missing file: FileNotFoundError).
+    """
+    import ssl
+
+    from dimat.files import BadFileError, describe
+
+    for path, what in ((cert, "cert"), (key, "key"), (ca, "ca")):
+        if path is not None:
+            _read(path, what)
+    for path in (cert, ca):
+        if path is None:
+            continue
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(path))
+        except (ssl.SSLError, ValueError, OSError) as exc:
+            raise BadFileError(path, f"not a PEM certificate ({describe(exc)})") from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, ValueError, OSError) as exc:
+        raise BadFileError(key, f"not a PEM private key, or not the key of {cert} ({describe(exc)})") from None
 
 
 @dataclass(frozen=True)
@@ -35,7 +65,12 @@ class TlsConfig:
     mutual: bool = False
     server_name_override: str | None = None  # when dialling an address the certificate does not name
 
+    def check(self) -> None:
+        """Every file exists and parses (:func:`check_pem_files`)."""
+        check_pem_files(self.cert, self.key, self.ca)
+
     def server_credentials(self) -> grpc.ServerCredentials:
+        self.check()
         return grpc.ssl_server_credentials(
             [(_read(self.key, "key"), _read(self.cert, "cert"))],
             root_certificates=_read(self.ca, "ca") if self.mutual else None,
@@ -51,6 +86,34 @@ class TlsConfig:
 
     def channel_options(self) -> list[tuple[str, str]]:
         return [("grpc.ssl_target_name_override", self.server_name_override)] if self.server_name_override else []
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address's host part, brackets allowed) names this machine only."""
+    h = host.strip("[]")
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_exposed(host: str, *, token: str | None, tls: "TlsConfig | None") -> bool:
+    """Warn loudly when serving beyond loopback with neither token nor TLS; returns whether it warned.
+
+    Anyone who reaches the port can then push weights as any peer, send heartbeats and Leaves in
+    its name and hold streams open (docs/grpc.md, "Threat model").
+    """
+    if is_loopback(host) or token or tls is not None:
+        return False
+    log.warning(
+        "!!! dimat peer is listening on %s with NO authentication (no token, no TLS): anyone who "
+        "reaches this port can push weights and speak for any peer. Make certificates with "
+        "`launch/make_certs.sh certs/ <num_peers>` and set transport.tls.dir=certs transport.tls.mutual=true "
+        "transport.require_cert_identity=true, or at least export a shared token in $DIMAT_TOKEN "
+        "(transport.token_env). !!!", host)
+    return True
 
 
 def token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

@@ -53,6 +53,11 @@ class TransportSettings:
     token_env: str | None
     require_cert_identity: bool | None
     tls: TlsSettings | None
+    # grpc: server bounds against stalled, slow or hostile clients (docs/grpc.md, "Threat model")
+    max_concurrent_rpcs: int | None
+    max_concurrent_streams: int | None
+    max_streams_per_sender: int | None
+    stream_idle_timeout: float | None
     # torchdist
     backend: str | None
     pg_timeout: float | None
@@ -81,6 +86,13 @@ class TransportSettings:
         out = cls(**values)
         if out.require_cert_identity and not (out.tls is not None and out.tls.mutual):
             raise ValueError("transport.require_cert_identity needs transport.tls.mutual: true")
+        if out.max_concurrent_streams is not None and out.max_concurrent_streams >= (out.max_concurrent_rpcs or 0):
+            raise ValueError(f"transport.max_concurrent_streams must be below transport.max_concurrent_rpcs "
+                             f"({out.max_concurrent_rpcs}) so health checks and heartbeats keep workers "
+                             f"(got {out.max_concurrent_streams})")
+        if out.max_streams_per_sender is not None and (out.num_streams or 1) > out.max_streams_per_sender:
+            raise ValueError(f"transport.num_streams ({out.num_streams}) must not exceed transport.max_streams_per_sender "
+                             f"({out.max_streams_per_sender}): a receiver would refuse the extra streams")
         return out
 
 
@@ -188,6 +200,9 @@ _SPECS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "num_streams": _num_streams, "half": _choice((None, *HALF_DTYPES)), "hash": _choice(HASH_ALGORITHMS),
         "max_rounds_ahead": _nonneg_int, "heartbeat_interval": _pos_or_none, "max_missed_heartbeats": _pos_int,
         "delay": _nonneg, "token_env": _str_or_none, "require_cert_identity": _bool, "tls": _tls,
+        # server bounds (issue 12)
+        "max_concurrent_rpcs": _pos_int, "max_concurrent_streams": _pos_int, "max_streams_per_sender": _pos_int,
+        "stream_idle_timeout": _pos,
     },
     "torchdist": {"backend": _choice((None, "gloo", "nccl")), "timeout": _pos_or_none, "pg_timeout": _pos},
 }

@@ -311,6 +311,9 @@ class IncomingPayload:
         label: str = "payload",
     ):
         self.label = label
+        # proto3 defaults (peer.proto): an empty hash_algorithm is the default hash, 0 streams is one
+        hash_algorithm = hash_algorithm or DEFAULT_HASH
+        num_streams = num_streams or 1
         _new_hasher(hash_algorithm)
         if not 1 <= num_streams <= MAX_STREAMS:
             raise TransportError(f"{label}: num_streams={num_streams} outside [1, {MAX_STREAMS}]")
@@ -342,7 +345,12 @@ class IncomingPayload:
         return cls(f"{self.label}: {reason}", reason=reason)
 
     def _validate_table(self, tensors: Sequence[TensorEntry], total: int, schema: Schema, allow_half: bool) -> None:
-        """Structure of the table (here) and content against the receiver's schema (:mod:`checks`)."""
+        """Structure of the table (here) and content against the receiver's schema (:mod:`checks`).
+
+        Linear in the table's size and free of arithmetic on untrusted numbers: an entry is compared
+        with the receiver's schema (rank capped first) before its size is computed, and the size is
+        computed from the schema's shape.
+        """
         seen: set[str] = set()
         pos = 0
         for e in tensors:
@@ -350,16 +358,16 @@ class IncomingPayload:
                 raise self._error(TransportError, f"tensor {e.name!r} announced twice")
             seen.add(e.name)
             if e.dtype not in WIRE_DTYPES:
-                raise self._error(TransportError, f"tensor {e.name!r} has dtype {e.dtype!r}, not in the wire whitelist {sorted(WIRE_DTYPES)}")
-            if any(d < 0 for d in e.shape):
+                raise self._error(TransportError, f"tensor {e.name!r} has dtype {e.dtype[:40]!r}, not in the wire whitelist {sorted(WIRE_DTYPES)}")
+            if len(e.shape) <= checks.MAX_RANK and any(d < 0 for d in e.shape):
                 raise self._error(TransportError, f"tensor {e.name!r} has a negative dimension in shape {list(e.shape)}")
-            want_bytes = math.prod(e.shape) * torch.empty((), dtype=WIRE_DTYPES[e.dtype]).element_size()
+            checks.check_entry(e.name, WIRE_DTYPES[e.dtype], e.shape, schema, allow_half=allow_half, label=self.label)
+            want_bytes = math.prod(schema.entries[e.name][0]) * torch.empty((), dtype=WIRE_DTYPES[e.dtype]).element_size()
             if e.nbytes != want_bytes:
                 raise self._error(TransportError, f"tensor {e.name!r} announces {e.nbytes} bytes but {e.dtype}{list(e.shape)} needs {want_bytes}")
             if e.offset != pos:
                 raise self._error(TransportError, f"tensor {e.name!r} at offset {e.offset}, expected {pos} (tensors must be back to back)")
             pos += e.nbytes
-            checks.check_entry(e.name, WIRE_DTYPES[e.dtype], e.shape, schema, allow_half=allow_half, label=self.label)
         if pos != total:
             raise self._error(TransportError, f"tensor table covers {pos} bytes but total_bytes is {total}")
         checks.check_complete(seen, schema, self.label)

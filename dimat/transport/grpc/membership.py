@@ -2,6 +2,11 @@
 
 A peer that misses ``max_missed_heartbeats`` heartbeats in a row is *down*: the exchange neither
 pushes to it nor waits for it, until a heartbeat succeeds again (it came back).
+
+Members are the ids of the peers file (the ``peers`` map the transport was built with): a Join or
+Heartbeat from any other id is refused (``PERMISSION_DENIED``) and stored nowhere, unless an
+admission rule (:attr:`Membership.admission`, ``id -> bool``) lets it in; even then the table holds
+at most :data:`MAX_MEMBERS` entries.
 """
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import grpc
 
@@ -20,6 +25,9 @@ if TYPE_CHECKING:
     from dimat.transport.grpc.transport import GrpcTransport
 
 log = logging.getLogger("dimat.transport.grpc")
+
+#: the most members one peer tracks when an admission rule lets in ids beyond the peers file
+MAX_MEMBERS = 4096
 
 
 @dataclass
@@ -40,16 +48,30 @@ class Membership:
         self.heartbeat_interval = heartbeat_interval
         self.max_missed_heartbeats = max(1, int(max_missed_heartbeats))
         self.members: dict[int, Member] = {}
+        #: optional rule ``id -> bool`` for ids outside the peers file (None: nobody else)
+        self.admission: Callable[[int], bool] | None = None
         self.lock = threading.Lock()
         self.missed: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def admits(self, peer: int) -> bool:
+        """Whether ``peer`` may be a member: in the peers map the owner gave (constructor, ``set_peers``:
+        the peers file), or let in by the admission rule."""
+        if peer in self.t.peers:
+            return True
+        return self.admission is not None and bool(self.admission(peer))
+
     def seen(self, peer: int, round_idx: int, address: str | None) -> None:
         """``peer`` spoke to us (join, heartbeat) from ``round_idx``; ``address`` if it told one."""
+        if not self.admits(peer):
+            return
         with self.lock:
             m = self.members.get(peer)
             if m is None:
+                if len(self.members) >= MAX_MEMBERS:
+                    log.warning("peer %s: member table full (%d); ignoring peer %s", self.t.peer_id, MAX_MEMBERS, peer)
+                    return
                 m = self.members[peer] = Member(self.t.peers.get(peer, ""), round_idx, True, time.monotonic())
             m.round, m.alive, m.last_seen = round_idx, True, time.monotonic()
             if address:

@@ -19,9 +19,9 @@ from dimat.transport.checks import StateRejected, check_state, refusal_message
 from dimat.transport.grpc.client import PeerClient, PushRefused, RetryPolicy
 from dimat.transport.grpc.membership import Member, Membership
 from dimat.transport.grpc.proto import SERVICE_NAME, channel_options
-from dimat.transport.grpc.server import Inbox, Servicer, service_handler
+from dimat.transport.grpc.server import Inbox, Servicer, StreamSlots, service_handler
 from dimat.transport.schema import Schema
-from dimat.transport.security import TlsConfig, TokenAuthInterceptor
+from dimat.transport.security import TlsConfig, TokenAuthInterceptor, warn_if_exposed
 from dimat.transport.wire import DEFAULT_CHUNK_BYTES, DEFAULT_HASH, OutgoingPayload
 
 log = logging.getLogger("dimat.transport.grpc")
@@ -66,6 +66,10 @@ class GrpcTransport:
             pushes to it nor waits for it until a heartbeat succeeds again (it rejoined).
         report_path: append one JSON line per exchange (received, missing, failed sends) here.
         delay: seconds to sleep before every exchange: makes this peer a straggler (tests, benches).
+        max_concurrent_rpcs, max_concurrent_streams, max_streams_per_sender, stream_idle_timeout:
+            server bounds (docs/grpc.md, "Threat model"): RPCs in progress (one worker each, more are
+            refused by gRPC), streams among them (the rest is kept for unary RPCs and health), streams
+            per caller, seconds a stream may wait for its next message.
     """
 
     def __init__(
@@ -98,6 +102,10 @@ class GrpcTransport:
         max_missed_heartbeats: int = 3,
         report_path: str | None = None,
         delay: float = 0.0,
+        max_concurrent_rpcs: int = 128,
+        max_concurrent_streams: int = 48,
+        max_streams_per_sender: int = 8,
+        stream_idle_timeout: float = 10.0,
     ):
         # the keyword defaults equal configs/transport/grpc.yaml; build_transport passes every one
         if peer_id not in peers:
@@ -106,6 +114,9 @@ class GrpcTransport:
             raise ValueError(f"chunk_bytes must be in (0, 64 MiB], got {chunk_bytes}")
         if require_cert_identity and not (tls and tls.mutual):
             raise ValueError("require_cert_identity needs mutual TLS")
+        if not 0 < max_concurrent_streams < max_concurrent_rpcs:
+            raise ValueError(f"max_concurrent_streams must be in (0, max_concurrent_rpcs={max_concurrent_rpcs}), "
+                             f"got {max_concurrent_streams}")
         self.peer_id = int(peer_id)
         self.peers = {int(k): str(v) for k, v in peers.items()}
         self.token, self.tls = token, tls
@@ -117,6 +128,8 @@ class GrpcTransport:
         self.prefetch = prefetch
         self.report_path = report_path
         self.delay = float(delay)
+        self.slots = StreamSlots(max_concurrent_streams, max_streams_per_sender)
+        self.stream_idle_timeout = float(stream_idle_timeout)
         # a chunk plus protobuf framing, or a large tensor table, must fit in one message
         self.max_message_bytes = max_message_bytes or max(chunk_bytes + (1 << 20), 16 << 20)
         self._allowed_policy = allowed_senders
@@ -140,8 +153,10 @@ class GrpcTransport:
 
         opts = channel_options(self.max_message_bytes, window_bytes)
         interceptors = [TokenAuthInterceptor(token)] if token else []
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"dimat-srv-{peer_id}"),
-                                   options=opts, interceptors=interceptors)
+        # one worker per admitted RPC (gRPC refuses more), streams capped below that (self.slots)
+        workers = max(max_workers, max_concurrent_rpcs)
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"dimat-srv-{peer_id}"),
+                                   options=opts, interceptors=interceptors, maximum_concurrent_rpcs=max_concurrent_rpcs)
         self._server.add_generic_rpc_handlers((service_handler(Servicer(self)),))
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -156,6 +171,7 @@ class GrpcTransport:
         self.port = port
         self.address = f"{host}:{port}"
         self.peers[self.peer_id] = self.address
+        warn_if_exposed(host, token=token, tls=tls)
         self._server.start()
         for svc in ("", SERVICE_NAME):
             self._health.set(svc, health_pb2.HealthCheckResponse.SERVING)

@@ -10,7 +10,12 @@ SMALL = {
     "vgg11": (dict(width=0.125), (3, 16, 16)),
     "vgg16": (dict(width=0.125), (3, 16, 16)),
     "resnet20": (dict(width=0.5), (3, 16, 16)),
+    "transformer": (dict(num_classes=20, input_shape=(12,), dim=32, heads=4), (12,)),
+    "vit": (dict(input_shape=(1, 8, 8), patch=2, dim=32, heads=4), (1, 8, 8)),
+    # a class imported by name (model.class=...): here dimat's own MLP, which declares its spec
+    "custom": ({"class": "dimat.models.mlp:MLP", "input_dim": 40, "hidden": (32, 24), "num_classes": 10}, (1, 40)),
 }
+TOKENS = {"transformer": 20}  # models whose inputs are token ids: the vocabulary size
 
 
 def small_model(name: str, seed: int = 0) -> nn.Module:
@@ -35,4 +40,7 @@ def distinguish_bn(model: nn.Module, seed: int = 0) -> None:
 
 def inputs(name: str, n: int, seed: int = 0) -> torch.Tensor:
     _, shape = SMALL[name]
-    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    if name in TOKENS:
+        return torch.randint(0, TOKENS[name], (n, *shape), generator=g).float()
+    return torch.randn(n, *shape, generator=g)

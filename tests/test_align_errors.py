@@ -31,10 +31,15 @@ def test_mismatched_dtype():
 
 def test_model_without_permutation_structure():
     plain = [nn.Sequential(nn.Linear(10, 4), nn.ReLU(), nn.Linear(4, 3)) for _ in range(2)]
+    # with data, the structure is traced on its first batch (dimat.align.derive_spec)
+    assert isinstance(merge(plain, [0.5, 0.5], DATA, method="dimat"), nn.Sequential)
+    assert len(align(plain[0], plain[1:], DATA)) == 1
+    # without data there is nothing to trace it on (a model once traced keeps its spec)
+    plain = [nn.Sequential(nn.Linear(10, 4), nn.ReLU(), nn.Linear(4, 3)) for _ in range(2)]
     with pytest.raises(ValueError, match="permutation structure"):
-        merge(plain, [0.5, 0.5], DATA, method="dimat")
+        merge(plain, [0.5, 0.5], method="weight_matching")
     with pytest.raises(ValueError, match="permutation structure"):
-        align(plain[0], plain[1:], DATA)
+        align(plain[0], plain[1:], method="weight")
     # plain averaging needs no structure
     merged = merge(plain, [0.5, 0.5], method="average")
     assert torch.allclose(merged[0].weight, (plain[0][0].weight + plain[1][0].weight) / 2)
@@ -76,7 +81,7 @@ def test_unknown_methods_and_models():
     with pytest.raises(ValueError, match="unknown alignment method"):
         align(mlp(), [mlp(seed=1)], DATA, method="magic")
     with pytest.raises(ValueError, match="unknown model"):
-        build_model("transformer")
+        build_model("no_such_model")
     with pytest.raises(ValueError, match="does not take"):
         build_model("mlp", depth=3)
 

@@ -7,7 +7,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from .inputs import reiterable_inputs
+from .inputs import first_input, reiterable_inputs
 from .matching import match_activations, weight_matching
 from .permute import permute_state
 from .spec import PermutationSpec, get_spec
@@ -40,13 +40,28 @@ def check_state_compatible(ref: dict, other: dict, label: str = "state") -> None
             raise ValueError(f"{label}: '{key}' has dtype {o.dtype}, the reference has {t.dtype}")
 
 
+def spec_for(model: nn.Module, data: Iterable | None, max_batches: int | None = None,
+             ) -> tuple[PermutationSpec, Iterable | None]:
+    """``(spec, data)``: the declared spec, or one traced on the first batch of ``data``.
+
+    For a model without ``permutation_spec()``, ``data`` is made re-iterable first (a one-shot
+    iterator is not spent by the trace) and returned for the caller to use.
+    """
+    if getattr(model, "permutation_spec", None) is not None or getattr(model, "_dimat_derived_spec", None) is not None:
+        return get_spec(model), data
+    if data is not None:
+        data = reiterable_inputs(data, max_batches)
+    return get_spec(model, first_input(data)), data
+
+
 def find_permutations(reference: nn.Module, others: Sequence[nn.Module], data: Iterable | None,
                       method: str = "activation", spec: PermutationSpec | None = None,
                       max_batches: int | None = None) -> list[dict[str, torch.Tensor]]:
     """Per other model, ``{group: perm}`` mapping it into ``reference``'s basis."""
     if method not in METHODS:
         raise ValueError(f"unknown alignment method '{method}'; choose one of {METHODS}")
-    spec = spec or get_spec(reference)
+    if spec is None:
+        spec, data = spec_for(reference, data, max_batches)
     spec.validate(reference.state_dict(), dict(reference.named_modules()))
     check_compatible(reference, others)
     if not others:
@@ -63,9 +78,10 @@ def align(reference: nn.Module, others: Sequence[nn.Module], data: Iterable | No
     """Copies of ``others`` permuted into ``reference``'s basis; nothing passed in is modified.
 
     ``method="activation"`` matches units by activation correlation on ``data`` (an iterable of
-    input tensors or (input, label) pairs); ``method="weight"`` needs no data.
+    input tensors or (input, label) pairs); ``method="weight"`` needs no data. A model without
+    ``permutation_spec()`` gets one derived by tracing it on the first batch of ``data``.
     """
-    spec = get_spec(reference)
+    spec, data = spec_for(reference, data, max_batches)
     perms = find_permutations(reference, others, data, method, spec, max_batches)
     out = []
     for m, p in zip(others, perms):

@@ -45,3 +45,10 @@ def reiterable_inputs(data: Iterable | None, max_batches: int | None = None) -> 
     if first is None:
         raise ValueError("data is empty: no batches to collect activation statistics from")
     return data
+
+
+def first_input(data: Iterable | None) -> torch.Tensor | None:
+    """The first input batch of re-iterable ``data`` (what a model without a declared spec is traced on)."""
+    if data is None:
+        return None
+    return next(iter(iter_inputs(data)), None)

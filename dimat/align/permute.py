@@ -7,7 +7,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .spec import PermutationSpec, get_spec
+from .spec import PermutationSpec, complete, get_spec
 
 StateDict = dict[str, torch.Tensor]
 
@@ -16,10 +16,13 @@ def permute_state(state: Mapping[str, torch.Tensor], spec: PermutationSpec,
                   perms: Mapping[str, torch.Tensor], *, partial: bool = False) -> StateDict:
     """Return a new state dict with ``new[key].index_select(axis, perm)`` for every group axis.
 
-    ``perms[g][i]`` is the unit of ``state`` that goes to position ``i``. ``partial=True`` permutes
-    the entries ``state`` has and skips the spec's other keys (e.g. optimizer buffers of parameters).
+    ``perms[g][i]`` is the unit of ``state`` that goes to position ``i``. A derived group's
+    permutation is put together from its parts' (see :func:`dimat.align.spec.complete`).
+    ``partial=True`` permutes the entries ``state`` has and skips the spec's other keys (e.g.
+    optimizer buffers of parameters).
     """
     out = dict(state)
+    perms = complete(spec, perms)
     for g in spec.groups:
         perm = perms.get(g.name)
         if perm is None:

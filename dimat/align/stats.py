@@ -14,11 +14,14 @@ from .inputs import iter_inputs
 from .spec import PermutationSpec
 
 
-def units_first(a: torch.Tensor) -> torch.Tensor:
-    """(N, C, *spatial) -> (C, N * prod(spatial)): every position is a sample of each unit."""
-    if a.dim() == 2:
+def units_first(a: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """(N, C, *spatial) -> (C, N * prod(spatial)): every position is a sample of each unit.
+
+    ``dim`` is where the units are (1 for channels, -1 for a transformer's (N, T, D) features).
+    """
+    if a.dim() == 2 and dim in (1, -1):
         return a.T
-    return a.transpose(0, 1).reshape(a.shape[1], -1)
+    return a.movedim(dim, 0).reshape(a.shape[dim], -1)
 
 
 class BatchMoments:
@@ -29,8 +32,8 @@ class BatchMoments:
     with Chan et al.'s pairwise update.
     """
 
-    def __init__(self, a: torch.Tensor) -> None:
-        units = units_first(a.detach().float())
+    def __init__(self, a: torch.Tensor, dim: int = 1) -> None:
+        units = units_first(a.detach().float(), dim)
         if units.data_ptr() == a.data_ptr():
             units = units.clone()
         self.n = units.shape[1]
@@ -113,12 +116,13 @@ def collect_cross_stats(reference: nn.Module, others: Sequence[nn.Module], data:
 
     The reference's activations are computed once per batch and shared by all others.
     """
-    hook_names = sorted({h for g in spec.groups for h in g.hooks})
-    missing = [g.name for g in spec.groups if not g.hooks]
+    points = sorted({p for g in spec.matched for p in g.hook_points})
+    hook_names = sorted({h for h, _ in points})
+    missing = [g.name for g in spec.matched if not g.hooks]
     if missing:
         raise ValueError(f"activation matching needs hook modules for every group; none declared for {missing}")
     device = next(reference.parameters()).device
-    stats = [{g.name: [CrossStats(g.size, device) for _ in g.hooks] for g in spec.groups} for _ in others]
+    stats = [{g.name: [CrossStats(g.size, device) for _ in g.hooks] for g in spec.matched} for _ in others]
     models = [reference, *others]
     modes = [m.training for m in models]
     for m in models:
@@ -134,12 +138,12 @@ def collect_cross_stats(reference: nn.Module, others: Sequence[nn.Module], data:
                 batches += 1
                 for m in models:
                     m(x)
-                ref = {h: BatchMoments(stores[0][h]) for h in hook_names}
+                ref = {p: BatchMoments(stores[0][p[0]], p[1]) for p in points}
                 for k, _ in enumerate(others):
-                    other = {h: BatchMoments(stores[k + 1][h]) for h in hook_names}
-                    for g in spec.groups:
-                        for s, h in zip(stats[k][g.name], g.hooks):
-                            s.update(ref[h], other[h])
+                    other = {p: BatchMoments(stores[k + 1][p[0]], p[1]) for p in points}
+                    for g in spec.matched:
+                        for s, p in zip(stats[k][g.name], g.hook_points):
+                            s.update(ref[p], other[p])
                     del other
                 del ref
     finally:

@@ -10,7 +10,7 @@ from .partition import SCHEMES, describe_partition, partition, partition_stats, 
 from .safe_pickle import RestrictedUnpickler, UnsafePickleError, safe_load, safe_load_file
 
 # Importing the loaders registers them.
-from . import cifar, digits, mnist1d, synthetic  # noqa: E402,F401  isort: skip
+from . import cifar, digits, mnist1d, synthetic, text  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "BatchTensorDataset",

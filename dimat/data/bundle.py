@@ -33,6 +33,8 @@ class DatasetBundle:
     num_classes: int
     input_shape: tuple[int, ...]
     name: str
+    groups: np.ndarray | None = None  # per training sample, the source it came from (a document), if any
+    documents: list[str] | None = None  # names of those sources
 
     @property
     def train_labels(self) -> np.ndarray:

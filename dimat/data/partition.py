@@ -1,4 +1,8 @@
-"""Splitting a training set among peers: IID, class-disjoint (DIMAT's non-IID) and Dirichlet.
+"""Splitting a training set among peers: IID, class-disjoint (DIMAT's non-IID), Dirichlet, and by source.
+
+``document`` deals whole sources (``groups``: one id per sample, e.g. the document a text window
+came from) to peers, largest first onto the lightest peer: non-IID without labels. ``contiguous``
+cuts the index range into equal runs (whole documents when samples are stored source by source).
 
 Every scheme returns one sorted int64 index array per peer; the arrays are disjoint, together
 cover every index, and are reproducible from `seed`.
@@ -12,7 +16,7 @@ import numpy as np
 
 __all__ = ["SCHEMES", "describe_partition", "partition", "partition_stats", "train_val_split"]
 
-SCHEMES = ("iid", "class_disjoint", "dirichlet")
+SCHEMES = ("iid", "class_disjoint", "dirichlet", "document", "contiguous")
 
 
 def _as_labels(labels: object) -> np.ndarray:
@@ -68,6 +72,25 @@ def _dirichlet(
     )
 
 
+def _by_document(groups: object, n_samples: int, n_peers: int, rng: np.random.Generator) -> list[np.ndarray]:
+    g = _as_labels(groups)
+    if g.size != n_samples:
+        raise ValueError(f"document partition: {g.size} group ids for {n_samples} samples")
+    docs, counts = np.unique(g, return_counts=True)
+    if docs.size < n_peers:
+        raise ValueError(f"document partition needs at least as many documents ({docs.size}) as peers ({n_peers})")
+    order = rng.permutation(docs.size)
+    order = order[np.argsort(-counts[order], kind="stable")]  # largest first, ties in seeded order
+    load = np.zeros(n_peers, np.int64)
+    owner = {}
+    for k in order:
+        p = int(np.argmin(load))
+        owner[int(docs[k])] = p
+        load[p] += counts[k]
+    who = np.vectorize(owner.__getitem__, otypes=[np.int64])(g)
+    return [np.flatnonzero(who == p) for p in range(n_peers)]
+
+
 def partition(
     labels: Sequence[int] | np.ndarray,
     n_peers: int,
@@ -76,6 +99,7 @@ def partition(
     seed: int = 0,
     min_size: int | None = None,
     max_tries: int = 1000,
+    groups: Sequence[int] | np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Split sample indices among `n_peers`.
 
@@ -84,6 +108,8 @@ def partition(
     - `dirichlet`: each class split by proportions ~ Dirichlet(alpha); draws are repeated (at most
       `max_tries` times) until every peer has at least `min_size` samples
       (default min(10, N // n_peers)). Smaller alpha -> more skew.
+    - `document`: whole groups (`groups[i]` = sample i's document) to peers, balancing sizes.
+    - `contiguous`: equal runs of consecutive indices.
     """
     y = _as_labels(labels)
     if isinstance(n_peers, bool) or int(n_peers) != n_peers or n_peers < 1:
@@ -104,6 +130,12 @@ def partition(
         if min_size < 1 or min_size * n_peers > y.size:
             raise ValueError(f"dirichlet partition: min_size={min_size} impossible for {y.size} samples and {n_peers} peers")
         parts = _dirichlet(y, n_peers, float(alpha), int(min_size), int(max_tries), rng)
+    elif scheme == "document":
+        if groups is None:
+            raise ValueError("document partition needs groups (one document id per sample, e.g. bundle.groups)")
+        parts = _by_document(groups, y.size, n_peers, rng)
+    elif scheme == "contiguous":
+        parts = np.array_split(np.arange(y.size), n_peers)
     else:
         raise ValueError(f"unknown partition scheme {scheme!r}; available: {', '.join(SCHEMES)}")
     return [np.sort(p).astype(np.int64) for p in parts]

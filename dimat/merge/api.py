@@ -7,11 +7,10 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..align.api import check_compatible, check_state_compatible, find_permutations
+from ..align.api import check_compatible, check_state_compatible, find_permutations, spec_for
 from ..align.batchnorm import has_batchnorm, reset_bn_stats
 from ..align.inputs import reiterable_inputs
 from ..align.permute import invert, permute_state
-from ..align.spec import get_spec
 from ..topology.membership import check_weights, renormalise
 from .aggregators import get_aggregator, weighted_average
 from .aggregators.base import StateDict
@@ -63,7 +62,9 @@ def merge_states(reference: nn.Module, states: Sequence[Mapping[str, torch.Tenso
         raise ValueError(f"into={into} is not a neighbour index (0..{len(states) - 1})")
     aligned = [dict(s) for s in states]
     perms: dict[int, dict[str, torch.Tensor]] = {}
-    spec = get_spec(reference) if METHODS[method] is not None else None
+    spec = None
+    if METHODS[method] is not None:  # declared, or traced on the first batch of data
+        spec, data = spec_for(reference, data, max_batches)
     todo = [k for k in range(len(states)) if spec is not None and not (same_basis and same_basis[k])]
     if todo:
         others = []
@@ -112,7 +113,7 @@ def merge(models: Sequence[nn.Module], weights: Sequence[float], data: Iterable 
     weights = [row[k] for k in range(len(models))]
     check_compatible(models[0], models[1:])
     if METHODS[method] is not None:
-        get_spec(models[0])
+        _, data = spec_for(models[0], data, max_batches)
     if reset_bn and has_batchnorm(models[0]) and data is None:
         raise ValueError("this model has BatchNorm: pass data to recompute its statistics, or reset_bn=False")
     state = merge_states(models[0], [m.state_dict() for m in models[1:]], weights, data, method,

@@ -53,6 +53,8 @@ class TransportSettings:
     token_env: str | None
     require_cert_identity: bool | None
     tls: TlsSettings | None
+    # grpc: where this peer listens (issue 13)
+    bind: str | None
     # torchdist
     backend: str | None
     pg_timeout: float | None
@@ -158,6 +160,20 @@ def _num_streams(key: str, v: Any) -> int:
     return n
 
 
+def _bind(key: str, v: Any) -> str | None:
+    """``host`` or ``host:port`` (null: listen on the advertised address from the peers file)."""
+    if v is None:
+        return None
+    if not isinstance(v, str) or not v or v.endswith(":"):
+        raise ValueError(f"{key} must be host or host:port, or null (got {_show(v)})")
+    host, sep, port = v.rpartition(":")
+    if sep and not host.endswith("]") and ":" in host:
+        raise ValueError(f"{key}: write an IPv6 address in brackets, e.g. [::]:50051 (got {_show(v)})")
+    if sep and host and not (port.isdigit() and int(port) < 65536):
+        raise ValueError(f"{key} must be host or host:port with a port in 0..65535 (got {_show(v)})")
+    return v
+
+
 _TLS_SPEC: dict[str, Callable[[str, Any], Any]] = {
     "dir": _str_or_none, "cert": _str_or_none, "key": _str_or_none, "ca": _str_or_none,
     "mutual": _bool, "server_name_override": _str_or_none,
@@ -188,6 +204,7 @@ _SPECS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "num_streams": _num_streams, "half": _choice((None, *HALF_DTYPES)), "hash": _choice(HASH_ALGORITHMS),
         "max_rounds_ahead": _nonneg_int, "heartbeat_interval": _pos_or_none, "max_missed_heartbeats": _pos_int,
         "delay": _nonneg, "token_env": _str_or_none, "require_cert_identity": _bool, "tls": _tls,
+        "bind": _bind,
     },
     "torchdist": {"backend": _choice((None, "gloo", "nccl")), "timeout": _pos_or_none, "pg_timeout": _pos},
 }

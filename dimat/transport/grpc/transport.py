@@ -29,6 +29,42 @@ log = logging.getLogger("dimat.transport.grpc")
 AllowedSenders = Callable[[int], Iterable[int]] | Collection[int] | None
 
 
+class BindError(OSError):
+    """This peer cannot serve on its address (not on this host, port taken): one line naming it."""
+
+
+def bind_address(advertised: str, bind: str | None) -> str:
+    """Where a peer advertised at ``advertised`` listens: ``bind`` (``host`` takes the advertised port), else ``advertised``."""
+    if not bind:
+        return advertised
+    return bind if bind.rpartition(":")[2].isdigit() else f"{bind}:{advertised.rpartition(':')[2]}"
+
+
+def check_bindable(peer_id: int, bind: str) -> None:
+    """Raise :class:`BindError` (one line, the OS's reason) if ``bind`` cannot be listened on here.
+
+    A plain socket tries it first (SO_REUSEADDR, as gRPC sets it; no SO_REUSEPORT), so the user gets
+    the reason in one line instead of gRPC's log lines; port 0 (any free port) is not checked.
+    """
+    import socket
+
+    host, _, port = bind.rpartition(":")
+    if int(port) == 0:
+        return
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise BindError(f"peer {peer_id}: cannot serve on {bind}: {exc.strerror or exc}") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            raise BindError(f"peer {peer_id}: cannot serve on {bind}: {why} (port {port}; see transport.bind)") from None
+
+
 @dataclass
 class ExchangeReport:
     """What happened in the last ``exchange``: who was missing and why (for metrics/logs)."""
@@ -47,7 +83,10 @@ class GrpcTransport:
     Args:
         peer_id: id of the peer this process hosts.
         peers: ``{id: "host:port"}`` for every peer (the local one included; its port may be 0 to
-            bind a free port, see :attr:`address`).
+            bind a free port, see :attr:`address`). The local entry is the *advertised* address.
+        bind: where the server listens, when it differs from the advertised address (behind NAT,
+            ``0.0.0.0``): ``host`` (the advertised port) or ``host:port``; None binds the advertised
+            address. ``SO_REUSEPORT`` is off: a port another process serves raises :class:`BindError`.
         allowed_senders: who may push weights: a callable ``round -> ids``, a fixed collection, or
             ``None`` (default) for the in-neighbours ``exchange`` was given for that round (any known
             peer for a round not entered yet: a neighbour may run ahead, and time-varying topologies
@@ -138,23 +177,30 @@ class GrpcTransport:
         self._pool = futures.ThreadPoolExecutor(max_workers=max(4, 2 * num_streams), thread_name_prefix=f"dimat-send-{peer_id}")
         self._closed = False
 
-        opts = channel_options(self.max_message_bytes, window_bytes)
+        # SO_REUSEPORT off: a second process on a taken port must fail, not share (split) the traffic
+        opts = channel_options(self.max_message_bytes, window_bytes) + [("grpc.so_reuseport", 0)]
         interceptors = [TokenAuthInterceptor(token)] if token else []
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"dimat-srv-{peer_id}"),
                                    options=opts, interceptors=interceptors)
         self._server.add_generic_rpc_handlers((service_handler(Servicer(self)),))
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        bind = bind or self.peers[self.peer_id]
-        if tls is not None:
-            port = self._server.add_secure_port(bind, tls.server_credentials())
-        else:
-            port = self._server.add_insecure_port(bind)
+        adv_host, _, adv_port = self.peers[self.peer_id].rpartition(":")
+        bind = bind_address(self.peers[self.peer_id], bind)
+        check_bindable(self.peer_id, bind)
+        try:
+            if tls is not None:
+                port = self._server.add_secure_port(bind, tls.server_credentials())
+            else:
+                port = self._server.add_insecure_port(bind)
+        except RuntimeError:  # grpcio >= 1.5x raises where older versions returned 0
+            port = 0
         if port == 0:
-            raise OSError(f"peer {peer_id}: could not bind {bind}")
-        host = bind.rsplit(":", 1)[0]
+            self._server.stop(None)
+            raise BindError(f"peer {peer_id}: cannot serve on {bind}: port {bind.rpartition(':')[2]} is taken "
+                            "or the address is not on this host (see transport.bind)")
         self.port = port
-        self.address = f"{host}:{port}"
+        self.address = self.peers[self.peer_id] if adv_port not in ("", "0") else f"{adv_host}:{port}"
         self.peers[self.peer_id] = self.address
         self._server.start()
         for svc in ("", SERVICE_NAME):
@@ -171,6 +217,10 @@ class GrpcTransport:
             for k, v in peers.items():
                 if int(k) != self.peer_id:
                     self.peers[int(k)] = str(v)
+
+    def set_allowed_senders(self, policy: AllowedSenders) -> None:
+        """Replace who may push: ``exchange -> ids`` (e.g. from the topology schedule), ids, or None."""
+        self._allowed_policy = policy
 
     def allowed_senders(self, round_idx: int) -> frozenset[int]:
         """The senders whose pushes for ``round_idx`` are accepted."""

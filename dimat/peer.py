@@ -54,7 +54,7 @@ def batch_slices(n: int, batch_size: int) -> list[tuple[int, int]]:
     (``Expected more than 1 value per channel``). Other sizes are cut exactly as before.
     """
     bounds = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+    if batch_size > 1 and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
         bounds[-2:] = [(bounds[-2][0], n)]
     return bounds
 

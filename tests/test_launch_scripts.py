@@ -254,10 +254,10 @@ def test_one_sample_last_batch_with_batchnorm(tmp_path: Path) -> None:
     args = ["data=digits", "model=vgg11", "model.width=0.125", "partition=dirichlet", "partition.alpha=0.5",
             "topology=erdos_renyi", "topology.p=0.4", "num_peers=6", "seed=31", "rounds=1", "local_epochs=1",
             "progress=false", f"run_dir={tmp_path}"]
+    summary = simulate(compose(args), tmp_path, progress=False)  # raised "Expected more than 1 value per channel"
+    assert summary["rounds_done"] == 1
     fed = build_federation(compose(args), local_ids=[4])
     assert fed.partition_sizes[4] % 32 == 1 and fed.peers[4].steps_per_epoch == fed.partition_sizes[4] // 32
-    summary = simulate(compose(args), tmp_path, progress=False)
-    assert summary["rounds_done"] == 1
 
 
 def test_batches_other_than_a_one_sample_tail_are_unchanged() -> None:
@@ -267,3 +267,38 @@ def test_batches_other_than_a_one_sample_tail_are_unchanged() -> None:
     assert batch_slices(66, 32) == [(0, 32), (32, 64), (64, 66)]
     assert batch_slices(65, 32) == [(0, 32), (32, 65)]
     assert batch_slices(1, 32) == [(0, 1)] and batch_slices(3, 1) == [(0, 1), (1, 2), (2, 3)]
+
+
+_INTERRUPTED = r"""
+import os, sys
+from dimat.entry import compose
+from dimat.federation import simulate
+run_dir = sys.argv[1]
+def echo(line):
+    print(line, flush=True)
+    if line.startswith("round   2/"):
+        os._exit(9)  # killed after round 2 was checkpointed, before the run could write summary.json
+simulate(compose([*sys.argv[2:], f"run_dir={run_dir}"]), run_dir, progress=False, echo=echo)
+"""
+
+
+def test_summary_after_resuming_an_interrupted_run_covers_every_round(reference: Path, tmp_path: Path) -> None:
+    """Finding 7: summary.json of a resumed run lists rounds 1..N and all their bytes, as an uninterrupted run."""
+    args = [*TINY, "rounds=4"]
+    full = tmp_path / "full"
+    from dimat.entry import compose
+    from dimat.federation import simulate
+
+    simulate(compose([*args, f"run_dir={full}"]), full, progress=False)
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", _INTERRUPTED, str(run), *args], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 9 and not (run / "summary.json").exists(), proc.stdout + proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "dimat", "simulate", "--resume", f"run_dir={run}"], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got, want = (json.loads((d / "summary.json").read_text()) for d in (run, full))
+    assert [r["round"] for r in got["rounds"]] == [1, 2, 3, 4]
+    assert got["total_bytes_sent"] == want["total_bytes_sent"] > 0
+    for a, b in zip(got["rounds"], want["rounds"]):
+        assert a["bytes_sent"] == b["bytes_sent"] and math.isclose(a["mean_acc"], b["mean_acc"], abs_tol=1e-6), (a, b)

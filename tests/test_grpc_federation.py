@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["experiment=mnist1d_fast", "num_peers=3", "rounds=2", "progress=false"]
 
@@ -52,6 +54,7 @@ def test_grpc_peers_match_simulation(tmp_path):
         assert json.loads((grpc_dir / "checkpoints" / f"progress_peer_{k}.json").read_text())["last_round"] == 2
 
 
+@pytest.mark.slow
 def test_gossip_peer_killed_and_resumed_rejoins_by_round(tmp_path):
     """Finding 8: a restarted gossip peer compares rounds with rounds, not with a neighbour's exchange number.
 

@@ -175,9 +175,11 @@ def test_bind_setting_errors_name_the_key(bind: str, message: str) -> None:
 
     from dimat.transport import TransportSettings
 
-    cfg = yaml.safe_load((ROOT / "configs" / "transport" / "grpc.yaml").read_text()) | {"bind": bind}
+    cfg = yaml.safe_load((ROOT / "configs" / "transport" / "grpc.yaml").read_text())
     with pytest.raises(ValueError, match=message):
-        TransportSettings.from_mapping(cfg)
+        TransportSettings.from_mapping(cfg | {"bind": bind})
+    for good in ("0.0.0.0", "[::]", "[::]:50051", "10.0.0.5:7000", "peer-host"):
+        assert TransportSettings.from_mapping(cfg | {"bind": good}).bind == good
 
 
 def test_a_refused_push_is_reported_and_checked_against_its_rounds_topology(tmp_path: Path) -> None:

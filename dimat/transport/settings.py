@@ -166,7 +166,7 @@ def _bind(key: str, v: Any) -> str | None:
         return None
     if not isinstance(v, str) or not v or v.endswith(":"):
         raise ValueError(f"{key} must be host or host:port, or null (got {_show(v)})")
-    host, sep, port = v.rpartition(":")
+    host, sep, port = ("", "", v) if v.endswith("]") else v.rpartition(":")  # "[::]": a host only
     if sep and not host.endswith("]") and ":" in host:
         raise ValueError(f"{key}: write an IPv6 address in brackets, e.g. [::]:50051 (got {_show(v)})")
     if sep and host and not (port.isdigit() and int(port) < 65536):

@@ -13,8 +13,11 @@ checkpoints tagged ``peer_K``); all peers of a run share one ``run_dir``.
       1: 127.0.0.1:50052
 
 Transport options come from the ``transport=grpc`` config group (``configs/transport/grpc.yaml``):
-deadline, wire options, TLS files (``{id}`` in a path becomes the peer id) and the name of the
+deadline, wire options, TLS files (``{id}`` in a path becomes the peer id; such overrides are quoted
+for Hydra here), ``bind`` (where to listen when it is not the advertised address) and the name of the
 environment variable holding the shared token (secrets never go on command lines or in configs).
+A taken port or an address not on this host fails at once, in one line. Pushes are checked against
+the topology of their own round (:func:`allowed_senders_of`).
 """
 from __future__ import annotations
 

@@ -53,19 +53,35 @@ def _resumed_config(run_dir: Path, overrides: Sequence[str], cfg: Any) -> Any:
 
 
 def run_simulation(cfg: Any, run_dir: Path, overrides: Sequence[str]) -> None:
-    """One job of ``dimat simulate``: :func:`dimat.federation.simulate`, with one-line errors."""
+    """One job of ``dimat simulate``: :func:`dimat.federation.simulate`, with one-line errors.
+
+    With ``baseline=centralized`` the same budget then trains one model on the union of the peers'
+    data (in ``<run_dir>/centralized``), and the closing line compares the two.
+    """
+    from omegaconf import OmegaConf
+
     from dimat.federation import simulate
 
     with user_errors():
         if bool(cfg.get("resume", False)):
             cfg = _resumed_config(run_dir, overrides, cfg)
         summary = simulate(cfg, run_dir, resume=bool(cfg.resume), echo=lambda s: print(s, flush=True))
-    if summary["final_mean_acc"] is None:
+        reference = None
+        if cfg.get("baseline") == "centralized" and cfg.merge.method != "centralized":
+            ref_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+            ref_cfg.merge.method, ref_cfg.resume, ref_cfg.attack.malicious = "centralized", False, []
+            print("dimat: baseline: the same budget for one model on the union of the peers' data", flush=True)
+            reference = simulate(ref_cfg, run_dir / "centralized", progress=False)
+    acc = summary["final_mean_acc"]
+    if acc is None:
         print(f"dimat: no round was run; outputs in {run_dir}", flush=True)
         return
-    print(f"dimat: final test accuracy mean {summary['final_mean_acc']:.4f} "
-          f"(min {summary['final_min_acc']:.4f}, max {summary['final_max_acc']:.4f}); outputs in {run_dir}",
-          flush=True)
+    line = (f"dimat: final test accuracy mean {acc:.4f} (min {summary['final_min_acc']:.4f}, "
+            f"max {summary['final_max_acc']:.4f})")
+    if reference is not None and reference["final_mean_acc"]:
+        ref = reference["final_mean_acc"]
+        line += f"; centralized on the same budget {ref:.4f} (the federation reaches {acc / ref:.0%} of it)"
+    print(f"{line}; outputs in {run_dir}", flush=True)
 
 
 def simulate_main(args: Sequence[str]) -> int:

@@ -119,6 +119,10 @@ class TrainConfig:
     nesterov: bool
     align_batches: int
     eval_batch_size: int
+    #: FedRS restricted softmax: logits of classes absent from own data x this (1 = off, 0 = hard mask)
+    absent_logit_scale: float
+    #: FedProx: + prox_mu / 2 * ||theta - theta_round_start||^2 (0 = off)
+    prox_mu: float
 
 
 @dataclass(frozen=True)
@@ -142,11 +146,14 @@ class MergeSettings:
     method: str
     align_batches: int
     reset_bn: bool
+    #: keep optimizer momentum across merges (permuted with the units when the model is relabelled)
+    keep_momentum: bool
     #: True / False, or None for "auto" (on unless a defence aggregates)
     consensus_basis: bool | None
     aggregator: str
     aggregator_kwargs: dict[str, Any]
-    gossip_every: int
+    #: merge every this many local steps within a round (None: once per round, after local training)
+    every_steps: int | None
 
     @property
     def merges_on_peer(self) -> bool:
@@ -183,6 +190,8 @@ class RunConfig:
     num_peers: int
     rounds: int
     local_epochs: float
+    #: SGD steps per round instead of epochs (None: local_epochs decides)
+    local_steps: int | None
     pretrain_epochs: float
     init: str
     device: str
@@ -191,6 +200,8 @@ class RunConfig:
     progress: bool
     resume: bool
     run_dir: str
+    #: after the run, train this reference on the same budget and compare ("centralized" or None)
+    baseline: str | None
     train: TrainConfig
     merge: MergeSettings
     checkpoint: CheckpointSettings
@@ -223,6 +234,7 @@ class RunConfig:
             num_peers=root.number("num_peers", int, 1),
             rounds=root.number("rounds", int, 0),
             local_epochs=root.number("local_epochs", float, 0),
+            local_steps=root.number("local_steps", int, 1, optional=True),
             pretrain_epochs=root.number("pretrain_epochs", float, 0),
             init=root.text("init", ("different", "shared")),  # type: ignore[arg-type]
             device=root.text("device"),  # type: ignore[arg-type]
@@ -231,6 +243,7 @@ class RunConfig:
             progress=root.flag("progress"),
             resume=root.flag("resume"),
             run_dir=root.text("run_dir"),  # type: ignore[arg-type]
+            baseline=root.text("baseline", ("centralized",), optional=True),
             train=_train_settings(_Reader(root.section("train"), "train"), merge.align_batches),
             merge=merge,
             checkpoint=_checkpoint_settings(_Reader(root.section("checkpoint"), "checkpoint")),
@@ -263,10 +276,11 @@ def _merge_settings(r: _Reader) -> MergeSettings:
         method=method,  # type: ignore[arg-type]
         align_batches=r.number("align_batches", int, 1),
         reset_bn=r.flag("reset_bn"),
+        keep_momentum=r.flag("keep_momentum"),
         consensus_basis=basis,
         aggregator=r.text("aggregator"),  # type: ignore[arg-type]
         aggregator_kwargs=dict(kwargs or {}),
-        gossip_every=r.number("gossip_every", int, 1),
+        every_steps=r.number("every_steps", int, 1, optional=True),
     )
     r.no_others()
     return out
@@ -282,7 +296,11 @@ def _train_settings(r: _Reader, align_batches: int) -> TrainConfig:
         nesterov=r.flag("nesterov"),
         align_batches=align_batches,
         eval_batch_size=r.number("eval_batch_size", int, 1),
+        absent_logit_scale=r.number("absent_logit_scale", float, 0),
+        prox_mu=r.number("prox_mu", float, 0),
     )
+    if tc.absent_logit_scale > 1:
+        raise ConfigError(f"train.absent_logit_scale must be in [0, 1] (got {tc.absent_logit_scale})")
     if not tc.lr > 0:
         raise ConfigError(f"train.lr must be positive (got {tc.lr})")
     r.no_others()

@@ -9,10 +9,12 @@ Batching is done directly on tensors with the peer's own ``torch.Generator`` rat
 ``DataLoader``: it is faster for the small data sets peers hold, and the shuffling state is one
 tensor that a checkpoint can save exactly (so a resumed run is bit-identical to an uninterrupted one).
 
-After merged weights are loaded the optimizer state (SGD momentum, Adam moments) is **reset**:
-momentum accumulated for the old weights points in a direction that no longer means anything once
-neurons have been permuted and averaged, and DIMAT's reference implementation also restarts the
-optimizer each round. Consensus SGD (``gossip``) keeps it, see :meth:`Peer.load_state`.
+After merged weights are loaded the optimizer state (SGD momentum, Adam moments) is **reset** by
+default: DIMAT's reference implementation restarts the optimizer each round. With
+``merge.keep_momentum`` it is kept, which frequent merging needs (a restart every few steps
+throws momentum away); alignment permutes only the neighbours, so the own momentum stays in the
+own unit order, and when the merged model is relabelled into another basis the momentum is
+permuted with it (:meth:`Peer.permute_units`). Consensus SGD (``gossip``) always keeps it.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dimat.config import TrainConfig
+from dimat.train.objective import LocalObjective
 from dimat.merge.basis import BASIS_KEY, attach_basis, plan_rebase, split_basis
 from dimat.topology.membership import renormalise
 
@@ -107,7 +110,10 @@ class Peer:
         self.merge_method = merge_method
         self.reset_bn = reset_bn
         self.aggregator = aggregator
-        self.optimizer = build_optimizer(self.model.parameters(), self.config)
+        self._params = [q for q in self.model.parameters() if q.requires_grad]
+        self.optimizer = build_optimizer(self._params, self.config)
+        self.objective = LocalObjective(self.y, absent_logit_scale=self.config.absent_logit_scale,
+                                        prox_mu=self.config.prox_mu)
         self.seed = int(seed)  # the run's seed for this peer: every random stream of the peer derives from it
         self.generator = torch.Generator().manual_seed(int(seed))
         # A fixed sample of own data for alignment statistics and BN reset: deterministic and
@@ -147,7 +153,7 @@ class Peer:
             xb, yb = self._next_batch()
             self.optimizer.zero_grad(set_to_none=True)
             out = self.model(xb)
-            loss = F.cross_entropy(out, yb)
+            loss = self.objective(out, yb, self._params)
             loss.backward()
             self.optimizer.step()
             total_loss += loss.item() * len(yb)
@@ -156,9 +162,19 @@ class Peer:
         self.steps_done += int(steps)
         return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1), "steps": int(steps)}
 
-    def train(self, epochs: float) -> dict[str, float]:
-        """Train for ``epochs`` passes over the local partition (fractions round to whole batches)."""
-        return self.train_steps(round(epochs * self.steps_per_epoch))
+    def start_round(self) -> None:
+        """Local training of a round begins (the proximal term's anchor is the model now)."""
+        self.objective.start_round(self._params)
+
+    def train(self, epochs: float | None = None, *, steps: int | None = None) -> dict[str, float]:
+        """Start a round and train ``steps`` SGD steps, or ``epochs`` passes over the local partition.
+
+        Fractions of an epoch round to whole batches.
+        """
+        if (epochs is None) == (steps is None):
+            raise ValueError("give epochs or steps")
+        self.start_round()
+        return self.train_steps(round(epochs * self.steps_per_epoch) if steps is None else int(steps))
 
     # --------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -252,13 +268,41 @@ class Peer:
             # a defence that looks at predictions (safety-mask refinement) gets own model and data
             context = AggregationContext(model=self.model, data=batches, device=self.device,
                                          seed=self.aggregation_seed())
+        relabel: dict[str, torch.Tensor] = {}
         merged = merge_states(
             self.model, states, [w.get(self.id, 0.0)] + [w[j] for j in senders], batches, method=method,
             reset_bn=reset_bn, aggregator=self.aggregator, context=context, same_basis=same, into=into,
+            relabel=relabel,
         )
         self.load_state(merged, reset_optimizer=reset_optimizer)
+        if relabel and not reset_optimizer:
+            self._permute_optimizer_state(relabel)  # kept momentum follows its units into the new basis
         self.basis = new_basis
         return merged
+
+    def permute_units(self, perms: Mapping[str, torch.Tensor]) -> None:
+        """Relabel this model's units by ``perms`` (per permutation group), optimizer state included.
+
+        The function is unchanged, and so is the next optimizer step, up to the same permutation.
+        """
+        from dimat.align.permute import permute_state
+        from dimat.align.spec import get_spec
+
+        self.model.load_state_dict(permute_state(self.model.state_dict(), get_spec(self.model), perms))
+        self._permute_optimizer_state(perms)
+
+    def _permute_optimizer_state(self, perms: Mapping[str, torch.Tensor]) -> None:
+        from dimat.align.permute import permute_state
+        from dimat.align.spec import get_spec
+
+        spec = get_spec(self.model)
+        names = {id(q): n for n, q in self.model.named_parameters()}
+        for q in self._params:
+            buffers = self.optimizer.state.get(q)
+            for key, buf in list((buffers or {}).items()):
+                if isinstance(buf, torch.Tensor) and buf.shape == q.shape:  # momentum, Adam moments
+                    name = names[id(q)]
+                    buffers[key] = permute_state({name: buf}, spec, perms, partial=True)[name]
 
     def aggregation_seed(self) -> int:
         """The seed a randomised defence gets for this merge: from the run seed, id and steps done.

@@ -94,7 +94,7 @@ def test_same_seed_same_metrics_and_other_seed_differs(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_runs(tmp_path: Path, method: str) -> None:
-    summary = simulate(compose("rounds=1", f"merge={method}", "merge.gossip_every=4", "partition=iid", "init=shared",
+    summary = simulate(compose("rounds=1", f"merge={method}", "merge.every_steps=4", "partition=iid", "init=shared",
                                "train.lr=0.05"),
                        tmp_path / method)
     recs = read_metrics(tmp_path / method / "metrics.jsonl")

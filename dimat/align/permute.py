@@ -13,10 +13,11 @@ StateDict = dict[str, torch.Tensor]
 
 
 def permute_state(state: Mapping[str, torch.Tensor], spec: PermutationSpec,
-                  perms: Mapping[str, torch.Tensor]) -> StateDict:
+                  perms: Mapping[str, torch.Tensor], *, partial: bool = False) -> StateDict:
     """Return a new state dict with ``new[key].index_select(axis, perm)`` for every group axis.
 
-    ``perms[g][i]`` is the unit of ``state`` that goes to position ``i``.
+    ``perms[g][i]`` is the unit of ``state`` that goes to position ``i``. ``partial=True`` permutes
+    the entries ``state`` has and skips the spec's other keys (e.g. optimizer buffers of parameters).
     """
     out = dict(state)
     for g in spec.groups:
@@ -27,6 +28,8 @@ def permute_state(state: Mapping[str, torch.Tensor], spec: PermutationSpec,
         if perm.numel() != g.size:
             raise ValueError(f"permutation for group '{g.name}' has {perm.numel()} entries, expected {g.size}")
         for key, axis in g.axes:
+            if partial and key not in out:
+                continue
             t = out[key]
             out[key] = t.index_select(axis, perm.to(t.device))
     return out

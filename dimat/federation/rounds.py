@@ -11,8 +11,8 @@ Methods (``merge.method``), all on the same data and epoch budget:
 * ``dimat`` — activation-matched alignment then mixing-weight average (the paper's method);
 * ``weight_matching`` — alignment by weight matching, then average;
 * ``average`` — plain mixing-weight averaging without alignment (the paper's WA baseline);
-* ``gossip`` — consensus decentralized SGD: every ``gossip_every`` local steps, average with the
-  mixing weights (no alignment, optimizer momentum kept, BN statistics averaged);
+* ``gossip`` — consensus decentralized SGD: every ``merge.every_steps`` local steps, average with
+  the mixing weights (no alignment, optimizer momentum kept, BN statistics averaged: its config);
 * ``isolated`` — peers never communicate;
 * ``centralized`` — one model trained on the union of all peers' training data.
 
@@ -50,12 +50,27 @@ class RoundOutput:
         return cls({}, {p: 0 for p in peers}, {p: [] for p in peers}, {p: [] for p in peers}, {})
 
 
+def local_steps(fed: Federation, peer: Any, epochs: float) -> int:
+    """SGD steps a peer takes in one round: ``local_steps``, else ``epochs`` passes over its data."""
+    steps = fed.config.local_steps
+    return int(steps) if steps else round(epochs * peer.steps_per_epoch)
+
+
 def exchanges_per_round(fed: Federation) -> int:
-    """Exchanges in one round: 1, or for gossip one every ``gossip_every`` steps of the median-size peer."""
-    if fed.method != "gossip":
+    """Exchanges in one round: 1, or with ``merge.every_steps`` one every that many steps of the
+    median-size peer (gossip always merges so).
+
+    Computed from the partition sizes, which every process knows, so all agree without talking.
+    """
+    run = fed.config
+    every = run.merge.every_steps
+    if fed.method not in (*MERGE_METHODS, "gossip") or not every:
         return 1
-    steps = [math.ceil(n / fed.config.train.batch_size) * fed.config.local_epochs for n in fed.partition_sizes.values()]
-    return max(1, round(float(np.median(steps)) / fed.config.merge.gossip_every))
+    if run.local_steps:
+        steps = [float(run.local_steps)]
+    else:
+        steps = [math.ceil(n / run.train.batch_size) * run.local_epochs for n in fed.partition_sizes.values()]
+    return max(1, round(float(np.median(steps)) / every))
 
 
 def exchange_and_merge(fed: Federation, transport: Any, topo: Any, exchange_idx: int, out: RoundOutput, *,
@@ -78,32 +93,38 @@ def exchange_and_merge(fed: Federation, transport: Any, topo: Any, exchange_idx:
 
 
 def train_round(fed: Federation, transport: Any, round_idx: int, epochs: float) -> RoundOutput:
-    """Local training and the round's exchanges (interleaved with training for gossip)."""
+    """Local training and the round's exchanges: after training, or every ``merge.every_steps`` steps."""
     out = RoundOutput.empty(fed.peers)
-    if fed.method == "gossip":
-        g = exchanges_per_round(fed)
-        topo = fed.topology_at(round_idx)
-        totals = {pid: round(epochs * p.steps_per_epoch) for pid, p in fed.peers.items()}
-        parts: dict[int, list[dict[str, float]]] = {pid: [] for pid in fed.peers}
-        for k in range(g):
-            for pid, p in fed.peers.items():
-                t = totals[pid]
-                parts[pid].append(p.train_steps(t * (k + 1) // g - t * k // g))
-            exchange_and_merge(fed, transport, topo, (round_idx - 1) * g + k + 1, out, method="average",
-                               reset_bn=False, reset_optimizer=False)
-        for pid, chunks in parts.items():
-            n = sum(x["steps"] for x in chunks) or 1
-            out.train[pid] = {"loss": sum(x["loss"] * x["steps"] for x in chunks) / n,
-                              "acc": sum(x["acc"] * x["steps"] for x in chunks) / n}
-        return out
+    run = fed.config
     if fed.attack is not None:
         fed.attack.before_training(fed.peers)
-    for pid, p in fed.peers.items():
-        out.train[pid] = p.train(epochs)
-    if fed.method in MERGE_METHODS:
-        exchange_and_merge(fed, transport, fed.topology_at(round_idx), round_idx, out, method=fed.method,
-                           reset_bn=fed.config.merge.reset_bn, reset_optimizer=True)
+    if fed.method not in (*MERGE_METHODS, "gossip"):  # isolated, centralized: train only
+        for pid, p in fed.peers.items():
+            out.train[pid] = p.train(steps=local_steps(fed, p, epochs))
+        return out
+    g = exchanges_per_round(fed)
+    topo = fed.topology_at(round_idx)
+    method = fed.method if fed.method in MERGE_METHODS else "average"
+    totals = {pid: local_steps(fed, p, epochs) for pid, p in fed.peers.items()}
+    parts: dict[int, list[dict[str, float]]] = {pid: [] for pid in fed.peers}
+    for p in fed.peers.values():
+        p.start_round()
+    for k in range(g):
+        for pid, p in fed.peers.items():
+            t = totals[pid]
+            parts[pid].append(p.train_steps(t * (k + 1) // g - t * k // g))
+        exchange_and_merge(fed, transport, topo, (round_idx - 1) * g + k + 1, out, method=method,
+                           reset_bn=run.merge.reset_bn, reset_optimizer=not run.merge.keep_momentum)
+    for pid, chunks in parts.items():
+        out.train[pid] = chunks[0] if len(chunks) == 1 else _pooled(chunks)
     return out
+
+
+def _pooled(chunks: list[dict[str, float]]) -> dict[str, float]:
+    """Loss and accuracy of several training chunks, weighted by their steps."""
+    n = sum(x["steps"] for x in chunks) or 1
+    return {"loss": sum(x["loss"] * x["steps"] for x in chunks) / n,
+            "acc": sum(x["acc"] * x["steps"] for x in chunks) / n, "steps": sum(x["steps"] for x in chunks)}
 
 
 def evaluate_round(fed: Federation, round_idx: int, out: RoundOutput, elapsed: float) -> tuple[list[dict[str, Any]], RoundResult]:
@@ -117,7 +138,7 @@ def evaluate_round(fed: Federation, round_idx: int, out: RoundOutput, elapsed: f
             "round": round_idx, "peer": pid, "method": fed.method,
             "test_acc": test["acc"], "test_loss": test["loss"],
             "val_acc": None if val is None else val["acc"], "val_loss": None if val is None else val["loss"],
-            "train_loss": tr.get("loss"), "train_acc": tr.get("acc"),
+            "train_loss": tr.get("loss"), "train_acc": tr.get("acc"), "local_steps": tr.get("steps", 0),
             "neighbours": out.heard.get(pid, []), "missing": out.missing.get(pid, []),
             "bytes_sent": int(out.bytes_sent.get(pid, 0)),
         }

@@ -34,7 +34,7 @@ def merge_states(reference: nn.Module, states: Sequence[Mapping[str, torch.Tenso
                  data: Iterable | None = None, method: str = "dimat", reset_bn: bool = True,
                  aggregator: str | Aggregator | None = None, max_batches: int | None = None,
                  context: object | None = None, same_basis: Sequence[bool] | None = None,
-                 into: int | None = None) -> StateDict:
+                 into: int | None = None, relabel: dict[str, torch.Tensor] | None = None) -> StateDict:
     """Merge neighbour ``states`` into ``reference`` (the peer's own model; ``weights[0]`` is its own).
 
     ``weights`` are used as given: one per model, summing to 1 (`check_weights`); a round's
@@ -44,7 +44,8 @@ def merge_states(reference: nn.Module, states: Sequence[Mapping[str, torch.Tenso
     (weighted average by default) and, if the model has BatchNorm and ``reset_bn``, its running
     statistics are recomputed on ``data``. Returns a new state dict; ``reference`` is untouched.
     ``same_basis[k]`` marks neighbour ``k`` as already in the reference's basis (not re-matched);
-    ``into`` relabels the result into neighbour ``into``'s basis (see :mod:`dimat.merge.basis`).
+    ``into`` relabels the result into neighbour ``into``'s basis (see :mod:`dimat.merge.basis`);
+    the permutation it applied is put into ``relabel`` when given.
     """
     if method not in METHODS:
         raise ValueError(f"unknown merge method '{method}'; choose one of {list(METHODS)}")
@@ -83,7 +84,10 @@ def merge_states(reference: nn.Module, states: Sequence[Mapping[str, torch.Tenso
         reset_bn_stats(model, data, max_batches)
         merged = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if into is not None and into in perms:  # a relabelling: the function is unchanged
-        merged = permute_state(merged, spec, {g: invert(p) for g, p in perms[into].items()})
+        to_basis = {g: invert(p) for g, p in perms[into].items()}
+        merged = permute_state(merged, spec, to_basis)
+        if relabel is not None:  # the caller permutes what else lives in the old unit order (momentum)
+            relabel.update(to_basis)
     return merged
 
 

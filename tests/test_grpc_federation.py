@@ -73,7 +73,7 @@ def test_gossip_peer_killed_and_resumed_rejoins_by_round(tmp_path):
     env["DIMAT_TOKEN"] = "gossip-rejoin-token"
     fed = local.LocalFederation(tmp_path, 3, [
         "data=digits", "model=mlp", "model.hidden=[16]", f"rounds={rounds}", "local_epochs=0.25", "merge=gossip",
-        "merge.gossip_every=1", "progress=false", "threads=1", "transport.heartbeat_interval=0.3",
+        "merge.every_steps=1", "progress=false", "threads=1", "transport.heartbeat_interval=0.3",
         "transport.max_missed_heartbeats=3", "transport.timeout=20", "transport.delay=0.3"], env=env)
     try:
         for k in range(3):

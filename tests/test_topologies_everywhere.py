@@ -40,8 +40,9 @@ CASES: dict[str, list[str]] = {
     "ring": ["topology=ring"],
     "star": ["topology=star"],
     "torus": ["topology=torus"],
-    "ring_gossip": ["topology=ring", "merge=gossip", "merge.gossip_every=1"],
-    "random_matching_gossip": ["topology=random_matching", "seed=4", "merge=gossip", "merge.gossip_every=1"],
+    "ring_gossip": ["topology=ring", "merge=gossip", "merge.every_steps=1"],
+    "ring_dimat_every_step": ["topology=ring", "merge.every_steps=1"],  # dimat, 3 exchanges per round
+    "random_matching_gossip": ["topology=random_matching", "seed=4", "merge=gossip", "merge.every_steps=1"],
 }
 FIELDS = ("test_acc", "test_loss", "train_loss", "train_acc", "val_acc", "val_loss")
 

@@ -265,13 +265,20 @@ class GrpcTransport:
     def wait_for_peers(self, ids: Iterable[int], timeout: float) -> None:
         """Startup barrier: block until every peer in ``ids`` answers a health check, or raise TimeoutError.
 
-        Uses this transport's channels (so its TLS settings); health checks need no token.
+        Uses this transport's channels (so its TLS settings); health checks need no token. A peer
+        whose push already arrived counts as up: in a directed topology a peer that only sends here
+        may have finished and left before this one started.
         """
         end = time.monotonic() + timeout
+
+        def pushed(pid: int) -> bool:
+            with self.inbox.cv:
+                return any(k[1] == pid for k in (*self.inbox.states, *self.inbox.refused))
+
         for pid in ids:
             if pid == self.peer_id:
                 continue
-            while not self.client.serving(pid, max(0.1, min(5.0, end - time.monotonic()))):
+            while not (pushed(pid) or self.client.serving(pid, max(0.1, min(2.0, end - time.monotonic())))):
                 if time.monotonic() >= end:
                     raise TimeoutError(f"peer {self.peer_id}: peer {pid} at {self.peers.get(pid)} "
                                        f"did not come up within {timeout:.0f}s")

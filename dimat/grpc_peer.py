@@ -13,8 +13,11 @@ checkpoints tagged ``peer_K``); all peers of a run share one ``run_dir``.
       1: 127.0.0.1:50052
 
 Transport options come from the ``transport=grpc`` config group (``configs/transport/grpc.yaml``):
-deadline, wire options, TLS files (``{id}`` in a path becomes the peer id) and the name of the
+deadline, wire options, TLS files (``{id}`` in a path becomes the peer id; such overrides are quoted
+for Hydra here), ``bind`` (where to listen when it is not the advertised address) and the name of the
 environment variable holding the shared token (secrets never go on command lines or in configs).
+A taken port or an address not on this host fails at once, in one line. Pushes are checked against
+the topology of their own round (:func:`allowed_senders_of`).
 """
 from __future__ import annotations
 
@@ -145,25 +148,71 @@ def _address_problem(v: object) -> str | None:
     return None
 
 
+def quote_placeholders(overrides: Sequence[str]) -> list[str]:
+    """Quote override values holding a ``{id}`` placeholder, which Hydra's grammar reads as a dict.
+
+    ``transport.tls.cert=certs/peer-{id}.pem`` (as docs/grpc.md writes it) becomes
+    ``transport.tls.cert='certs/peer-{id}.pem'``; quoted values and ``${...}`` interpolations are kept.
+    """
+    out = []
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if sep and "{id}" in value and "${" not in value and value[:1] not in ("'", '"'):
+            quote = "'" if "'" not in value else '"'
+            o = f"{key}={quote}{value}{quote}" if quote not in value else o
+        out.append(o)
+    return out
+
+
+def allowed_senders_of(fed: Any, peer_id: int) -> Any:
+    """``exchange -> in-neighbours of peer_id`` in that exchange's round: what a push is checked against.
+
+    Every peer computes the schedule from the config, so a push for a round the receiver has not
+    entered yet is admitted by that round's topology (time-varying ones change it every round).
+    """
+    from functools import lru_cache
+
+    from dimat.federation.rounds import exchanges_per_round
+
+    per_round = exchanges_per_round(fed)
+    rounds = fed.config.rounds
+
+    @lru_cache(maxsize=64)
+    def senders(exchange: int) -> frozenset[int]:
+        r = -(-int(exchange) // per_round)
+        if fed.schedule is None or not 1 <= r <= rounds:
+            return frozenset()
+        return frozenset(int(i) for i in fed.topology_at(r).in_neighbours(peer_id))
+
+    return senders
+
+
 def run_peer(cfg: Any, peer_id: int, peers: Mapping[int, str], run_dir: str | Path, *,
              resume: bool = False, echo=print) -> dict[str, Any]:
     """Build peer ``peer_id`` from ``cfg`` and run the federation's round loop over gRPC."""
     from dimat.config import ConfigError, RunConfig
     from dimat.entry import set_threads
     from dimat.federation import build_federation, run_rounds
+    from dimat.federation.rounds import exchanges_per_round
     from dimat.transport import build_transport
+    from dimat.transport.grpc.transport import bind_address, check_bindable
 
     run = RunConfig.from_config(cfg)
     if set(peers) != set(range(run.num_peers)):
         raise ConfigError(f"peers file lists ids {sorted(peers)}, but num_peers={run.num_peers} "
                           f"needs 0..{run.num_peers - 1}")
     set_threads(run.threads)
+    # a port that is taken (or an address not on this host) fails at once, before the data is loaded
+    check_bindable(peer_id, bind_address(peers[peer_id], run.transport.bind))
     fed = build_federation(run, local_ids=[peer_id])
     tag = f"peer_{peer_id}"
     (Path(run_dir) / tag).mkdir(parents=True, exist_ok=True)
     transport = build_transport(run.transport, peer_id=peer_id, peers=peers, n_peers=run.num_peers,
                                 report_path=str(Path(run_dir) / tag / "transport.jsonl"))
     try:
+        transport.set_allowed_senders(allowed_senders_of(fed, peer_id))
+        # the window is in rounds; the transport counts exchanges (gossip: several per round)
+        transport.max_rounds_ahead = int(run.transport.max_rounds_ahead) * exchanges_per_round(fed)
         neighbours: set[int] = set()
         if fed.schedule is not None:
             for r in range(1, run.rounds + 1):
@@ -249,6 +298,7 @@ def peer_main(args: Sequence[str]) -> int:
     from dimat.config import ConfigError
     from dimat.entry import compose, user_errors
     from dimat.metrics import write_text_atomic
+    from dimat.transport.grpc.transport import BindError
 
     ap = argparse.ArgumentParser(prog="dimat peer", description="run one federation peer over gRPC")
     ap.add_argument("--id", type=int, required=True, help="this peer's id (a key of the peers file)")
@@ -267,7 +317,7 @@ def peer_main(args: Sequence[str]) -> int:
             raise ConfigError(f"peer id {ns.id} is not in {ns.peers} (ids: {sorted(peers)})")
         if not any(o.startswith("run_dir=") for o in overrides):
             raise ConfigError("dimat peer needs run_dir=<folder> (shared by all peers of the run)")
-        cfg = compose(overrides, transport="grpc")
+        cfg = compose(quote_placeholders(overrides), transport="grpc")
         if str(cfg.transport.get("name")) != "grpc":
             raise ConfigError(f"dimat peer runs the grpc transport (got transport={cfg.transport.get('name')})")
         run_dir = Path(str(cfg.run_dir))
@@ -276,7 +326,10 @@ def peer_main(args: Sequence[str]) -> int:
         logging.basicConfig(level=logging.WARNING, format=f"[peer {ns.id}] %(levelname)s %(message)s")
         print(f"[peer {ns.id}] serving on {peers[ns.id]}; {cfg.num_peers} peers, {cfg.rounds} rounds -> {run_dir}",
               flush=True)
-        summary = run_peer(cfg, ns.id, peers, run_dir, resume=ns.resume, echo=lambda s: print(s, flush=True))
+        try:
+            summary = run_peer(cfg, ns.id, peers, run_dir, resume=ns.resume, echo=lambda s: print(s, flush=True))
+        except BindError as exc:
+            raise ConfigError(str(exc)) from None
     acc = summary.get("final_mean_acc")
     print(f"[peer {ns.id}] done: {summary.get('rounds_done')} rounds, final test accuracy "
           f"{acc if acc is None else f'{acc:.4f}'}", flush=True)

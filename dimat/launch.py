@@ -165,20 +165,11 @@ def _write_config(cfg: Any, overrides: Sequence[str], run_dir: Path) -> None:
     atomic_write_text(run_dir / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run this rank's peers for the configured rounds; rank 0 writes the run summary."""
+def prepare(args: Sequence[str], world: int) -> tuple[Any, Any]:
+    """Compose and check the config of one run on ``world`` ranks: ``(cfg, RunConfig)``; one-line errors."""
     from dimat.config import ConfigError, RunConfig
-    from dimat.entry import fail, set_threads, user_errors
-    from dimat.federation import build_federation, run_rounds
-    from dimat.transport import build_transport
+    from dimat.entry import user_errors
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    if "--resume" in args:
-        args = [a for a in args if a != "--resume"] + ["resume=true"]
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        fail("dimat.launch runs under torchrun, e.g. `torchrun --standalone --nproc_per_node=4 -m dimat.launch`",
-             _prog())
-    world = int(os.environ["WORLD_SIZE"])
     with user_errors(_prog()):
         cfg = compose_config(args)
         run = RunConfig.from_config(cfg)
@@ -189,38 +180,66 @@ def main(argv: Sequence[str] | None = None) -> int:
         if run.num_peers < world:
             raise ConfigError(f"num_peers={run.num_peers} is smaller than the {world} ranks; "
                               "every rank must host at least one peer")
+    return cfg, run
+
+
+def run_on(transport: TorchDistTransport, cfg: Any, args: Sequence[str]) -> dict | None:
+    """Run one federation (``cfg``, composed from ``args``) over an open process group; rank 0 gets the summary.
+
+    The process group outlives the run: several runs of the same ``num_peers`` may share it.
+    """
+    from dimat.config import RunConfig
+    from dimat.entry import user_errors
+    from dimat.federation import build_federation, run_rounds
+
+    rank, world = transport.rank, transport.world_size
+    user_dir = any(a.startswith("run_dir=") for a in args)
+    run_dir = agree_run_dir(cfg, user_dir, transport)
+    cfg.run_dir = str(run_dir)
+    if transport.backend == "nccl" and str(cfg.device) == "cpu":
+        cfg.device = str(transport.device)  # peers train where their NCCL buffers live
+    with user_errors(_prog()):
+        run = RunConfig.from_config(cfg)
+        fed = build_federation(run, local_ids=list(transport.local_peers))
+    tag = f"rank{rank}"
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    resume = agree_resume(run_dir, tag, run.resume, restarted, transport)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            _write_config(cfg, args, run_dir)
+        print(f"dimat.launch: {fed.method} · {run.model.name} · {run.data.name} · {run.num_peers} peers on "
+              f"{world} rank(s) ({transport.backend}) · {run.topology.name} · {run.rounds} rounds"
+              f"{' (resuming)' if resume else ''} → {run_dir}", flush=True)
+    local = run_rounds(
+        fed, transport, run_dir, resume=resume, process_tag=tag,
+        progress=run.progress and rank == 0,
+        echo=(lambda s: print(f"[rank 0 peers {list(transport.local_peers)}] {s}", flush=True)) if rank == 0 else None,
+    )
+    summary = merge_outputs(fed, run_dir, local, transport)
+    if summary is not None:
+        print(f"dimat.launch: final test accuracy mean {summary['final_mean_acc']:.4f} "
+              f"(min {summary['final_min_acc']:.4f}, max {summary['final_max_acc']:.4f}) over {run.num_peers} "
+              f"peers; outputs in {run_dir}", flush=True)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run this rank's peers for the configured rounds; rank 0 writes the run summary."""
+    from dimat.entry import fail, set_threads
+    from dimat.transport import build_transport
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--resume" in args:
+        args = [a for a in args if a != "--resume"] + ["resume=true"]
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        fail("dimat.launch runs under torchrun, e.g. `torchrun --standalone --nproc_per_node=4 -m dimat.launch`",
+             _prog())
+    cfg, run = prepare(args, int(os.environ["WORLD_SIZE"]))
     set_threads(run.threads)
     transport = build_transport(run.transport, n_peers=run.num_peers)
-    rank = transport.rank
     try:
-        user_dir = any(a.startswith("run_dir=") for a in args)
-        run_dir = agree_run_dir(cfg, user_dir, transport)
-        cfg.run_dir = str(run_dir)
-        if transport.backend == "nccl" and run.device == "cpu":
-            cfg.device = str(transport.device)  # peers train where their NCCL buffers live
-        with user_errors(_prog()):
-            run = RunConfig.from_config(cfg)
-            fed = build_federation(run, local_ids=list(transport.local_peers))
-        tag = f"rank{rank}"
-        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-        resume = agree_resume(run_dir, tag, run.resume, restarted, transport)
-        if rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if not resume:
-                _write_config(cfg, args, run_dir)
-            print(f"dimat.launch: {fed.method} · {run.model.name} · {run.data.name} · {run.num_peers} peers on "
-                  f"{world} rank(s) ({transport.backend}) · {run.topology.name} · {run.rounds} rounds"
-                  f"{' (resuming)' if resume else ''} → {run_dir}", flush=True)
-        local = run_rounds(
-            fed, transport, run_dir, resume=resume, process_tag=tag,
-            progress=run.progress and rank == 0,
-            echo=(lambda s: print(f"[rank 0 peers {list(transport.local_peers)}] {s}", flush=True)) if rank == 0 else None,
-        )
-        summary = merge_outputs(fed, run_dir, local, transport)
-        if summary is not None:
-            print(f"dimat.launch: final test accuracy mean {summary['final_mean_acc']:.4f} "
-                  f"(min {summary['final_min_acc']:.4f}, max {summary['final_max_acc']:.4f}) over {run.num_peers} "
-                  f"peers; outputs in {run_dir}", flush=True)
+        run_on(transport, cfg, args)
     finally:
         transport.close()
     return 0

@@ -49,6 +49,19 @@ def as_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return x.float() if not x.is_floating_point() else x, y.long()
 
 
+def batch_slices(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of each batch when ``n`` samples are cut into batches of ``batch_size``.
+
+    The last, smaller batch is kept (every sample is seen), except that a last batch of a single
+    sample joins the batch before it: BatchNorm cannot normalise one sample in training mode
+    (``Expected more than 1 value per channel``). Other sizes are cut exactly as before.
+    """
+    bounds = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    if batch_size > 1 and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
 def build_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD with momentum (default), Adam or AdamW, from a :class:`TrainConfig`."""
     name = cfg.optimizer.lower()
@@ -118,14 +131,17 @@ class Peer:
 
     @property
     def steps_per_epoch(self) -> int:
-        """Batches per epoch; the last, smaller batch is kept so every sample is seen each epoch."""
-        return -(-len(self.y) // self.config.batch_size)
+        """Batches per epoch (:func:`batch_slices`: every sample is seen each epoch, no 1-sample batch)."""
+        return len(batch_slices(len(self.y), self.config.batch_size))
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._cursor >= len(self._perm):
             self._perm = torch.randperm(len(self.y), generator=self.generator)
             self._cursor = 0
-        idx = self._perm[self._cursor : self._cursor + self.config.batch_size]
+        end = self._cursor + self.config.batch_size
+        if self.config.batch_size > 1 and len(self._perm) - end == 1:
+            end += 1  # the epoch's last sample joins this batch (batch_slices)
+        idx = self._perm[self._cursor : end]
         self._cursor += len(idx)
         return self.x[idx].to(self.device), self.y[idx].to(self.device)
 
@@ -191,10 +207,9 @@ class Peer:
 
     def alignment_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The bounded own-data sample used for activation statistics and BatchNorm reset."""
-        bs = self.config.batch_size
         return [
-            (self.x[self._align_idx[i : i + bs]].to(self.device), self.y[self._align_idx[i : i + bs]].to(self.device))
-            for i in range(0, len(self._align_idx), bs)
+            (self.x[self._align_idx[a:b]].to(self.device), self.y[self._align_idx[a:b]].to(self.device))
+            for a, b in batch_slices(len(self._align_idx), self.config.batch_size)
         ]
 
     def load_state(self, state: Mapping[str, torch.Tensor], reset_optimizer: bool = True) -> None:

@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
-: "${HEAD:?set HEAD to host A's address}"
+: "${HEAD:?set HEAD to the address of host A}"
 PORT=${PORT:-29400}
 JOB_ID=${JOB_ID:-dimat-two-hosts}
 NPROC=${NPROC:-4}

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["experiment=mnist1d_fast", "num_peers=3", "rounds=2", "progress=false"]
 
@@ -50,3 +52,46 @@ def test_grpc_peers_match_simulation(tmp_path):
     # every peer checkpointed both rounds under its own tag
     for k in range(3):
         assert json.loads((grpc_dir / "checkpoints" / f"progress_peer_{k}.json").read_text())["last_round"] == 2
+
+
+@pytest.mark.slow
+def test_gossip_peer_killed_and_resumed_rejoins_by_round(tmp_path):
+    """Finding 8: a restarted gossip peer compares rounds with rounds, not with a neighbour's exchange number.
+
+    3 peers, gossip with 3 exchanges per round; peer 2 is killed in round 2 and restarted with
+    --resume while the others go on. It must finish every round (no ``round_4000001.pt``, no
+    "done: 0 rounds") and record a rejoin at a round of the run.
+    """
+    import importlib.util
+    import signal
+
+    spec = importlib.util.spec_from_file_location("grpc_local", ROOT / "launch" / "grpc_local.py")
+    local = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(local)
+    rounds = 8
+    env = _env()
+    env["DIMAT_TOKEN"] = "gossip-rejoin-token"
+    fed = local.LocalFederation(tmp_path, 3, [
+        "data=digits", "model=mlp", "model.hidden=[16]", f"rounds={rounds}", "local_epochs=0.25", "merge=gossip",
+        "merge.gossip_every=1", "topology=ring", "progress=false", "threads=1", "transport.heartbeat_interval=0.3",
+        "transport.max_missed_heartbeats=3", "transport.timeout=20", "transport.delay=0.3"], env=env)
+    try:
+        for k in range(3):
+            fed.start(k)
+        fed.wait_log(2, r"round +2/", timeout=120)
+        fed.procs[2].send_signal(signal.SIGKILL)
+        fed.procs[2].wait()
+        fed.wait_log(1, r"peer 2 is down", timeout=60)
+        fed.start(2, resume=True)
+        codes = fed.wait_all(timeout=240)
+        assert codes == {0: 0, 1: 0, 2: 0}, fed.logs_text()
+    finally:
+        fed.stop()
+    log2 = fed.logs[2].read_text()
+    assert "rejoin:" in log2 and "done: 0 rounds" not in log2, log2[-3000:]
+    done = [r["round"] for r in fed.metrics(2)]
+    assert done[-1] == rounds and done == sorted(done), (done, log2[-3000:])
+    rejoin = json.loads((tmp_path / "peer_2" / "rejoins.jsonl").read_text().splitlines()[-1])
+    assert 2 <= rejoin["fetched_round"] < rounds and rejoin["neighbour_round"] <= rounds, rejoin
+    saved = [int(p.stem.split("_")[1]) for p in (tmp_path / "checkpoints").rglob("round_*.pt")]
+    assert saved and max(saved) <= rounds, saved

@@ -47,14 +47,37 @@ def build_model(run: RunConfig, num_classes: int, input_shape: Sequence[int], se
     from dimat.models import build_model as _build
 
     name = run.model.name
+    width = run.model.options.get("width")
+    if width is not None and (isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0):
+        raise ConfigError(f"model.width must be a positive number (got {width!r})")
     kw = {"num_classes": int(num_classes), "input_shape": tuple(int(s) for s in input_shape), **run.model.options}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         try:
-            return _build(name, **kw)
+            model = _build(name, **kw)
         except (TypeError, ValueError) as exc:  # an option the model does not take
             msg = str(exc)
             raise ConfigError(msg if msg.startswith("model") else f"model {name!r}: {msg}") from exc
+    check_model_fits(model, run, input_shape)
+    return model
+
+
+def check_model_fits(model: torch.nn.Module, run: RunConfig, input_shape: Sequence[int]) -> None:
+    """A forward pass on two zero inputs of the data's shape: a model that cannot take the data is a config error.
+
+    Run in eval mode without gradients (no randomness, no BatchNorm statistics touched).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, *(int(s) for s in input_shape)))
+    except (RuntimeError, ValueError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"model {run.model.name!r} does not fit data {run.data.name!r} "
+                          f"(input shape {list(input_shape)}): {first}") from None
+    finally:
+        model.train(was_training)
 
 
 def check_model_name(run: RunConfig) -> None:
@@ -105,6 +128,8 @@ def build_schedule(run: RunConfig) -> Any:
     from dimat.topology import build_schedule as _build
 
     name, kw = run.topology.name, dict(run.topology.options)
+    if name == "matrix" and kw.get("path") in (None, "", "???"):
+        raise ConfigError("topology=matrix needs topology.path=<file> (a mixing matrix as .npy, .txt or .csv)")
     if name in ("erdos_renyi", "random_matching"):
         kw.setdefault("seed", run.seed)  # random graphs follow the run's seed unless the config pins one
     try:

@@ -59,7 +59,7 @@ def build_transport(
         token = (os.environ.get(s.token_env) or None) if s.token_env else None
         assert s.timeout is not None and s.retries is not None and s.chunk_bytes is not None  # from_mapping's doing
         return GrpcTransport(
-            peer_id, peers, bind=bind, token=token, tls=tls_config(s.tls, peer_id),
+            peer_id, peers, bind=bind or s.bind, token=token, tls=tls_config(s.tls, peer_id),
             deadline=s.timeout, retries=s.retries, chunk_bytes=s.chunk_bytes, num_streams=s.num_streams,
             half=s.half, hash_algorithm=s.hash, max_rounds_ahead=s.max_rounds_ahead,
             require_cert_identity=s.require_cert_identity, heartbeat_interval=s.heartbeat_interval,

@@ -58,6 +58,8 @@ class TransportSettings:
     max_concurrent_streams: int | None
     max_streams_per_sender: int | None
     stream_idle_timeout: float | None
+    # grpc: where this peer listens (issue 13)
+    bind: str | None
     # torchdist
     backend: str | None
     pg_timeout: float | None
@@ -170,6 +172,20 @@ def _num_streams(key: str, v: Any) -> int:
     return n
 
 
+def _bind(key: str, v: Any) -> str | None:
+    """``host`` or ``host:port`` (null: listen on the advertised address from the peers file)."""
+    if v is None:
+        return None
+    if not isinstance(v, str) or not v or v.endswith(":"):
+        raise ValueError(f"{key} must be host or host:port, or null (got {_show(v)})")
+    host, sep, port = ("", "", v) if v.endswith("]") else v.rpartition(":")  # "[::]": a host only
+    if sep and not host.endswith("]") and ":" in host:
+        raise ValueError(f"{key}: write an IPv6 address in brackets, e.g. [::]:50051 (got {_show(v)})")
+    if sep and host and not (port.isdigit() and int(port) < 65536):
+        raise ValueError(f"{key} must be host or host:port with a port in 0..65535 (got {_show(v)})")
+    return v
+
+
 _TLS_SPEC: dict[str, Callable[[str, Any], Any]] = {
     "dir": _str_or_none, "cert": _str_or_none, "key": _str_or_none, "ca": _str_or_none,
     "mutual": _bool, "server_name_override": _str_or_none,
@@ -203,6 +219,7 @@ _SPECS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         # server bounds (issue 12)
         "max_concurrent_rpcs": _pos_int, "max_concurrent_streams": _pos_int, "max_streams_per_sender": _pos_int,
         "stream_idle_timeout": _pos,
+        "bind": _bind,
     },
     "torchdist": {"backend": _choice((None, "gloo", "nccl")), "timeout": _pos_or_none, "pg_timeout": _pos},
 }

@@ -29,6 +29,42 @@ log = logging.getLogger("dimat.transport.grpc")
 AllowedSenders = Callable[[int], Iterable[int]] | Collection[int] | None
 
 
+class BindError(OSError):
+    """This peer cannot serve on its address (not on this host, port taken): one line naming it."""
+
+
+def bind_address(advertised: str, bind: str | None) -> str:
+    """Where a peer advertised at ``advertised`` listens: ``bind`` (``host`` takes the advertised port), else ``advertised``."""
+    if not bind:
+        return advertised
+    return bind if bind.rpartition(":")[2].isdigit() else f"{bind}:{advertised.rpartition(':')[2]}"
+
+
+def check_bindable(peer_id: int, bind: str) -> None:
+    """Raise :class:`BindError` (one line, the OS's reason) if ``bind`` cannot be listened on here.
+
+    A plain socket tries it first (SO_REUSEADDR, as gRPC sets it; no SO_REUSEPORT), so the user gets
+    the reason in one line instead of gRPC's log lines; port 0 (any free port) is not checked.
+    """
+    import socket
+
+    host, _, port = bind.rpartition(":")
+    if int(port) == 0:
+        return
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise BindError(f"peer {peer_id}: cannot serve on {bind}: {exc.strerror or exc}") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            raise BindError(f"peer {peer_id}: cannot serve on {bind}: {why} (port {port}; see transport.bind)") from None
+
+
 @dataclass
 class ExchangeReport:
     """What happened in the last ``exchange``: who was missing and why (for metrics/logs)."""
@@ -47,7 +83,10 @@ class GrpcTransport:
     Args:
         peer_id: id of the peer this process hosts.
         peers: ``{id: "host:port"}`` for every peer (the local one included; its port may be 0 to
-            bind a free port, see :attr:`address`).
+            bind a free port, see :attr:`address`). The local entry is the *advertised* address.
+        bind: where the server listens, when it differs from the advertised address (behind NAT,
+            ``0.0.0.0``): ``host`` (the advertised port) or ``host:port``; None binds the advertised
+            address. ``SO_REUSEPORT`` is off: a port another process serves raises :class:`BindError`.
         allowed_senders: who may push weights: a callable ``round -> ids``, a fixed collection, or
             ``None`` (default) for the in-neighbours ``exchange`` was given for that round (any known
             peer for a round not entered yet: a neighbour may run ahead, and time-varying topologies
@@ -151,7 +190,8 @@ class GrpcTransport:
         self._pool = futures.ThreadPoolExecutor(max_workers=max(4, 2 * num_streams), thread_name_prefix=f"dimat-send-{peer_id}")
         self._closed = False
 
-        opts = channel_options(self.max_message_bytes, window_bytes)
+        # SO_REUSEPORT off: a second process on a taken port must fail, not share (split) the traffic
+        opts = channel_options(self.max_message_bytes, window_bytes) + [("grpc.so_reuseport", 0)]
         interceptors = [TokenAuthInterceptor(token)] if token else []
         # one worker per admitted RPC (gRPC refuses more), streams capped below that (self.slots)
         workers = max(max_workers, max_concurrent_rpcs)
@@ -160,16 +200,22 @@ class GrpcTransport:
         self._server.add_generic_rpc_handlers((service_handler(Servicer(self)),))
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        bind = bind or self.peers[self.peer_id]
-        if tls is not None:
-            port = self._server.add_secure_port(bind, tls.server_credentials())
-        else:
-            port = self._server.add_insecure_port(bind)
+        adv_host, _, adv_port = self.peers[self.peer_id].rpartition(":")
+        bind = bind_address(self.peers[self.peer_id], bind)
+        check_bindable(self.peer_id, bind)
+        try:
+            if tls is not None:
+                port = self._server.add_secure_port(bind, tls.server_credentials())
+            else:
+                port = self._server.add_insecure_port(bind)
+        except RuntimeError:  # grpcio >= 1.5x raises where older versions returned 0
+            port = 0
         if port == 0:
-            raise OSError(f"peer {peer_id}: could not bind {bind}")
-        host = bind.rsplit(":", 1)[0]
+            self._server.stop(None)
+            raise BindError(f"peer {peer_id}: cannot serve on {bind}: port {bind.rpartition(':')[2]} is taken "
+                            "or the address is not on this host (see transport.bind)")
         self.port = port
-        self.address = f"{host}:{port}"
+        self.address = self.peers[self.peer_id] if adv_port not in ("", "0") else f"{adv_host}:{port}"
         self.peers[self.peer_id] = self.address
         warn_if_exposed(host, token=token, tls=tls)
         self._server.start()
@@ -187,6 +233,10 @@ class GrpcTransport:
             for k, v in peers.items():
                 if int(k) != self.peer_id:
                     self.peers[int(k)] = str(v)
+
+    def set_allowed_senders(self, policy: AllowedSenders) -> None:
+        """Replace who may push: ``exchange -> ids`` (e.g. from the topology schedule), ids, or None."""
+        self._allowed_policy = policy
 
     def allowed_senders(self, round_idx: int) -> frozenset[int]:
         """The senders whose pushes for ``round_idx`` are accepted."""
@@ -231,13 +281,20 @@ class GrpcTransport:
     def wait_for_peers(self, ids: Iterable[int], timeout: float) -> None:
         """Startup barrier: block until every peer in ``ids`` answers a health check, or raise TimeoutError.
 
-        Uses this transport's channels (so its TLS settings); health checks need no token.
+        Uses this transport's channels (so its TLS settings); health checks need no token. A peer
+        whose push already arrived counts as up: in a directed topology a peer that only sends here
+        may have finished and left before this one started.
         """
         end = time.monotonic() + timeout
+
+        def pushed(pid: int) -> bool:
+            with self.inbox.cv:
+                return any(k[1] == pid for k in (*self.inbox.states, *self.inbox.refused))
+
         for pid in ids:
             if pid == self.peer_id:
                 continue
-            while not self.client.serving(pid, max(0.1, min(5.0, end - time.monotonic()))):
+            while not (pushed(pid) or self.client.serving(pid, max(0.1, min(2.0, end - time.monotonic())))):
                 if time.monotonic() >= end:
                     raise TimeoutError(f"peer {self.peer_id}: peer {pid} at {self.peers.get(pid)} "
                                        f"did not come up within {timeout:.0f}s")

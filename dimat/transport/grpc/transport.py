@@ -217,7 +217,7 @@ class GrpcTransport:
         self.port = port
         self.address = self.peers[self.peer_id] if adv_port not in ("", "0") else f"{adv_host}:{port}"
         self.peers[self.peer_id] = self.address
-        warn_if_exposed(host, token=token, tls=tls)
+        warn_if_exposed(bind.rpartition(":")[0], token=token, tls=tls)  # where it listens, not what it advertises
         self._server.start()
         for svc in ("", SERVICE_NAME):
             self._health.set(svc, health_pb2.HealthCheckResponse.SERVING)

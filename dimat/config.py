@@ -50,7 +50,8 @@ class _Reader:
             raise ConfigError(f"config is missing {self.name(key)} (every default lives in configs/)")
         return self.data[key]
 
-    def number(self, key: str, kind: type, minimum: float | None = None, *, optional: bool = False) -> Any:
+    def number(self, key: str, kind: type, minimum: float | None = None, maximum: float | None = None, *,
+               positive: bool = False, optional: bool = False) -> Any:
         raw = self.raw(key, optional=optional)
         if raw is None:
             if optional:
@@ -67,6 +68,10 @@ class _Reader:
             raise ConfigError(f"{self.name(key)} must be {noun} (got {raw!r})") from None
         if minimum is not None and val < minimum:
             raise ConfigError(f"{self.name(key)} must be at least {minimum} (got {val})")
+        if maximum is not None and val > maximum:
+            raise ConfigError(f"{self.name(key)} must be at most {maximum} (got {val})")
+        if positive and not val > 0:
+            raise ConfigError(f"{self.name(key)} must be positive (got {val})")
         return val
 
     def flag(self, key: str) -> bool:
@@ -292,20 +297,16 @@ def _merge_settings(r: _Reader) -> MergeSettings:
 def _train_settings(r: _Reader, align_batches: int) -> TrainConfig:
     tc = TrainConfig(
         batch_size=r.number("batch_size", int, 1),
-        lr=r.number("lr", float),
+        lr=r.number("lr", float, positive=True),
         momentum=r.number("momentum", float, 0),
         weight_decay=r.number("weight_decay", float, 0),
         optimizer=r.text("optimizer", ("sgd", "adam", "adamw")),  # type: ignore[arg-type]
         nesterov=r.flag("nesterov"),
         align_batches=align_batches,
         eval_batch_size=r.number("eval_batch_size", int, 1),
-        absent_logit_scale=r.number("absent_logit_scale", float, 0),
+        absent_logit_scale=r.number("absent_logit_scale", float, 0, 1),
         prox_mu=r.number("prox_mu", float, 0),
     )
-    if tc.absent_logit_scale > 1:
-        raise ConfigError(f"train.absent_logit_scale must be in [0, 1] (got {tc.absent_logit_scale})")
-    if not tc.lr > 0:
-        raise ConfigError(f"train.lr must be positive (got {tc.lr})")
     r.no_others()
     return tc
 
@@ -351,14 +352,10 @@ def _attack_settings(r: _Reader) -> AttackSettings:
         trigger=r.text("trigger"),  # type: ignore[arg-type]
         trigger_kwargs=dict(kwargs),
         target_class=r.number("target_class", int, 0),
-        poison_rate=r.number("poison_rate", float, 0),
-        scale=r.number("scale", float),
+        poison_rate=r.number("poison_rate", float, 0, 1),
+        scale=r.number("scale", float, positive=True),
         seed=r.number("seed", int),
     )
-    if out.poison_rate > 1:
-        raise ConfigError(f"attack.poison_rate must be in [0, 1] (got {out.poison_rate})")
-    if not out.scale > 0:
-        raise ConfigError(f"attack.scale must be > 0 (got {out.scale})")
     r.no_others()
     return out
 

@@ -81,6 +81,9 @@ def run_simulation(cfg: Any, run_dir: Path, overrides: Sequence[str]) -> None:
     if reference is not None and reference["final_mean_acc"]:
         ref = reference["final_mean_acc"]
         line += f"; centralized on the same budget {ref:.4f} (the federation reaches {acc / ref:.0%} of it)"
+    shared = (summary.get("data") or {}).get("shared_data")
+    if shared:
+        line += f"; SHARED DATA: {shared}"
     print(f"{line}; outputs in {run_dir}", flush=True)
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 METHODS = ("dimat", "weight_matching", "average", "gossip", "isolated", "centralized")
+# merge.bn_stats: what a merge does with BatchNorm statistics (meanings: dimat.merge.api)
+BN_STATS = ("own", "average", "mixture")
 #: methods whose round ends in one exchange + merge on the peer (the rest exchange differently or never)
 MERGE_METHODS = ("dimat", "weight_matching", "average")
 
@@ -150,7 +152,8 @@ class DataSettings:
 class MergeSettings:
     method: str
     align_batches: int
-    reset_bn: bool
+    #: what a merge does with BatchNorm statistics: own | average | mixture (dimat.merge.BN_STATS)
+    bn_stats: str
     #: keep optimizer momentum across merges (permuted with the units when the model is relabelled)
     keep_momentum: bool
     #: True / False, or None for "auto" (on unless a defence aggregates)
@@ -161,6 +164,9 @@ class MergeSettings:
     every_steps: int | None
     #: consensus SGD (merge=gossip): local steps between averagings
     gossip_every: int
+    #: size of the explicit public proxy set (0: off): labelled training samples every peer may use
+    #: for alignment statistics and BatchNorm reset instead of its own data (shared data: marked)
+    proxy_samples: int
 
     @property
     def merges_on_peer(self) -> bool:
@@ -276,19 +282,23 @@ def _merge_settings(r: _Reader) -> MergeSettings:
         basis = None
     elif not isinstance(basis, bool):
         raise ConfigError(f"merge.consensus_basis must be true, false or auto (got {basis!r})")
+    if "reset_bn" in r.data:
+        raise ConfigError("merge.reset_bn was replaced by merge.bn_stats: own (was reset_bn=true), average "
+                          "(was false) or mixture")
     kwargs = r.raw("aggregator_kwargs")
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise ConfigError(f"merge.aggregator_kwargs must be a mapping (got {kwargs!r})")
     out = MergeSettings(
         method=method,  # type: ignore[arg-type]
         align_batches=r.number("align_batches", int, 1),
-        reset_bn=r.flag("reset_bn"),
+        bn_stats=r.text("bn_stats", BN_STATS),
         keep_momentum=r.flag("keep_momentum"),
         consensus_basis=basis,
         aggregator=r.text("aggregator"),  # type: ignore[arg-type]
         aggregator_kwargs=dict(kwargs or {}),
         every_steps=r.number("every_steps", int, 1, optional=True),
         gossip_every=r.number("gossip_every", int, 1),
+        proxy_samples=r.number("proxy_samples", int, 0),
     )
     r.no_others()
     return out

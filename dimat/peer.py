@@ -89,10 +89,11 @@ class Peer:
         seed: int = 0,
         device: str | torch.device = "cpu",
         merge_method: str = "dimat",
-        reset_bn: bool = True,
+        bn_stats: str = "own",
         aggregator: Any | None = None,
         basis: int | None = None,
         consensus_basis: bool = True,
+        proxy: Any | None = None,
     ) -> None:
         self.id = int(peer_id)
         # which unit ordering the model is in (dimat.merge.basis): own id, or a shared one (shared init)
@@ -108,7 +109,7 @@ class Peer:
             raise ValueError(f"peer {peer_id} has no training data")
         self.val = as_tensors(val_data) if val_data is not None and len(val_data) > 0 else None
         self.merge_method = merge_method
-        self.reset_bn = reset_bn
+        self.bn_stats = bn_stats  # dimat.merge.BN_STATS: what a merge does with BatchNorm statistics
         self.aggregator = aggregator
         self._params = [q for q in self.model.parameters() if q.requires_grad]
         self.optimizer = build_optimizer(self._params, self.config)
@@ -120,6 +121,8 @@ class Peer:
         # independent of the training stream, so merging never perturbs the shuffling state.
         order = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(int(seed) + 7919))
         self._align_idx = order[: self.config.align_batches * self.config.batch_size]
+        # an explicit public proxy set (merge.proxy_samples) replaces own data in every merge-time computation
+        self.proxy = as_tensors(proxy) if proxy is not None else None
         self._perm = torch.empty(0, dtype=torch.long)  # current epoch's order
         self._cursor = 0
         self.steps_done = 0
@@ -206,7 +209,13 @@ class Peer:
         return attach_basis(self.state(), self.basis)
 
     def alignment_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The bounded own-data sample used for activation statistics and BatchNorm reset."""
+        """The data merging sees (activation statistics, BatchNorm reset, a defence's checks).
+
+        The bounded own-data sample, or the public proxy set when one is configured.
+        """
+        if self.proxy is not None:
+            x, y = self.proxy
+            return [(x[a:b].to(self.device), y[a:b].to(self.device)) for a, b in batch_slices(len(y), self.config.batch_size)]
         return [
             (self.x[self._align_idx[a:b]].to(self.device), self.y[self._align_idx[a:b]].to(self.device))
             for a, b in batch_slices(len(self._align_idx), self.config.batch_size)
@@ -234,7 +243,7 @@ class Peer:
         weights: Mapping[int, float],
         *,
         method: str | None = None,
-        reset_bn: bool | None = None,
+        bn_stats: str | None = None,
         reset_optimizer: bool = True,
     ) -> StateDict:
         """Align ``neighbour_states`` to this model, combine with ``weights`` and load the result.
@@ -250,7 +259,7 @@ class Peer:
         from dimat.merge import merge_states  # imported lazily: the merge engine is heavy
 
         method = method or self.merge_method
-        reset_bn = self.reset_bn if reset_bn is None else reset_bn
+        bn_stats = self.bn_stats if bn_stats is None else bn_stats
         w = renormalise(weights, neighbour_states, self_id=self.id)
         senders = sorted(j for j in w if j != self.id)
         split = [split_basis(neighbour_states[j], label=f"peer {self.id}: state from peer {j}") for j in senders]
@@ -271,7 +280,7 @@ class Peer:
         relabel: dict[str, torch.Tensor] = {}
         merged = merge_states(
             self.model, states, [w.get(self.id, 0.0)] + [w[j] for j in senders], batches, method=method,
-            reset_bn=reset_bn, aggregator=self.aggregator, context=context, same_basis=same, into=into,
+            bn_stats=bn_stats, aggregator=self.aggregator, context=context, same_basis=same, into=into,
             relabel=relabel,
         )
         self.load_state(merged, reset_optimizer=reset_optimizer)

@@ -90,7 +90,7 @@ def test_batchnorm_model_needs_data_to_reset():
     a, b = build_model("cnn1d", channels=(4, 4)), build_model("cnn1d", channels=(4, 4))
     with pytest.raises(ValueError, match="BatchNorm"):
         merge([a, b], [0.5, 0.5], method="average")
-    merged = merge([a, b], [0.5, 0.5], method="average", reset_bn=False)
+    merged = merge([a, b], [0.5, 0.5], method="average", bn_stats="average")
     assert isinstance(merged, nn.Module)
 
 

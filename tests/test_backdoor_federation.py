@@ -17,7 +17,7 @@ def _cfg(tmp: Path, aggregator: str = "mean", scale: float = 1.0) -> object:
         "device=cpu", "threads=1", "progress=false",
         "model=mlp", "model.hidden=[16]", "data=digits", "data.val_fraction=0.0",
         "partition=iid", "topology=fully_connected", "topology.rule=uniform",
-        "merge=dimat", "merge.align_batches=2", "merge.reset_bn=true", f"merge.aggregator={aggregator}",
+        "merge=dimat", "merge.align_batches=2", "merge.bn_stats=own", f"merge.aggregator={aggregator}",
         "merge.every_steps=null", "merge.keep_momentum=false", "baseline=null",
         "train.batch_size=32", "train.lr=0.05", "train.momentum=0.9", "train.weight_decay=0.0", "train.optimizer=sgd",
         "checkpoint.enabled=false", "checkpoint.keep_last=1",

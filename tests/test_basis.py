@@ -59,8 +59,8 @@ def test_merge_relabels_into_the_neighbours_basis_exactly() -> None:
     ref = _mlp(0)
     nb = _permuted_copy(ref, seed=1)  # the same function in another basis
     data = [_data()]
-    own = merge_states(ref, [nb.state_dict()], [0.5, 0.5], data, method="dimat", reset_bn=False)
-    into = merge_states(ref, [nb.state_dict()], [0.5, 0.5], data, method="dimat", reset_bn=False, into=0)
+    own = merge_states(ref, [nb.state_dict()], [0.5, 0.5], data, method="dimat", bn_stats="average")
+    into = merge_states(ref, [nb.state_dict()], [0.5, 0.5], data, method="dimat", bn_stats="average", into=0)
     for k, v in ref.state_dict().items():
         assert torch.allclose(own[k], v, atol=1e-6), k                     # aligned: the average is ref itself
         assert torch.allclose(into[k], nb.state_dict()[k], atol=1e-6), k  # relabelled: nb's ordering
@@ -69,7 +69,7 @@ def test_merge_relabels_into_the_neighbours_basis_exactly() -> None:
 def test_same_basis_is_not_rematched() -> None:
     ref = _mlp(0)
     nb = _permuted_copy(ref, seed=1)
-    merged = merge_states(ref, [nb.state_dict()], [0.5, 0.5], [_data()], method="dimat", reset_bn=False,
+    merged = merge_states(ref, [nb.state_dict()], [0.5, 0.5], [_data()], method="dimat", bn_stats="average",
                           same_basis=[True])
     for k, v in ref.state_dict().items():
         assert torch.allclose(merged[k], 0.5 * v + 0.5 * nb.state_dict()[k], atol=1e-6), k

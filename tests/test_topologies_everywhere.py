@@ -28,7 +28,7 @@ N = 4
 COMMON = ["data=digits", "model=mlp", "model.hidden=[16]", "rounds=2", "local_epochs=0.25", f"num_peers={N}",
           "progress=false", "threads=1", "checkpoint.enabled=false",
           # the paper's protocol (one merge per round) unless a case says otherwise
-          "merge.every_steps=null", "merge.keep_momentum=false", "merge.reset_bn=true", "baseline=null"]
+          "merge.every_steps=null", "merge.keep_momentum=false", "merge.bn_stats=own", "baseline=null"]
 # a directed mixing matrix: 0<-1, 1<-2, 2<-3, 3<-{0,1} (in- and out-neighbours differ)
 MATRIX = "0.5 0.5 0 0\n0 0.5 0.5 0\n0 0 0.5 0.5\n0.25 0.25 0 0.5\n"
 CASES: dict[str, list[str]] = {

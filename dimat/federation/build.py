@@ -143,6 +143,29 @@ def build_schedule(run: RunConfig) -> Any:
     return schedule
 
 
+def proxy_indices(run: RunConfig, labels: np.ndarray) -> np.ndarray | None:
+    """The public proxy set (``merge.proxy_samples``): a class-balanced sample of the training set.
+
+    Drawn from its own stream of the run seed, so the partition is the same with and without it; the
+    samples stay in the peers' partitions too (the reference code uses the whole training set).
+    """
+    n = run.merge.proxy_samples
+    if n == 0:
+        return None
+    if n > len(labels):
+        raise ConfigError(f"merge.proxy_samples={n} exceeds the training set ({len(labels)} samples)")
+    rng = np.random.default_rng([abs(int(run.seed)), 0x9E37])
+    by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < n:  # round robin over classes: balanced while every class has samples left
+        for idx in by_class:
+            if depth < len(idx) and len(picked) < n:
+                picked.append(int(idx[depth]))
+        depth += 1
+    return np.sort(np.asarray(picked, dtype=np.int64))
+
+
 def peer_seed(seed: int, peer_id: int) -> int:
     """Per-peer seed: distinct, stable, and far from neighbouring base seeds."""
     return int(seed) * 100_003 + 1_009 * (int(peer_id) + 1)
@@ -200,6 +223,8 @@ def build_federation(cfg: Any, local_ids: Sequence[int] | None = None) -> Federa
         raise ConfigError(f"local peer ids {ids} out of range for {run.num_peers} peers")
     aggregator = build_aggregator(run)
     one_basis = consensus_basis(run, aggregator)
+    proxy_idx = proxy_indices(run, y_train.numpy())
+    proxy = (x_train[proxy_idx], y_train[proxy_idx]) if proxy_idx is not None else None
 
     def make(pid: int, tr: np.ndarray, va: np.ndarray) -> Peer:
         init_seed = run.seed if run.init == "shared" else peer_seed(run.seed, pid)
@@ -207,8 +232,8 @@ def build_federation(cfg: Any, local_ids: Sequence[int] | None = None) -> Federa
         val = (x_train[va], y_train[va]) if len(va) else None
         return Peer(pid, model, (x_train[tr], y_train[tr]), val, config=run.train, seed=peer_seed(run.seed, pid) + 1,
                     device=run.device, merge_method=method if method in MERGE_METHODS else "average",
-                    reset_bn=run.merge.reset_bn, aggregator=aggregator,
-                    basis=0 if run.init == "shared" else pid, consensus_basis=one_basis)
+                    bn_stats=run.merge.bn_stats, aggregator=aggregator,
+                    basis=0 if run.init == "shared" else pid, consensus_basis=one_basis, proxy=proxy)
 
     if method == "centralized":
         tr = np.concatenate([s[0] for s in splits])
@@ -226,6 +251,9 @@ def build_federation(cfg: Any, local_ids: Sequence[int] | None = None) -> Federa
     info = {"num_classes": bundle.num_classes, "input_shape": list(bundle.input_shape),
             "train_size": int(len(y_train)), "test_size": int(len(test[1])),
             "model_bytes": state_bytes(any_peer.shared_state()) if any_peer is not None else 0}
+    # results made with data every peer sees are marked as such (summary.json, the closing line)
+    info["shared_data"] = (None if proxy is None else
+                           f"public proxy set: {len(proxy_idx)} training samples used by every peer for merging")
     if attack is not None:
         info["attack"] = {"malicious": attack.malicious, "trigger": attack.trigger_name,
                           "target_class": attack.target_class, "poison_rate": attack.poison_rate,

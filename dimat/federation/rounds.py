@@ -74,7 +74,7 @@ def exchanges_per_round(fed: Federation) -> int:
 
 
 def exchange_and_merge(fed: Federation, transport: Any, topo: Any, exchange_idx: int, out: RoundOutput, *,
-                       method: str, reset_bn: bool, reset_optimizer: bool) -> None:
+                       method: str, bn_stats: str, reset_optimizer: bool) -> None:
     """One exchange of shared states, then every local peer merges what it received (into ``out``)."""
     states = {pid: p.shared_state() for pid, p in fed.peers.items()}
     if fed.attack is not None:
@@ -84,7 +84,7 @@ def exchange_and_merge(fed: Federation, transport: Any, topo: Any, exchange_idx:
     result = transport.exchange(exchange_idx, states, in_nb, out_nb, timeout=fed.config.transport.timeout)
     for pid, peer in fed.peers.items():
         got = result.received.get(pid, {})
-        peer.merge(got, topo.weights_for(pid), method=method, reset_bn=reset_bn, reset_optimizer=reset_optimizer)
+        peer.merge(got, topo.weights_for(pid), method=method, bn_stats=bn_stats, reset_optimizer=reset_optimizer)
         out.bytes_sent[pid] += int(result.bytes_sent.get(pid, 0))
         out.heard[pid] = sorted(got)
         out.missing[pid] = sorted(set(out.missing[pid]) | set(result.missing.get(pid, [])))
@@ -106,7 +106,7 @@ def train_round(fed: Federation, transport: Any, round_idx: int, epochs: float) 
     topo = fed.topology_at(round_idx)
     gossip = fed.method == "gossip"  # consensus SGD: plain averaging, momentum runs on, BN buffers averaged
     method = "average" if gossip else fed.method
-    reset_bn = False if gossip else run.merge.reset_bn
+    bn_stats = "average" if gossip else run.merge.bn_stats
     reset_optimizer = False if gossip else not run.merge.keep_momentum
     totals = {pid: local_steps(fed, p, epochs) for pid, p in fed.peers.items()}
     parts: dict[int, list[dict[str, float]]] = {pid: [] for pid in fed.peers}
@@ -117,7 +117,7 @@ def train_round(fed: Federation, transport: Any, round_idx: int, epochs: float) 
             t = totals[pid]
             parts[pid].append(p.train_steps(t * (k + 1) // g - t * k // g))
         exchange_and_merge(fed, transport, topo, (round_idx - 1) * g + k + 1, out, method=method,
-                           reset_bn=reset_bn, reset_optimizer=reset_optimizer)
+                           bn_stats=bn_stats, reset_optimizer=reset_optimizer)
     for pid, chunks in parts.items():
         out.train[pid] = chunks[0] if len(chunks) == 1 else _pooled(chunks)
     return out

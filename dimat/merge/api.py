@@ -8,14 +8,28 @@ import torch
 from torch import nn
 
 from ..align.api import check_compatible, check_state_compatible, find_permutations, spec_for
-from ..align.batchnorm import has_batchnorm, reset_bn_stats
+from ..align.batchnorm import bn_names, from_second_moments, has_batchnorm, reset_bn_stats, to_second_moments
 from ..align.inputs import reiterable_inputs
+from ..config import BN_STATS
 from ..align.permute import invert, permute_state
 from ..topology.membership import check_weights, renormalise
 from .aggregators import get_aggregator, weighted_average
 from .aggregators.base import StateDict
 
 METHODS = {"dimat": "activation", "weight_matching": "weight", "average": None}
+
+# What a merged model's BatchNorm running statistics become (``merge.bn_stats``):
+#   own      recomputed on the merging peer's data (the paper; REPAIR-style reset)
+#   average  combined like the weights (mean and variance averaged)
+#   mixture  the mixture of the merged states' statistics: mean and E[x^2] combined, so the variance
+#            holds the spread between the peers' data; each peer's were measured on its own data
+# (the names are dimat.config.BN_STATS, which the run config validates against)
+
+
+def check_bn_stats(bn_stats: str) -> str:
+    if bn_stats not in BN_STATS:
+        raise ValueError(f"unknown bn_stats {bn_stats!r}; choose one of {list(BN_STATS)}")
+    return bn_stats
 
 Aggregator = Callable[..., StateDict]
 
@@ -30,7 +44,7 @@ def _resolve_aggregator(aggregator: str | Aggregator | None) -> Aggregator:
 
 
 def merge_states(reference: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
-                 data: Iterable | None = None, method: str = "dimat", reset_bn: bool = True,
+                 data: Iterable | None = None, method: str = "dimat", bn_stats: str = "own",
                  aggregator: str | Aggregator | None = None, max_batches: int | None = None,
                  context: object | None = None, same_basis: Sequence[bool] | None = None,
                  into: int | None = None, relabel: dict[str, torch.Tensor] | None = None) -> StateDict:
@@ -40,8 +54,9 @@ def merge_states(reference: nn.Module, states: Sequence[Mapping[str, torch.Tenso
     renormalisation over the neighbours that arrived is the caller's (``Peer.merge``).
 
     Neighbours are aligned into the reference's basis (``method``), combined by ``aggregator``
-    (weighted average by default) and, if the model has BatchNorm and ``reset_bn``, its running
-    statistics are recomputed on ``data``. Returns a new state dict; ``reference`` is untouched.
+    (weighted average by default); BatchNorm running statistics follow ``bn_stats`` (:data:`BN_STATS`:
+    recomputed on ``data``, averaged, or mixed as moments; the aggregator combines them in every
+    case, so a defence also screens statistics). Returns a new state dict; ``reference`` is untouched.
     ``same_basis[k]`` marks neighbour ``k`` as already in the reference's basis (not re-matched);
     ``into`` relabels the result into neighbour ``into``'s basis (see :mod:`dimat.merge.basis`);
     the permutation it applied is put into ``relabel`` when given.
@@ -52,7 +67,8 @@ def merge_states(reference: nn.Module, states: Sequence[Mapping[str, torch.Tenso
     own = reference.state_dict()
     for k, s in enumerate(states):
         check_state_compatible(own, s, label=f"neighbour state {k}")
-    needs_bn = reset_bn and has_batchnorm(reference)
+    check_bn_stats(bn_stats)
+    needs_bn = bn_stats == "own" and has_batchnorm(reference)
     if METHODS[method] == "activation" or needs_bn:
         data = reiterable_inputs(data, max_batches)
 
@@ -78,7 +94,13 @@ def merge_states(reference: nn.Module, states: Sequence[Mapping[str, torch.Tenso
             aligned[k] = permute_state(states[k], spec, p)
 
     combine = _resolve_aggregator(aggregator)
-    merged = combine({k: v.detach() for k, v in own.items()}, aligned, weights, context)
+    own = {k: v.detach() for k, v in own.items()}
+    mixed = bn_names(reference) if bn_stats == "mixture" else []
+    if mixed:  # statistics (permuted with the weights above) become moments, which mix
+        own, aligned = to_second_moments(own, mixed), [to_second_moments(s, mixed) for s in aligned]
+    merged = combine(own, aligned, weights, context)
+    if mixed:
+        merged = from_second_moments(merged, mixed)
     if needs_bn:
         model = copy.deepcopy(reference)
         model.load_state_dict(merged)
@@ -93,13 +115,13 @@ def merge_states(reference: nn.Module, states: Sequence[Mapping[str, torch.Tenso
 
 
 def merge(models: Sequence[nn.Module], weights: Sequence[float], data: Iterable | None = None,
-          method: str = "dimat", reset_bn: bool = True, aggregator: str | Aggregator | None = None,
+          method: str = "dimat", bn_stats: str = "own", aggregator: str | Aggregator | None = None,
           max_batches: int | None = None) -> nn.Module:
     """A new model: ``models[1:]`` aligned to ``models[0]`` and averaged with ``weights``.
 
     ``method`` is ``"dimat"`` (activation matching on ``data``), ``"weight_matching"`` (data-free)
     or ``"average"`` (no alignment). BatchNorm statistics are recomputed on ``data`` when the
-    model has BatchNorm and ``reset_bn`` is true. Inputs are not modified. ``weights`` need not sum
+    model has BatchNorm and ``bn_stats`` is ``"own"`` (see :data:`BN_STATS`). Inputs are not modified. ``weights`` need not sum
     to 1: they are rescaled by the one rule, `dimat.topology.membership.renormalise`.
     """
     models = list(models)
@@ -114,10 +136,10 @@ def merge(models: Sequence[nn.Module], weights: Sequence[float], data: Iterable 
     check_compatible(models[0], models[1:])
     if METHODS[method] is not None:
         _, data = spec_for(models[0], data, max_batches)
-    if reset_bn and has_batchnorm(models[0]) and data is None:
-        raise ValueError("this model has BatchNorm: pass data to recompute its statistics, or reset_bn=False")
+    if check_bn_stats(bn_stats) == "own" and has_batchnorm(models[0]) and data is None:
+        raise ValueError("this model has BatchNorm: pass data to recompute its statistics, or bn_stats='average'")
     state = merge_states(models[0], [m.state_dict() for m in models[1:]], weights, data, method,
-                         reset_bn, aggregator, max_batches)
+                         bn_stats, aggregator, max_batches)
     out = copy.deepcopy(models[0])
     out.load_state_dict(state)
     return out

@@ -1,11 +1,24 @@
-"""The label-skew table: the default recipe for DIMAT and for plain averaging, several seeds, side by side.
+"""The label-skew results table: each recipe, DIMAT and plain averaging side by side, several seeds.
 
-    .venv/bin/python bench/label_skew.py --seeds 0 1 2 --jobs 2 [hydra overrides...]
+    .venv/bin/python bench/label_skew.py --seeds 0 1 2 --jobs 2            # the full grid (README table)
+    .venv/bin/python bench/label_skew.py --partitions class_disjoint --topologies fully_connected \\
+        --recipes default --seeds 0 1 2 [hydra overrides...]                # one cell
 
-Runs ``dimat simulate merge=<method> seed=<s> <overrides>`` for merge=dimat, average (and, once per
-seed, centralized for reference), each in its own process, and prints a markdown table: final mean
-test accuracy and the mean of the last 5 rounds (mean ± std over seeds), the first 5 rounds' mean,
-and MB sent per run. Overrides apply to every run (e.g. ``partition=iid`` or ``topology=ring``).
+Every run is ``dimat simulate merge=<method> seed=<s> <cell> <recipe> <overrides>`` in its own process.
+The grid is partitions (class-disjoint, Dirichlet(0.1), IID) x topologies (ring, fully connected) x
+recipes x methods (dimat, average), plus centralized training of the same model on the same budget
+once per partition and seed. Recipes:
+
+- ``default``: what ``dimat simulate`` runs (configs/config.yaml: merge after every local step,
+  momentum kept, BatchNorm statistics mixed as moments), no shared data;
+- ``paper``: the DIMAT paper's protocol (one merge per round after 2 local epochs, optimizer
+  restarted, BatchNorm recomputed on own data).
+
+Extra hydra overrides apply to every run (e.g. ``merge.proxy_samples=500`` for the shared-data
+setting of the reference code; the table header then says so). Run folders are kept under ``--out``
+and a finished run is not redone, so an interrupted grid continues where it stopped. Written there:
+``results.jsonl`` (one line per run), ``table.md`` (the markdown below) and ``accuracy.png`` (mean
+test accuracy per round, mean over seeds, one panel per partition).
 """
 from __future__ import annotations
 
@@ -14,21 +27,61 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+PARTITIONS = {
+    "class_disjoint": ["partition=class_disjoint"],
+    "dirichlet0.1": ["partition=dirichlet", "partition.alpha=0.1"],
+    "iid": ["partition=iid"],
+}
+TOPOLOGIES = {"ring": ["topology=ring"], "fully_connected": ["topology=fully_connected"]}
+RECIPES = {
+    "default": [],
+    "paper": ["merge.every_steps=null", "merge.keep_momentum=false", "merge.bn_stats=own"],
+}
 
-def run(method: str, seed: int, overrides: list[str], out: Path) -> dict:
-    run_dir = out / f"{method}_s{seed}"
-    cmd = [sys.executable, "-m", "dimat", "simulate", f"merge={method}", f"seed={seed}", "baseline=null",
-           "progress=false", "checkpoint.enabled=false", *overrides, f"run_dir={run_dir}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    return json.loads((run_dir / "summary.json").read_text())
+
+@dataclass(frozen=True)
+class Run:
+    partition: str
+    topology: str | None  # None: centralized (no topology)
+    recipe: str | None
+    method: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return "_".join(str(p) for p in (self.partition, self.topology, self.recipe, self.method, f"s{self.seed}")
+                        if p is not None)
+
+    def overrides(self) -> list[str]:
+        out = [f"merge={self.method}", f"seed={self.seed}", *PARTITIONS[self.partition]]
+        if self.topology is not None:
+            out += TOPOLOGIES[self.topology]
+        if self.recipe is not None:
+            out += RECIPES[self.recipe]
+        return out
+
+
+def execute(run: Run, extra: list[str], out: Path) -> dict:
+    run_dir = out / run.name
+    summary = run_dir / "summary.json"
+    if not summary.exists():
+        cmd = [sys.executable, "-m", "dimat", "simulate", *run.overrides(), "baseline=null", "progress=false",
+               "checkpoint.enabled=false", *extra, f"run_dir={run_dir}"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        print(f"done {run.name}", file=sys.stderr, flush=True)
+    s = json.loads(summary.read_text())
+    accs = [r["mean_acc"] for r in s["rounds"]]
+    return {**asdict(run), "final": s["final_mean_acc"], "last5": statistics.mean(accs[-5:]),
+            "first5": statistics.mean(accs[:5]), "mb": s["total_bytes_sent"] / 1e6, "curve": accs,
+            "shared_data": (s.get("data") or {}).get("shared_data")}
 
 
 def spread(values: list[float]) -> str:
@@ -36,27 +89,90 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
+def table(rows: list[dict], args: argparse.Namespace, extra: list[str]) -> str:
+    a, b = (args.methods * 2)[:2] if len(args.methods) < 2 else args.methods[:2]
+    shared = {r["shared_data"] for r in rows} - {None}
+    lines = [f"seeds {args.seeds}; overrides: {' '.join(extra) or '(none)'}"
+             + (f"; SHARED DATA: {', '.join(sorted(shared))}" if shared else "; no shared data"),
+             "",
+             f"| partition | topology | recipe | {a} final | {b} final | {a} last 5 | {b} last 5 "
+             f"| {a} first 5 | {b} first 5 | MB sent per run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def pick(**key) -> list[dict]:
+        return [r for r in rows if all(r[k] == v for k, v in key.items())]
+
+    for part in args.partitions:
+        for topo in args.topologies:
+            for recipe in args.recipes:
+                cell = {m: pick(partition=part, topology=topo, recipe=recipe, method=m) for m in (a, b)}
+                if not all(cell.values()):
+                    continue
+                figs = [spread([r[f] for r in cell[m]]) for f in ("final", "last5", "first5") for m in (a, b)]
+                mb = statistics.mean(r["mb"] for r in cell[a])
+                lines.append(f"| {part} | {topo} | {recipe} | {' | '.join(figs)} | {mb:,.0f} |")
+        central = pick(partition=part, method="centralized")
+        if central:
+            lines.append(f"| {part} | (one model) | centralized | {spread([r['final'] for r in central])} | | "
+                         f"{spread([r['last5'] for r in central])} | | {spread([r['first5'] for r in central])} | | 0 |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, partitions: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(partitions), figsize=(5 * len(partitions), 4), squeeze=False)
+    for ax, part in zip(axes[0], partitions):
+        groups: dict[tuple, list[list[float]]] = {}
+        for r in rows:
+            if r["partition"] == part:
+                groups.setdefault((r["topology"], r["recipe"], r["method"]), []).append(r["curve"])
+        for (topo, recipe, method), curves in sorted(groups.items(), key=str):
+            mean = [statistics.mean(c[i] for c in curves) for i in range(min(map(len, curves)))]
+            label = method if topo is None else f"{method}, {topo}, {recipe}"
+            ax.plot(range(1, len(mean) + 1), mean, label=label, linestyle="-" if method != "average" else "--")
+        ax.set_title(part)
+        ax.set_xlabel("round")
+        ax.set_ylabel("mean test accuracy")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--methods", nargs="+", default=["dimat", "average", "centralized"])
-    ap.add_argument("--out", default=None, help="keep the run folders here (default: a temporary folder)")
-    args, overrides = ap.parse_known_args()
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="dimat_label_skew_"))
-    jobs = [(m, s) for m in args.methods for s in args.seeds]
+    ap.add_argument("--partitions", nargs="+", default=list(PARTITIONS), choices=list(PARTITIONS))
+    ap.add_argument("--topologies", nargs="+", default=list(TOPOLOGIES), choices=list(TOPOLOGIES))
+    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    ap.add_argument("--methods", nargs="+", default=["dimat", "average"],
+                    help="merging methods compared (the table's columns are the first two)")
+    ap.add_argument("--no-centralized", action="store_true", help="skip the centralized reference runs")
+    ap.add_argument("--out", default="outputs/label_skew", help="run folders, results.jsonl, table.md, accuracy.png")
+    args, extra = ap.parse_known_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [Run(p, t, r, m, s) for p in args.partitions for t in args.topologies for r in args.recipes
+            for m in args.methods for s in args.seeds]
+    if not args.no_centralized:
+        runs += [Run(p, None, None, "centralized", s) for p in args.partitions for s in args.seeds]
+    print(f"{len(runs)} runs in {out} ({args.jobs} at a time)", file=sys.stderr, flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = dict(zip(jobs, pool.map(lambda j: run(j[0], j[1], overrides, out), jobs)))
-    print(f"overrides: {' '.join(overrides) or '(none: the default recipe)'}; seeds {args.seeds}; runs in {out}")
-    print("| method | final | last 5 rounds | first 5 rounds | MB sent |")
-    print("|---|---|---|---|---|")
-    for m in args.methods:
-        sums = [results[(m, s)] for s in args.seeds]
-        final = [x["final_mean_acc"] for x in sums]
-        last5 = [statistics.mean(r["mean_acc"] for r in x["rounds"][-5:]) for x in sums]
-        first5 = [statistics.mean(r["mean_acc"] for r in x["rounds"][:5]) for x in sums]
-        mb = statistics.mean(x["total_bytes_sent"] for x in sums) / 1e6
-        print(f"| {m} | {spread(final)} | {spread(last5)} | {spread(first5)} | {mb:.0f} |")
+        rows = list(pool.map(lambda r: execute(r, extra, out), runs))
+    with open(out / "results.jsonl", "w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    text = table(rows, args, extra)
+    (out / "table.md").write_text(text + "\n")
+    plot(rows, out / "accuracy.png", args.partitions)
+    print(text)
+    print(f"\nwritten: {out / 'results.jsonl'}, {out / 'table.md'}, {out / 'accuracy.png'}")
 
 
 if __name__ == "__main__":

@@ -123,3 +123,17 @@ def test_proxy_set_is_used_only_when_configured() -> None:
 def test_proxy_set_larger_than_the_training_set_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="merge.proxy_samples=5000 exceeds the training set"):
         _federation("merge.proxy_samples=5000")
+
+
+def test_a_run_with_the_proxy_set_says_so(tmp_path, capsys) -> None:
+    import json
+
+    from dimat.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["simulate", "num_peers=3", "rounds=1", "local_steps=2", "merge.every_steps=null",
+                 "merge.proxy_samples=30", "baseline=null", "progress=false", "checkpoint.enabled=false",
+                 f"run_dir={run_dir}"]) == 0
+    closing = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "SHARED DATA: public proxy set: 30 training samples" in closing
+    assert "public proxy set" in json.loads((run_dir / "summary.json").read_text())["data"]["shared_data"]

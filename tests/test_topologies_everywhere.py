@@ -25,7 +25,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "topologies_worker.py"
 N = 4
-COMMON = ["data=digits", "model=mlp", "model.hidden=[16]", "rounds=2", "local_epochs=0.25", f"num_peers={N}",
+MODEL = ["data=digits", "model=mlp", "model.hidden=[16]"]  # unless a case names its own data and model
+COMMON = ["rounds=2", "local_epochs=0.25", f"num_peers={N}",
           "progress=false", "threads=1", "checkpoint.enabled=false",
           # the paper's protocol (one merge per round) unless a case says otherwise
           "merge.every_steps=null", "merge.keep_momentum=false", "merge.bn_stats=own", "baseline=null"]
@@ -45,6 +46,9 @@ CASES: dict[str, list[str]] = {
     "ring_gossip": ["topology=ring", "merge=gossip", "merge.gossip_every=1"],
     "ring_dimat_every_step": ["topology=ring", "merge.every_steps=1"],  # dimat, 3 exchanges per round
     "random_matching_gossip": ["topology=random_matching", "seed=4", "merge=gossip", "merge.gossip_every=1"],
+    # the default recipe with BatchNorm: every-step merging, momentum kept, BN statistics mixed as moments
+    "fully_connected_default_recipe": ["topology=fully_connected", "data=mnist1d", "model=cnn1d", "model.channels=[4,8,8]",
+                                       "merge.every_steps=1", "merge.keep_momentum=true", "merge.bn_stats=mixture"],
 }
 FIELDS = ("test_acc", "test_loss", "train_loss", "train_acc", "val_acc", "val_loss")
 
@@ -105,7 +109,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (base / "W.txt").write_text(MATRIX)
     certs = base / "certs"
     subprocess.run(["bash", str(ROOT / "launch" / "make_certs.sh"), str(certs), str(N)], check=True, capture_output=True)
-    cases = {k: [*COMMON, *v, *([f"topology.path={base / 'W.txt'}"] if k == "matrix" else [])] for k, v in CASES.items()}
+    cases = {k: [*([] if any(a.startswith("data=") for a in v) else MODEL), *COMMON, *v,
+                 *([f"topology.path={base / 'W.txt'}"] if k == "matrix" else [])] for k, v in CASES.items()}
     local = _grpc_local()
     ports = local.free_ports(N * len(cases))
     grpc_plan, dist_plan = [], []

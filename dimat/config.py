@@ -158,6 +158,8 @@ class MergeSettings:
     keep_momentum: bool
     #: True / False, or None for "auto" (on unless a defence aggregates)
     consensus_basis: bool | None
+    #: when a peer joins a lower basis: after (relabel its merged model) | before (relabel itself, then average)
+    rebase: str
     aggregator: str
     aggregator_kwargs: dict[str, Any]
     #: merge every this many local steps within a round (None: once per round, after local training)
@@ -294,6 +296,7 @@ def _merge_settings(r: _Reader) -> MergeSettings:
         bn_stats=r.text("bn_stats", BN_STATS),
         keep_momentum=r.flag("keep_momentum"),
         consensus_basis=basis,
+        rebase=r.text("rebase", ("after", "before")),
         aggregator=r.text("aggregator"),  # type: ignore[arg-type]
         aggregator_kwargs=dict(kwargs or {}),
         every_steps=r.number("every_steps", int, 1, optional=True),

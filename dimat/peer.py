@@ -94,11 +94,13 @@ class Peer:
         basis: int | None = None,
         consensus_basis: bool = True,
         proxy: Any | None = None,
+        rebase: str = "after",
     ) -> None:
         self.id = int(peer_id)
         # which unit ordering the model is in (dimat.merge.basis): own id, or a shared one (shared init)
         self.basis = self.id if basis is None else int(basis)
         self.consensus_basis = bool(consensus_basis)
+        self.rebase = rebase  # merge.rebase: when a peer joins a lower basis (dimat.merge.basis)
         self.config = config
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -267,9 +269,17 @@ class Peer:
             return self.state()
         states = [s for s, _ in split]
         same, into, new_basis = None, None, self.basis
-        if self.consensus_basis and method != "average":
-            same, into, new_basis = plan_rebase(self.basis, [t for _, t in split])
         batches = self.alignment_batches()
+        if self.consensus_basis and method != "average" and self.rebase == "before":
+            self._join_lowest_basis(states, [t for _, t in split], batches, method)
+            keep = [k for k, (_, t) in enumerate(split) if t == self.basis]  # the others join later
+            senders, states = [senders[k] for k in keep], [states[k] for k in keep]
+            w = renormalise(weights, {j: None for j in senders}, self_id=self.id)
+            if not senders:
+                return self.state()
+            same, new_basis = [True] * len(states), self.basis
+        elif self.consensus_basis and method != "average":
+            same, into, new_basis = plan_rebase(self.basis, [t for _, t in split])
         context = None
         if getattr(self.aggregator, "needs_context", False):
             from dimat.merge.aggregators import AggregationContext
@@ -288,6 +298,29 @@ class Peer:
             self._permute_optimizer_state(relabel)  # kept momentum follows its units into the new basis
         self.basis = new_basis
         return merged
+
+    def _join_lowest_basis(self, states: list, tags: list, batches: list, method: str) -> None:
+        """``merge.rebase=before``: relabel the own model into the lowest-tagged neighbour's basis.
+
+        One matching (the neighbour's model onto own, on the data merging sees), applied inversely to
+        the own model and its momentum: the function is unchanged. Every model thus enters the
+        common basis through the permutation its own peer found, so merged models agree across
+        peers; with ``after`` each peer re-matches every neighbour and the results disagree.
+        """
+        from dimat.align.api import find_permutations, spec_for
+        from dimat.align.permute import invert
+        from dimat.merge.api import METHODS as ALIGNMENT
+
+        lower = [(t, k) for k, t in enumerate(tags) if t is not None and t < self.basis]
+        if not lower:
+            return
+        tag, k = min(lower)
+        spec, batches = spec_for(self.model, batches)
+        other = copy.deepcopy(self.model)
+        other.load_state_dict(states[k])
+        found = find_permutations(self.model, [other], batches, ALIGNMENT[method], spec)[0]
+        self.permute_units({g: invert(p) for g, p in found.items()})
+        self.basis = tag
 
     def permute_units(self, perms: Mapping[str, torch.Tensor]) -> None:
         """Relabel this model's units by ``perms`` (per permutation group), optimizer state included.

@@ -137,3 +137,47 @@ def test_a_fetched_state_brings_its_basis() -> None:
     assert all(torch.equal(v, src.state()[k]) for k, v in late.state().items())
     late.load_state(src.state())  # an untagged state leaves the tag alone
     assert late.basis == 0
+
+
+def _tagged_peer(pid: int, model: torch.nn.Module, rebase: str) -> Peer:
+    cfg = default_train_config(batch_size=32, lr=0.05, weight_decay=0.0, align_batches=2)
+    return Peer(pid, model, _data(seed=pid), config=cfg, seed=pid, bn_stats="average", rebase=rebase)
+
+
+def test_rebase_before_relabels_the_own_model_then_averages_only_its_new_basis() -> None:
+    """merge.rebase=before: the own model joins the lowest neighbour's basis by a pure relabelling
+    (its function and its next step unchanged), and only neighbours already in that basis are averaged."""
+    x = _data(64, seed=9)[0]
+    own = _tagged_peer(2, _mlp(2), "before")
+    own.train(steps=2)  # momentum to carry along
+    before_out = own.model(x).detach()
+    low = attach_basis(_mlp(0).state_dict(), 0)
+    other = attach_basis(_mlp(1).state_dict(), 1)
+    # weight 0 on the low neighbour: the merge result is the relabelled own model itself
+    own.merge({0: low, 1: other}, {2: 0.5, 0: 0.0, 1: 0.5}, method="dimat", reset_optimizer=False)
+    assert own.basis == 0
+    torch.testing.assert_close(own.model(x).detach(), before_out, rtol=1e-5, atol=1e-5)  # the tag-1 state was left out
+    twin = _tagged_peer(2, _mlp(2), "after")
+    twin.train(steps=2)
+    twin_perm = {g: p for g, p in own_perms(own, twin).items()}
+    twin.permute_units(twin_perm)
+    for p_own, p_twin in zip(own.model.parameters(), twin.model.parameters()):
+        torch.testing.assert_close(p_own, p_twin)
+    own.train_steps(1)
+    twin.train_steps(1)  # the same data order and, permuted, the same momentum: the same step
+    torch.testing.assert_close(own.model(x).detach(), twin.model(x).detach(), rtol=1e-4, atol=1e-5)
+    # with weight on the low neighbour the result is the average of the relabelled model and it
+    second = _tagged_peer(2, _mlp(2), "before")
+    merged = second.merge({0: low, 1: other}, {2: 0.5, 0: 0.5, 1: 0.5}, method="dimat")
+    relabelled = _tagged_peer(2, _mlp(2), "before")
+    relabelled.merge({0: low}, {2: 1.0, 0: 0.0}, method="dimat")
+    for k, v in low.items():
+        if k != BASIS_KEY:
+            torch.testing.assert_close(merged[k], (relabelled.model.state_dict()[k] + v) / 2)
+
+
+def own_perms(relabelled: Peer, original: Peer) -> dict[str, torch.Tensor]:
+    """The permutation that maps ``original``'s units onto ``relabelled``'s (exact: same weights, other order)."""
+    from dimat.align import weight_matching
+
+    return weight_matching(relabelled.model.state_dict(), original.model.state_dict(), get_spec(relabelled.model))

@@ -233,7 +233,8 @@ def build_federation(cfg: Any, local_ids: Sequence[int] | None = None) -> Federa
         return Peer(pid, model, (x_train[tr], y_train[tr]), val, config=run.train, seed=peer_seed(run.seed, pid) + 1,
                     device=run.device, merge_method=method if method in MERGE_METHODS else "average",
                     bn_stats=run.merge.bn_stats, aggregator=aggregator,
-                    basis=0 if run.init == "shared" else pid, consensus_basis=one_basis, proxy=proxy)
+                    basis=0 if run.init == "shared" else pid, consensus_basis=one_basis, proxy=proxy,
+                    rebase=run.merge.rebase)
 
     if method == "centralized":
         tr = np.concatenate([s[0] for s in splits])

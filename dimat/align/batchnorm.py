@@ -26,20 +26,25 @@ def reset_bn_stats(model: nn.Module, data: Iterable, max_batches: int | None = N
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
-    model.train()
-    device = next(model.parameters()).device
-    n = 0
     try:
-        for x in iter_inputs(data, max_batches, device):
-            model(x)
-            n += 1
+        _forward_in_train_mode(model, data, max_batches, "recompute")
     finally:
         for m, (mom, _) in zip(bns, saved):
             m.momentum = mom
         model.train(was_training)
-    if n == 0:
-        raise ValueError("data is empty: cannot recompute BatchNorm statistics")
     return model
+
+
+def _forward_in_train_mode(model: nn.Module, data: Iterable, max_batches: int | None, purpose: str) -> None:
+    """Run ``data`` through ``model`` in train mode (each batch normalised by its own statistics)."""
+    model.train()
+    device = next(model.parameters()).device
+    n = 0
+    for x in iter_inputs(data, max_batches, device):
+        model(x)
+        n += 1
+    if n == 0:
+        raise ValueError(f"data is empty: cannot {purpose} BatchNorm statistics")
 
 
 # ------------------------------------------------------------------ statistics of a federation's data
@@ -84,18 +89,11 @@ def bn_moments(model: nn.Module, data: Iterable, max_batches: int | None = None)
         return record
 
     handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in bns.items()]
-    m.train()
-    device = next(m.parameters()).device
-    n = 0
     try:
-        for x in iter_inputs(data, max_batches, device):
-            m(x)
-            n += 1
+        _forward_in_train_mode(m, data, max_batches, "measure")
     finally:
         for h in handles:
             h.remove()
-    if n == 0:
-        raise ValueError("data is empty: cannot measure BatchNorm statistics")
     return {name: (s / c, q / c, c) for name, (s, q, c) in acc.items()}
 
 

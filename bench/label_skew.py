@@ -67,9 +67,11 @@ class Run:
         return out
 
 
-def execute(run: Run, extra: list[str], out: Path) -> dict:
+def execute(run: Run, extra: list[str], out: Path, table_only: bool = False) -> dict | None:
     run_dir = out / run.name
     summary = run_dir / "summary.json"
+    if not summary.exists() and table_only:
+        return None
     if not summary.exists():
         cmd = [sys.executable, "-m", "dimat", "simulate", *run.overrides(), "baseline=null", "progress=false",
                "checkpoint.enabled=false", *extra, f"run_dir={run_dir}"]
@@ -110,7 +112,9 @@ def table(rows: list[dict], args: argparse.Namespace, extra: list[str]) -> str:
                     continue
                 figs = [spread([r[f] for r in cell[m]]) for f in ("final", "last5", "first5") for m in (a, b)]
                 mb = statistics.mean(r["mb"] for r in cell[a])
-                lines.append(f"| {part} | {topo} | {recipe} | {' | '.join(figs)} | {mb:,.0f} |")
+                seeds = sorted({r["seed"] for r in cell[a]} & {r["seed"] for r in cell[b]})
+                note = "" if seeds == sorted(args.seeds) else f" (seeds {', '.join(map(str, seeds))} only)"
+                lines.append(f"| {part} | {topo} | {recipe}{note} | {' | '.join(figs)} | {mb:,.0f} |")
         central = pick(partition=part, method="centralized")
         if central:
             lines.append(f"| {part} | (one model) | centralized | {spread([r['final'] for r in central])} | | "
@@ -130,16 +134,22 @@ def plot(rows: list[dict], path: Path, partitions: list[str]) -> None:
         for r in rows:
             if r["partition"] == part:
                 groups.setdefault((r["topology"], r["recipe"], r["method"]), []).append(r["curve"])
+        colours: dict[tuple, str] = {}
         for (topo, recipe, method), curves in sorted(groups.items(), key=str):
             mean = [statistics.mean(c[i] for c in curves) for i in range(min(map(len, curves)))]
             label = method if topo is None else f"{method}, {topo}, {recipe}"
-            ax.plot(range(1, len(mean) + 1), mean, label=label, linestyle="-" if method != "average" else "--")
+            # one colour per cell, a line style per method: dimat and average side by side
+            colour = colours.setdefault((topo, recipe), f"C{len(colours)}")
+            ax.plot(range(1, len(mean) + 1), mean, label=label, color=colour,
+                    linestyle="--" if method == "average" else "-")
         ax.set_title(part)
         ax.set_xlabel("round")
         ax.set_ylabel("mean test accuracy")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    for ax in axes[0]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -154,6 +164,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["dimat", "average"],
                     help="merging methods compared (the table's columns are the first two)")
     ap.add_argument("--no-centralized", action="store_true", help="skip the centralized reference runs")
+    ap.add_argument("--table-only", action="store_true", help="tabulate the finished runs in --out; run nothing")
     ap.add_argument("--out", default="outputs/label_skew", help="run folders, results.jsonl, table.md, accuracy.png")
     args, extra = ap.parse_known_args()
     out = Path(args.out)
@@ -164,7 +175,7 @@ def main() -> None:
         runs += [Run(p, None, None, "centralized", s) for p in args.partitions for s in args.seeds]
     print(f"{len(runs)} runs in {out} ({args.jobs} at a time)", file=sys.stderr, flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda r: execute(r, extra, out), runs))
+        rows = [r for r in pool.map(lambda r: execute(r, extra, out, args.table_only), runs) if r is not None]
     with open(out / "results.jsonl", "w") as fh:
         for r in rows:
             fh.write(json.dumps(r) + "\n")

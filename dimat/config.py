@@ -198,6 +198,19 @@ class AttackSettings:
 
 
 @dataclass(frozen=True)
+class ExchangeSettings:
+    """``exchange``: what a peer's shared state becomes on the wire, on every transport (:mod:`dimat.exchange`)."""
+
+    compress: str  # none | fp16 | bf16 | int8 | int4 | topk | randk
+    block: int | None  # int8/int4: entries per absmax scale (None: one per tensor)
+    stochastic: bool  # int8/int4: stochastic rounding
+    ratio: float  # topk/randk: fraction of each tensor's entries sent
+    error_feedback: bool  # keep what compression dropped, add it to the next message
+    delta: bool  # send the change since the reference both ends keep
+    choco_step: float | None  # merge=gossip with delta: CHOCO-gossip consensus step (None: plain gossip)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs, typed and checked; built by :meth:`from_config`."""
 
@@ -226,6 +239,7 @@ class RunConfig:
     partition: Component
     topology: Component
     attack: AttackSettings
+    exchange: ExchangeSettings
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     @property
@@ -268,6 +282,7 @@ class RunConfig:
             partition=_component(_Reader(root.section("partition"), "partition"), "scheme"),
             topology=_component(_Reader(root.section("topology"), "topology"), "name"),
             attack=_attack_settings(_Reader(root.section("attack"), "attack")),
+            exchange=_exchange_settings(_Reader(root.section("exchange"), "exchange"), merge.method),
             raw=raw,
         )
         root.raw("experiment", optional=True)  # a preset's own keys were merged into the others
@@ -373,5 +388,31 @@ def _attack_settings(r: _Reader) -> AttackSettings:
     return out
 
 
-__all__ = ["ConfigError", "RunConfig", "TrainConfig", "MergeSettings", "CheckpointSettings", "AttackSettings", "DataSettings",
+def _exchange_settings(r: _Reader, method: str) -> ExchangeSettings:
+    from dimat.exchange.codecs import CODECS, SPARSE
+
+    out = ExchangeSettings(
+        compress=r.text("compress", CODECS),  # type: ignore[arg-type]
+        block=r.number("block", int, 1, optional=True),
+        stochastic=r.flag("stochastic"),
+        ratio=r.number("ratio", float, maximum=1, positive=True),
+        error_feedback=r.flag("error_feedback"),
+        delta=r.flag("delta"),
+        choco_step=r.number("choco_step", float, maximum=1, positive=True, optional=True),
+    )
+    r.no_others()
+    # the combinations that cannot mean anything, each refused in one line
+    if out.compress in SPARSE and not out.delta:
+        raise ConfigError(f"exchange.compress={out.compress} needs exchange.delta=true "
+                          "(a sparse full state would zero most weights; entries not sent keep the reference's value)")
+    if out.error_feedback and out.delta:
+        raise ConfigError("exchange.error_feedback=true with exchange.delta=true: the reference already carries "
+                          "what was not sent (set one of them)")
+    if out.choco_step is not None and not (out.delta and method == "gossip"):
+        raise ConfigError("exchange.choco_step is CHOCO-gossip: it needs merge=gossip and exchange.delta=true "
+                          f"(got merge={method}, exchange.delta={str(out.delta).lower()})")
+    return out
+
+
+__all__ = ["ConfigError", "RunConfig", "ExchangeSettings", "TrainConfig", "MergeSettings", "CheckpointSettings", "AttackSettings", "DataSettings",
            "Component", "METHODS", "MERGE_METHODS", "plain"]

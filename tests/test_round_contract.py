@@ -96,7 +96,8 @@ def _grpc_run(tmp_path: Path, *overrides: str) -> Path:
 def test_grpc_gossip_numbers_exchanges_and_counts_half_precision_bytes(tmp_path: Path) -> None:
     # gossip packed its sub-exchanges into round * 1_000_000 + k (refused as too far ahead); bytes were
     # counted before half precision; a gRPC peer's consensus distance was always 0
-    run_dir = _grpc_run(tmp_path, "merge=gossip", "merge.gossip_every=2", "local_epochs=1", "transport.half=float16",
+    # (half precision was gRPC's transport.half; it is exchange.compress=fp16 on every transport now)
+    run_dir = _grpc_run(tmp_path, "merge=gossip", "merge.gossip_every=2", "local_epochs=1", "exchange.compress=fp16",
                         "transport.max_rounds_ahead=1", "topology=fully_connected")
     for k in range(2):
         reports = [json.loads(line) for line in (run_dir / f"peer_{k}" / "transport.jsonl").read_text().splitlines()]

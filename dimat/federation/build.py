@@ -28,6 +28,7 @@ class Federation:
     num_peers: int
     info: dict[str, Any] = field(default_factory=dict)
     attack: Any | None = None  # a dimat.attacks.Attack when some peers are malicious
+    compressor: Any | None = None  # a dimat.exchange.Compressor when `exchange` changes what is sent
 
     @property
     def method(self) -> str:
@@ -259,7 +260,15 @@ def build_federation(cfg: Any, local_ids: Sequence[int] | None = None) -> Federa
         info["attack"] = {"malicious": attack.malicious, "trigger": attack.trigger_name,
                           "target_class": attack.target_class, "poison_rate": attack.poison_rate,
                           "scale": attack.scale}
-    return Federation(run, peers, test, schedule, sizes, n_logical, info, attack)
+    return Federation(run, peers, test, schedule, sizes, n_logical, info, attack, _compressor(run, n_logical))
+
+
+def _compressor(run: RunConfig, n_peers: int) -> Any | None:
+    """The exchange's compression step, or None when payloads would equal the states."""
+    from dimat.exchange import Compressor
+
+    c = Compressor(run.exchange, n_peers=n_peers, seed=run.seed)
+    return c if c.active else None
 
 
 def state_bytes(state: dict[str, torch.Tensor]) -> int:

@@ -81,7 +81,10 @@ def exchange_and_merge(fed: Federation, transport: Any, topo: Any, exchange_idx:
         states = fed.attack.outgoing(states)  # model replacement by malicious peers
     in_nb = {pid: list(topo.in_neighbours(pid)) for pid in fed.peers}
     out_nb = {pid: list(topo.out_neighbours(pid)) for pid in fed.peers}
-    result = transport.exchange(exchange_idx, states, in_nb, out_nb, timeout=fed.config.transport.timeout)
+    sent = states if fed.compressor is None else fed.compressor.encode(exchange_idx, states, out_nb)
+    result = transport.exchange(exchange_idx, sent, in_nb, out_nb, timeout=fed.config.transport.timeout)
+    if fed.compressor is not None:  # decoded states, checked against each receiver's own model
+        result = fed.compressor.decode(exchange_idx, result, states)
     for pid, peer in fed.peers.items():
         got = result.received.get(pid, {})
         peer.merge(got, topo.weights_for(pid), method=method, bn_stats=bn_stats, reset_optimizer=reset_optimizer)

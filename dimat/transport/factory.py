@@ -61,7 +61,7 @@ def build_transport(
         return GrpcTransport(
             peer_id, peers, bind=bind or s.bind, token=token, tls=tls_config(s.tls, peer_id),
             deadline=s.timeout, retries=s.retries, chunk_bytes=s.chunk_bytes, num_streams=s.num_streams,
-            half=s.half, hash_algorithm=s.hash, max_rounds_ahead=s.max_rounds_ahead,
+            hash_algorithm=s.hash, max_rounds_ahead=s.max_rounds_ahead,
             require_cert_identity=s.require_cert_identity, heartbeat_interval=s.heartbeat_interval,
             max_missed_heartbeats=s.max_missed_heartbeats, report_path=report_path, delay=s.delay,
             max_concurrent_rpcs=s.max_concurrent_rpcs, max_concurrent_streams=s.max_concurrent_streams,

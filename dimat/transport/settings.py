@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping
 
-from dimat.transport.schema import HALF_DTYPES
 from dimat.transport.wire import HASH_ALGORITHMS, MAX_STREAMS
 
 TRANSPORTS = ("inproc", "grpc", "torchdist")
@@ -44,7 +43,6 @@ class TransportSettings:
     retries: int | None
     chunk_bytes: int | None
     num_streams: int | None
-    half: str | None
     hash: str | None
     max_rounds_ahead: int | None
     heartbeat_interval: float | None
@@ -213,7 +211,7 @@ _SPECS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     "inproc": {"timeout": _pos_or_none},
     "grpc": {
         "timeout": _pos, "startup_timeout": _pos, "retries": _nonneg_int, "chunk_bytes": _chunk_bytes,
-        "num_streams": _num_streams, "half": _choice((None, *HALF_DTYPES)), "hash": _choice(HASH_ALGORITHMS),
+        "num_streams": _num_streams, "hash": _choice(HASH_ALGORITHMS),
         "max_rounds_ahead": _nonneg_int, "heartbeat_interval": _pos_or_none, "max_missed_heartbeats": _pos_int,
         "delay": _nonneg, "token_env": _str_or_none, "require_cert_identity": _bool, "tls": _tls,
         # server bounds (issue 12)

@@ -1,0 +1,255 @@
+"""Codecs: how one floating tensor becomes a few wire tensors, and back.
+
+A codec never sees integer or boolean tensors (step counters, basis tags, masks): those travel
+raw and exactly (:mod:`dimat.exchange.payload`). Every codec has a *fixed layout*: the names,
+dtypes and shapes of its parts are a function of the tensor's shape and dtype and the settings
+only, never of the values. That is what lets every transport check a compressed payload against
+the receiver's own (torchdist even preallocates from it), so the layout is derived in one place,
+:meth:`Codec.layout`, and :meth:`Codec.encode` must produce exactly that.
+
+Codecs (``exchange.compress``):
+
+* ``none`` — the tensor as is (lossless).
+* ``fp16`` / ``bf16`` — a cast (values beyond float16's range saturate to +-65504).
+* ``int8`` / ``int4`` — symmetric uniform quantisation with one absmax scale per block of
+  ``exchange.block`` entries (``null``: one per tensor); round to nearest, or stochastic rounding
+  (unbiased: ``E[decode(encode(x))] = x``). int4 packs two 4-bit codes per byte.
+* ``topk`` / ``randk`` — the ``ceil(ratio * n)`` entries of largest magnitude, or a random
+  subset of that size, as (int32 index, value) pairs. A sparse message only makes sense against a
+  reference (``exchange.delta``): entries not sent keep the reference's value.
+
+Decoding validates what it reads (index range, part shapes); a bad part raises
+:class:`CodecError` whose text names the tensor, and the payload is refused like any other.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+#: ``exchange.compress`` values
+CODECS = ("none", "fp16", "bf16", "int8", "int4", "topk", "randk")
+#: codecs whose message is a sparse update (meaningful only against a reference)
+SPARSE = ("topk", "randk")
+
+Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]  # part suffix -> (shape, dtype)
+Parts = dict[str, torch.Tensor]
+
+
+class CodecError(ValueError):
+    """A compressed tensor that cannot be decoded (its text is the refusal reason)."""
+
+
+@dataclass(frozen=True)
+class CodecSettings:
+    """What a codec needs from ``exchange``: its name and its knobs (unused ones are ignored)."""
+
+    name: str
+    block: int | None = None  # int8/int4: entries per scale (None: per tensor)
+    stochastic: bool = False  # int8/int4: stochastic rounding
+    ratio: float = 1.0  # topk/randk: fraction of entries sent
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The arithmetic dtype: float64 stays float64, every other float is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _work(x: torch.Tensor) -> torch.Tensor:
+    return x.to(work_dtype(x.dtype))
+
+
+class Codec:
+    """One floating tensor <-> its parts. Subclasses set :attr:`name` and implement the three methods."""
+
+    name = "?"
+    sparse = False
+
+    def __init__(self, s: CodecSettings) -> None:
+        self.s = s
+
+    def layout(self, shape: tuple[int, ...], dtype: torch.dtype) -> Layout:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor, dtype: torch.dtype, gen: torch.Generator | None) -> Parts:
+        """Parts for ``x`` (the value, or a difference, in any float dtype) of a model tensor of ``dtype``.
+
+        ``gen`` drives stochastic rounding and randk (the sender's own stream: the receiver reads
+        indices from the message, it never has to replay the randomness)."""
+        raise NotImplementedError
+
+    def decode(self, name: str, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The dense tensor ``parts`` stand for (sparse codecs: zeros where nothing was sent)."""
+        raise NotImplementedError
+
+    def nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        return sum(math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in self.layout(shape, dtype).values())
+
+
+class Identity(Codec):
+    name = "none"
+
+    def layout(self, shape, dtype):
+        return {"": (tuple(shape), dtype)}
+
+    def encode(self, x, dtype, gen):
+        return {"": x.to(dtype).contiguous()}
+
+    def decode(self, name, parts, shape, dtype):
+        return parts[""].to(dtype)
+
+
+class Cast(Codec):
+    """fp16 / bf16: one cast each way."""
+
+    def __init__(self, s: CodecSettings, wire: torch.dtype) -> None:
+        super().__init__(s)
+        self.wire = wire
+        self.name = "fp16" if wire == torch.float16 else "bf16"
+
+    def layout(self, shape, dtype):
+        return {"": (tuple(shape), self.wire)}
+
+    def encode(self, x, dtype, gen):
+        if self.wire == torch.float16:  # saturate instead of turning large values into Inf (refused downstream)
+            x = x.clamp(-65504.0, 65504.0)
+        return {"": x.to(self.wire)}
+
+    def decode(self, name, parts, shape, dtype):
+        return parts[""].to(dtype)
+
+
+class Quantise(Codec):
+    """int8 / int4 with absmax scales per block: ``code = round(x / scale * L)``, ``L`` = 127 or 7."""
+
+    def __init__(self, s: CodecSettings, bits: int) -> None:
+        super().__init__(s)
+        self.bits, self.levels, self.name = bits, (127 if bits == 8 else 7), f"int{bits}"
+
+    def _blocks(self, n: int) -> tuple[int, int]:
+        b = n if not self.s.block else min(self.s.block, max(n, 1))
+        b = max(b, 1)
+        return b, -(-n // b)  # block size, number of blocks
+
+    def layout(self, shape, dtype):
+        n = math.prod(shape)
+        _, nb = self._blocks(n)
+        codes = (n,) if self.bits == 8 else ((n + 1) // 2,)
+        return {"q": (codes, torch.int8 if self.bits == 8 else torch.uint8), "s": ((nb,), torch.float32)}
+
+    def encode(self, x, dtype, gen):
+        flat = _work(x).reshape(-1)
+        n = flat.numel()
+        b, nb = self._blocks(n)
+        padded = torch.nn.functional.pad(flat, (0, nb * b - n)).view(nb, b)
+        scale = padded.abs().amax(dim=1)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero block: any scale decodes to 0
+        v = padded / scale[:, None] * self.levels
+        if self.s.stochastic:
+            u = torch.rand(v.shape, generator=gen, dtype=v.dtype)
+            v = torch.floor(v + u)
+        else:
+            v = torch.round(v)
+        codes = v.clamp_(-self.levels, self.levels).reshape(-1)[:n].to(torch.int8)
+        if self.bits == 4:  # two's-complement nibbles, low nibble first
+            nib = (codes & 0x0F).to(torch.uint8)
+            if n % 2:
+                nib = torch.cat([nib, nib.new_zeros(1)])
+            codes = nib[0::2] | (nib[1::2] << 4)
+        return {"q": codes.contiguous(), "s": scale.float().contiguous()}
+
+    def decode(self, name, parts, shape, dtype):
+        n = math.prod(shape)
+        b, nb = self._blocks(n)
+        q = parts["q"]
+        if self.bits == 4:
+            lo = (q & 0x0F).to(torch.int16)
+            hi = (q >> 4).to(torch.int16)
+            nib = torch.stack([lo, hi], dim=1).reshape(-1)[:n]
+            codes = torch.where(nib > 7, nib - 16, nib)
+            if codes.numel() and bool((codes < -self.levels).any()):  # -8 is not a code this encoder writes
+                raise CodecError(f"tensor {name!r}: int4 code -8 is out of range")
+        else:
+            codes = q.to(torch.int16)
+            if codes.numel() and bool((codes < -self.levels).any()):
+                raise CodecError(f"tensor {name!r}: int8 code -128 is out of range")
+        wd = torch.float64 if dtype == torch.float64 else torch.float32
+        scale = parts["s"].to(wd)
+        vals = torch.nn.functional.pad(codes.to(wd), (0, nb * b - n)).view(nb, b) * (scale[:, None] / self.levels)
+        return vals.reshape(-1)[:n].reshape(shape).to(dtype)
+
+
+class Sparse(Codec):
+    """topk / randk: ``k = ceil(ratio * n)`` (index, value) pairs; values in float32 (float64 for float64)."""
+
+    sparse = True
+
+    def __init__(self, s: CodecSettings, random: bool) -> None:
+        super().__init__(s)
+        self.random, self.name = random, ("randk" if random else "topk")
+
+    def k(self, n: int) -> int:
+        return max(1, min(n, math.ceil(self.s.ratio * n))) if n else 0
+
+    def layout(self, shape, dtype):
+        k = self.k(math.prod(shape))
+        return {"i": ((k,), torch.int32), "v": ((k,), work_dtype(dtype))}
+
+    def encode(self, x, dtype, gen):
+        flat = x.reshape(-1)
+        k = self.k(flat.numel())
+        if self.random:
+            idx = torch.randperm(flat.numel(), generator=gen)[:k]
+        else:
+            idx = torch.topk(flat.abs(), k, sorted=False).indices
+        idx = idx.sort().values  # ascending: scatter and the receiver read memory in order
+        return {"i": idx.to(torch.int32), "v": flat[idx].to(work_dtype(dtype)).contiguous()}
+
+    def chunk(self, x: torch.Tensor, c: int, dtype: torch.dtype) -> Parts:
+        """Entries ``c*k .. c*k+k-1`` of ``x`` (indices clamped to the last entry: a short final chunk
+        repeats it, which assignment makes harmless): a dense state sent in the sparse layout."""
+        flat = x.reshape(-1)
+        n = flat.numel()
+        k = self.k(n)
+        idx = torch.arange(c * k, c * k + k).clamp_(max=max(n - 1, 0))
+        return {"i": idx.to(torch.int32), "v": flat[idx].to(work_dtype(dtype)).contiguous()}
+
+    def chunks(self, n: int) -> int:
+        """How many :meth:`chunk` messages cover a tensor of ``n`` entries."""
+        return -(-n // self.k(n)) if n else 1
+
+    def indices(self, name: str, parts: Mapping[str, torch.Tensor], n: int) -> torch.Tensor:
+        idx = parts["i"].long()
+        if idx.numel() and (idx.min() < 0 or idx.max() >= n):
+            raise CodecError(f"tensor {name!r}: sparse index out of range [0, {n})")
+        return idx
+
+    def decode(self, name, parts, shape, dtype):
+        n = math.prod(shape)
+        out = torch.zeros(n, dtype=dtype)
+        out[self.indices(name, parts, n)] = parts["v"].to(dtype)
+        return out.reshape(shape)
+
+
+_BUILDERS: dict[str, Callable[[CodecSettings], Codec]] = {
+    "none": Identity,
+    "fp16": lambda s: Cast(s, torch.float16),
+    "bf16": lambda s: Cast(s, torch.bfloat16),
+    "int8": lambda s: Quantise(s, 8),
+    "int4": lambda s: Quantise(s, 4),
+    "topk": lambda s: Sparse(s, random=False),
+    "randk": lambda s: Sparse(s, random=True),
+}
+assert tuple(_BUILDERS) == CODECS
+
+
+def get_codec(s: CodecSettings) -> Codec:
+    """The codec ``s.name`` names; ``ValueError`` for an unknown one."""
+    if s.name not in _BUILDERS:
+        raise ValueError(f"exchange.compress must be one of {', '.join(CODECS)} (got {s.name!r})")
+    return _BUILDERS[s.name](s)
+
+
+__all__ = ["CODECS", "SPARSE", "Codec", "CodecError", "CodecSettings", "get_codec", "work_dtype"]

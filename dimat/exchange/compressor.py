@@ -1,0 +1,257 @@
+"""The compression step between the peers and the transport, the same for every transport.
+
+:meth:`Compressor.encode` turns the shared states of this process's peers into payloads after
+``Peer.shared_state()`` (and after an attack has replaced them: an attacker compresses too);
+the transport moves and checks the payloads and counts their bytes (so ``bytes_sent`` is the
+compressed size); :meth:`Compressor.decode` turns what arrived back into model states before
+alignment and merging. The decoded states pass the same receive checks as an uncompressed one
+(:func:`dimat.transport.checks.check_state`, against the receiver's own model schema), so a payload
+that decodes to a wrong shape or to NaN/Inf is refused with the same text, and the model is left
+untouched. A payload that cannot be decoded at all is refused with the codec's reason.
+
+State kept here (per process, in memory): error-feedback residuals per local sender, delta
+references per local sender and per (local receiver, sender) edge (:mod:`dimat.exchange.reference`).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from dimat.exchange.codecs import Codec, CodecError, CodecSettings, Sparse, get_codec, work_dtype
+from dimat.exchange.feedback import Residual
+from dimat.exchange.payload import ACKS, META, Meta, compressible, pack, unpack, wire_schema
+from dimat.exchange.reference import CHUNK, DELTA, FULL, Incoming, Outgoing
+from dimat.transport.base import ExchangeResult, StateDict
+from dimat.transport.checks import StateRejected, check_state, refusal_message
+from dimat.transport.schema import Schema
+
+
+class Compressor:
+    """Encode outgoing states and decode incoming payloads for the peers hosted in this process.
+
+    ``settings`` is a :class:`dimat.config.ExchangeSettings`; ``n_peers`` the federation's size
+    (the length of the ack vector); ``seed`` seeds each sender's stream for stochastic rounding
+    and randk (``seed``, sender id).
+    """
+
+    def __init__(self, settings: Any, *, n_peers: int, seed: int) -> None:
+        self.settings = settings
+        self.codec: Codec = get_codec(CodecSettings(settings.compress, block=settings.block,
+                                                    stochastic=settings.stochastic, ratio=settings.ratio))
+        self.delta: bool = settings.delta
+        self.feedback: bool = settings.error_feedback and not settings.delta
+        self.choco: float | None = settings.choco_step
+        self.n_peers, self.seed = int(n_peers), int(seed)
+        self.outgoing: dict[int, Outgoing] = {}
+        self.incoming: dict[tuple[int, int], Incoming] = {}
+        self.residuals: dict[int, Residual] = {}
+        self._gens: dict[int, torch.Generator] = {}
+        self._schemas: dict[Schema, Schema] = {}
+
+    @property
+    def active(self) -> bool:
+        """False when payloads would equal the states (``none``, no delta): the loop then skips this step."""
+        return self.codec.name != "none" or self.delta
+
+    # ----------------------------------------------------------------------------- layout
+
+    def wire_schema(self, model: Schema) -> Schema:
+        """The payload schema for a model of schema ``model`` (derived in one place: :func:`wire_schema`)."""
+        if model not in self._schemas:
+            self._schemas[model] = wire_schema(model, self.codec, n_peers=self.n_peers if self.delta else None)
+        return self._schemas[model]
+
+    def chunks(self, model: Schema) -> int:
+        """Messages a sparse full state takes (1 for a dense codec)."""
+        if not isinstance(self.codec, Sparse):
+            return 1
+        return max([self.codec.chunks(max(1, _numel(s))) for s, d in model.entries.values() if compressible(d)] or [1])
+
+    # ----------------------------------------------------------------------------- sending
+
+    def _gen(self, sender: int) -> torch.Generator:
+        if sender not in self._gens:
+            self._gens[sender] = torch.Generator().manual_seed(self.seed * 1_000_003 + sender)
+        return self._gens[sender]
+
+    def encode(self, exchange_idx: int, states: Mapping[int, StateDict],
+               out_neighbours: Mapping[int, Sequence[int]]) -> dict[int, StateDict]:
+        """Every local sender's payload for exchange ``exchange_idx`` (one payload for all its out-neighbours)."""
+        return {p: self._encode_one(p, int(exchange_idx), state, list(out_neighbours.get(p, ())))
+                for p, state in states.items()}
+
+    def _encode_one(self, p: int, e: int, state: StateDict, outs: list[int]) -> StateDict:
+        model = Schema.from_state(state)
+        raw = {k: v.detach().clone() for k, v in state.items() if not compressible(v.dtype)}
+        floats = {k: v.detach() for k, v in state.items() if compressible(v.dtype)}
+        gen = self._gen(p)
+        if not self.delta:
+            parts = {}
+            res = self.residuals.setdefault(p, Residual())
+            for k, x in floats.items():
+                meant = res.meant(k, x.to(work_dtype(x.dtype))) if self.feedback else x
+                parts[k] = self.codec.encode(meant, x.dtype, gen)
+                if self.feedback:
+                    res.keep(k, meant, self.codec.decode(k, parts[k], tuple(x.shape), work_dtype(x.dtype)))
+            return pack(parts, raw)
+        out = self.outgoing.setdefault(p, Outgoing())
+        kind, chunk, base = self._next_kind(out, model)
+        parts = {}
+        new_ref: dict[str, torch.Tensor] = {}
+        for k, x in floats.items():
+            wd, shape = work_dtype(x.dtype), tuple(x.shape)
+            if kind == FULL:
+                parts[k] = self.codec.encode(x, x.dtype, gen)
+                new_ref[k] = self.codec.decode(k, parts[k], shape, wd)
+            elif kind == DELTA:
+                assert out.ref is not None
+                parts[k] = self.codec.encode(x.to(wd) - out.ref[k], x.dtype, gen)
+                new_ref[k] = out.ref[k] + self.codec.decode(k, parts[k], shape, wd)
+            else:  # CHUNK: assignment of a stretch of entries, the reference starts from zeros at chunk 0
+                assert isinstance(self.codec, Sparse)
+                parts[k] = self.codec.chunk(x, chunk, x.dtype)
+                ref = torch.zeros(shape, dtype=wd) if chunk == 0 or out.ref is None else out.ref[k].clone()
+                ref.view(-1)[parts[k]["i"].long()] = parts[k]["v"].to(wd)
+                new_ref[k] = ref
+        complete = kind != CHUNK or chunk == self.chunks(model) - 1
+        out.ref, out.seq = new_ref, e
+        out.chunk = None if complete else chunk + 1
+        out.need_full = False
+        out.expect, out.pending = out.pending, ({q: e for q in outs} if complete else {})
+        payload = pack(parts, raw)
+        payload[META] = Meta(e, base, kind, chunk).tensor()
+        payload[ACKS] = self.acks(p)
+        return payload
+
+    def _next_kind(self, out: Outgoing, model: Schema) -> tuple[int, int, int]:
+        """(kind, chunk, base) of a sender's next message."""
+        if out.ref is None or out.need_full:
+            return (CHUNK if isinstance(self.codec, Sparse) else FULL), 0, 0
+        if out.chunk is not None:
+            return CHUNK, out.chunk, out.seq
+        return DELTA, 0, out.seq
+
+    def acks(self, q: int) -> torch.Tensor:
+        """Local peer ``q``'s acks: the seq of the complete reference it holds for every peer (0: none)."""
+        acks = torch.zeros(self.n_peers, dtype=torch.int64)
+        for (r, p), inc in self.incoming.items():
+            if r == q and 0 <= p < self.n_peers:
+                acks[p] = inc.ack
+        return acks
+
+    # ----------------------------------------------------------------------------- receiving
+
+    def decode(self, exchange_idx: int, result: ExchangeResult, states: Mapping[int, StateDict]) -> ExchangeResult:
+        """``result`` with every received payload decoded into a model state (or refused, or missed).
+
+        ``states`` are the local peers' own (uncompressed) shared states: a receiver checks what it
+        decoded against its own model's schema, and CHOCO mixes with its own state.
+        """
+        received: dict[int, dict[int, StateDict]] = {}
+        refused = {q: dict(v) for q, v in result.refused.items()}
+        missing = {q: set(v) for q, v in result.missing.items()}
+        for q, got in result.received.items():
+            own = states[q]
+            model = Schema.from_state(own)
+            received[q] = {}
+            for p, payload in sorted(got.items()):
+                try:
+                    check_state(payload, self.wire_schema(model))  # the transports did; a direct caller may not have
+                    state = self._decode_one(q, p, payload, model, own)
+                except (StateRejected, CodecError) as exc:
+                    reason = exc.reason if isinstance(exc, StateRejected) else str(exc)
+                    self.incoming.pop((q, p), None)
+                    refused.setdefault(q, {})[p] = refusal_message(p, exchange_idx, reason)
+                    missing.setdefault(q, set()).add(p)
+                    continue
+                if self.delta:
+                    self._heard_acks(p, q, payload[ACKS])
+                if state is None:  # a delta this receiver cannot apply, or a chunked full state still arriving
+                    missing.setdefault(q, set()).add(p)
+                else:
+                    received[q][p] = state
+        if self.choco is not None:
+            received = {q: {p: self._choco(q, st, states[q]) for p, st in got.items()} for q, got in received.items()}
+        return ExchangeResult(received, {q: sorted(v) for q, v in missing.items()}, refused,
+                              dict(result.bytes_sent), result.wire_bytes)
+
+    def _decode_one(self, q: int, p: int, payload: StateDict, model: Schema, own: StateDict) -> StateDict | None:
+        parts, raw = unpack(payload, model, self.codec)
+        shapes = {k: (s, d) for k, (s, d) in model.entries.items() if compressible(d)}
+        if not self.delta:
+            dec = {k: self.codec.decode(k, parts[k], s, d) for k, (s, d) in shapes.items()}
+            return self._checked({**dec, **raw}, model)
+        meta = Meta.read(payload[META])
+        inc = self.incoming.get((q, p))
+        if meta.kind == CHUNK and meta.chunk >= self.chunks(model):
+            raise CodecError(f"chunk {meta.chunk} of a {self.chunks(model)}-chunk state")
+        if meta.kind == FULL and isinstance(self.codec, Sparse) or meta.kind != FULL and meta.base == 0 and not (
+                meta.kind == CHUNK and meta.chunk == 0):
+            raise CodecError(f"malformed exchange metadata (kind {meta.kind}, base {meta.base}, chunk {meta.chunk})")
+        starts = meta.kind == FULL or (meta.kind == CHUNK and meta.chunk == 0)
+        if not starts and (inc is None or inc.seq != meta.base):
+            self.incoming.pop((q, p), None)  # stale: the acks now tell the sender to start over
+            return None
+        new: dict[str, torch.Tensor] = {}
+        for k, (s, d) in shapes.items():
+            wd = work_dtype(d)
+            if meta.kind == FULL:
+                new[k] = self.codec.decode(k, parts[k], s, wd)
+            elif meta.kind == DELTA:
+                new[k] = inc.ref[k] + self.codec.decode(k, parts[k], s, wd)  # type: ignore[union-attr]
+            else:
+                assert isinstance(self.codec, Sparse)
+                ref = torch.zeros(s, dtype=wd) if starts else inc.ref[k].clone()  # type: ignore[union-attr]
+                ref.view(-1)[self.codec.indices(k, parts[k], _numel(s))] = parts[k]["v"].to(wd)
+                new[k] = ref
+        complete = meta.kind != CHUNK or meta.chunk == self.chunks(model) - 1
+        state = self._checked({**{k: new[k].to(shapes[k][1], copy=True) for k in new}, **raw}, model)  # never the reference itself
+        self.incoming[(q, p)] = Incoming(new, meta.seq, complete)
+        return state if complete else None
+
+    @staticmethod
+    def _checked(decoded: StateDict, model: Schema) -> StateDict:
+        """The decoded state in the model's own key order, after the receive checks (raises StateRejected)."""
+        state = {k: decoded[k] for k in model.entries}
+        check_state(state, model)
+        return state
+
+    def _heard_acks(self, sender_heard: int, local: int, acks: torch.Tensor) -> None:
+        """Local sender ``local`` heard ``sender_heard``'s acks: a stale one means start over with a full state."""
+        out = self.outgoing.get(local)
+        if out is None or sender_heard not in out.expect:
+            return
+        if not 0 <= local < acks.numel() or int(acks[local]) != out.expect[sender_heard]:
+            out.need_full = True
+
+    def _choco(self, q: int, received: StateDict, own: StateDict) -> StateDict:
+        """CHOCO-gossip: ``x_q + gamma (x_hat_p - x_hat_q)`` in place of ``x_hat_p``.
+
+        The merge averages these with the mixing weights (which sum to one), which gives CHOCO's
+        update ``x_q + gamma sum_p w_qp (x_hat_p - x_hat_q)``. ``x_hat_q`` is ``q``'s own public
+        copy (its reference); while that is incomplete, ``x_q`` stands in for it.
+        """
+        gamma = float(self.choco)  # type: ignore[arg-type]
+        mine = self.outgoing.get(q)
+        ref = mine.ref if mine is not None and mine.chunk is None else None
+        out: StateDict = {}
+        for k, v in received.items():
+            x = own[k]
+            if not compressible(v.dtype):
+                out[k] = v
+                continue
+            wd = work_dtype(x.dtype)
+            x_hat = ref[k] if ref is not None else x.to(wd)
+            out[k] = (x.to(wd) + gamma * (v.to(wd) - x_hat)).to(x.dtype)
+        return out
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+__all__ = ["Compressor"]

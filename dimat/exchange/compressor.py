@@ -62,6 +62,22 @@ class Compressor:
             self._schemas[model] = wire_schema(model, self.codec, n_peers=self.n_peers if self.delta else None)
         return self._schemas[model]
 
+    def payload_schema(self, state: Mapping[str, torch.Tensor]) -> Schema:
+        """What a payload for a peer whose shared state is ``state`` looks like (what receivers expect)."""
+        return self.wire_schema(Schema.from_state(state))
+
+    def standalone(self, payload: StateDict, own: StateDict) -> StateDict | None:
+        """Decode a payload without any reference (a rejoining peer's fetched state), checked against
+        ``own``'s schema; None for a message that only means something against a reference (a delta,
+        a chunk). Raises :class:`StateRejected` / :class:`CodecError` for a bad one."""
+        model = Schema.from_state(own)
+        check_state(payload, self.wire_schema(model))
+        if self.delta and (Meta.read(payload[META]).kind != FULL):
+            return None
+        parts, raw = unpack(payload, model, self.codec)
+        dec = {k: self.codec.decode(k, parts[k], s, d) for k, (s, d) in model.entries.items() if compressible(d)}
+        return self._checked({**dec, **raw}, model)
+
     def chunks(self, model: Schema) -> int:
         """Messages a sparse full state takes (1 for a dense codec)."""
         if not isinstance(self.codec, Sparse):

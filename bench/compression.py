@@ -37,6 +37,8 @@ CODECS: dict[str, list[str]] = {
     "int4+delta": ["exchange.compress=int4", "exchange.delta=true"],
     "topk10%+delta": ["exchange.compress=topk", "exchange.ratio=0.1", "exchange.delta=true"],
     "randk10%+delta": ["exchange.compress=randk", "exchange.ratio=0.1", "exchange.delta=true"],
+    "int4/tensor+ef": ["exchange.compress=int4", "exchange.block=null", "exchange.error_feedback=true"],
+    "topk5%+delta": ["exchange.compress=topk", "exchange.ratio=0.05", "exchange.delta=true"],
     # consensus SGD and its CHOCO-gossip form (gamma 0.5, not tuned), same job and rounds
     "gossip": ["merge=gossip"],
     "gossip+choco-topk10%": ["merge=gossip", "exchange.compress=topk", "exchange.ratio=0.1", "exchange.delta=true",

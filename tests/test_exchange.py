@@ -366,3 +366,15 @@ def test_three_transports_give_the_same_metrics_for_a_compressed_config(tmp_path
                 assert math.isclose(a[f], b[f], rel_tol=1e-4, abs_tol=1e-5), (name, k, f, a[f], b[f])
     for (r, p), a in ref.items():  # int8: about a quarter of float32, to both ring neighbours
         assert 0.24 * 2 * model_bytes < a["bytes_sent"] < 0.3 * 2 * model_bytes, a["bytes_sent"]
+
+
+def test_a_fetched_payload_decodes_without_a_reference_unless_it_is_a_delta() -> None:
+    # a rejoining gRPC peer loads what its neighbour last sent (dimat.grpc_peer.rejoin)
+    state = model_state()
+    plain = Compressor(settings("int8"), n_peers=2, seed=0)
+    got = plain.standalone(plain.encode(1, {0: state}, {0: [1]})[0], state)
+    assert got is not None and list(got) == list(state) and torch.equal(got["_dimat.basis"], state["_dimat.basis"])
+    delta = Compressor(settings("int8", delta=True), n_peers=2, seed=0)
+    first = delta.encode(1, {0: state}, {0: [1]})[0]
+    assert delta.standalone(first, state) is not None  # a full state
+    assert delta.standalone(delta.encode(2, {0: state}, {0: [1]})[0], state) is None  # a delta needs the reference

@@ -26,7 +26,7 @@ class ExchangeResult:
     ``refused``: local receiver -> sender -> the one-line reason its state was refused (the text
     is the same on every transport: :func:`dimat.transport.checks.refusal_message`).
     ``bytes_sent``: local sender -> tensor payload bytes it sent in this exchange after encoding
-    (half precision where the transport applies it), summed over the out-neighbours it addressed,
+    (compressed by :mod:`dimat.exchange` where configured: the transport moves payloads), summed over the out-neighbours it addressed,
     same-process edges included: the logical cost, equal across transports for the same states,
     topology and encoding. Framing (headers, hashes, protobuf) is not counted.
     ``wire_bytes``: the payload bytes that actually left this process (same-process edges

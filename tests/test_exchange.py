@@ -25,7 +25,7 @@ from dimat.transport.schema import Schema
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data=digits", "model=mlp", "model.hidden=[16]", "rounds=2", "local_epochs=0.5", "num_peers=3",
         "progress=false", "threads=1", "topology=ring", "merge.every_steps=null", "merge.keep_momentum=false",
-        "merge.reset_bn=true", "baseline=null"]
+        "merge.bn_stats=own", "baseline=null"]
 
 
 def settings(compress: str = "none", **kw) -> ExchangeSettings:
@@ -287,7 +287,7 @@ def test_a_corrupt_compressed_payload_is_refused_and_the_model_left_untouched(ex
     for e in range(1, exchanges + 1):
         before = {k: v.clone() for k, v in fed.peers[1].state().items()}
         out = RoundOutput.empty(fed.peers)
-        exchange_and_merge(fed, transport, fed.topology_at(1), e, out, method="dimat", reset_bn=False, reset_optimizer=False)
+        exchange_and_merge(fed, transport, fed.topology_at(1), e, out, method="dimat", bn_stats="average", reset_optimizer=False)
     assert out.refused[1][0].startswith(f"state from peer 0 for round {exchanges}: {reason}"), out.refused
     assert out.heard[1] == [] and out.missing[1] == [0]
     assert all(torch.equal(v, before[k]) for k, v in fed.peers[1].state().items())  # nobody to merge with: untouched
@@ -301,7 +301,7 @@ def test_payload_bytes_are_what_the_transport_counts() -> None:
 
     full = state_bytes(fed.peers[0].shared_state())
     out = RoundOutput.empty(fed.peers)
-    exchange_and_merge(fed, InProcTransport(), fed.topology_at(1), 1, out, method="average", reset_bn=False,
+    exchange_and_merge(fed, InProcTransport(), fed.topology_at(1), 1, out, method="average", bn_stats="average",
                        reset_optimizer=False)
     assert 0.25 * full < out.bytes_sent[0] < 0.27 * full  # int8 codes + a scale per tensor + raw int64 entries
 

@@ -128,10 +128,14 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(JOBS), figsize=(6 * len(JOBS), 4.2))
+    names = list(dict.fromkeys(r["codec"] for r in results))
+    colours = plt.get_cmap("tab20")
     for ax, job in zip(axes, JOBS):
         for r in [r for r in results if r["job"] == job]:
+            i = names.index(r["codec"])
             xs = [b / 1e6 for b, _ in r["curve"]]
-            ax.plot(xs, [a for _, a in r["curve"]], marker=".", label=r["codec"])
+            ax.plot(xs, [a for _, a in r["curve"]], marker=".", color=colours(i % 20),
+                    linestyle="--" if "gossip" in r["codec"] else "-", label=r["codec"])
         ax.set_xscale("log")
         ax.set_xlabel("cumulative MB sent (all peers)")
         ax.set_ylabel("mean test accuracy")

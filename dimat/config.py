@@ -182,6 +182,21 @@ class CheckpointSettings:
 
 
 @dataclass(frozen=True)
+class EvalSettings:
+    """Which rounds evaluate, how many peers and how much of the test set (``eval:``).
+
+    The last round always evaluates every peer on the whole test set, whatever these say.
+    """
+
+    #: evaluate in rounds divisible by this (and always the last)
+    every: int
+    #: a seeded sample of this many peers per evaluated round (None: every peer)
+    peers: int | None
+    #: a fixed seeded subsample of the test set of this size (None: the whole test set)
+    test_samples: int | None
+
+
+@dataclass(frozen=True)
 class AttackSettings:
     malicious: tuple[int, ...]
     trigger: str
@@ -240,6 +255,7 @@ class RunConfig:
     topology: Component
     attack: AttackSettings
     exchange: ExchangeSettings
+    eval: EvalSettings
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     @property
@@ -283,6 +299,7 @@ class RunConfig:
             topology=_component(_Reader(root.section("topology"), "topology"), "name"),
             attack=_attack_settings(_Reader(root.section("attack"), "attack")),
             exchange=_exchange_settings(_Reader(root.section("exchange"), "exchange"), merge.method),
+            eval=_eval_settings(_Reader(root.section("eval"), "eval")),
             raw=raw,
         )
         root.raw("experiment", optional=True)  # a preset's own keys were merged into the others
@@ -341,6 +358,13 @@ def _train_settings(r: _Reader, align_batches: int) -> TrainConfig:
 
 def _checkpoint_settings(r: _Reader) -> CheckpointSettings:
     out = CheckpointSettings(enabled=r.flag("enabled"), keep_last=r.number("keep_last", int, 1))
+    r.no_others()
+    return out
+
+
+def _eval_settings(r: _Reader) -> EvalSettings:
+    out = EvalSettings(every=r.number("every", int, 1), peers=r.number("peers", int, 1, optional=True),
+                       test_samples=r.number("test_samples", int, 1, optional=True))
     r.no_others()
     return out
 
@@ -415,4 +439,5 @@ def _exchange_settings(r: _Reader, method: str) -> ExchangeSettings:
 
 
 __all__ = ["ConfigError", "RunConfig", "ExchangeSettings", "TrainConfig", "MergeSettings", "CheckpointSettings", "AttackSettings", "DataSettings",
+           "EvalSettings",
            "Component", "METHODS", "MERGE_METHODS", "plain"]

@@ -32,6 +32,7 @@ import numpy as np
 from dimat.config import MERGE_METHODS, ConfigError
 from dimat.federation.build import Federation, build_federation
 from dimat.federation.checkpoints import Checkpointer
+from dimat.federation.evaluation import plan_round
 from dimat.metrics.run_log import RoundResult, RunLog, make_summary, round_result
 
 
@@ -134,25 +135,35 @@ def _pooled(chunks: list[dict[str, float]]) -> dict[str, float]:
 
 
 def evaluate_round(fed: Federation, round_idx: int, out: RoundOutput, elapsed: float) -> tuple[list[dict[str, Any]], RoundResult]:
-    """Evaluate every local peer on the global test set and on its validation split."""
+    """Evaluate the local peers the round's evaluation plan names (``eval:``; the run's last round:
+    every peer on the whole test set) on the global test set and on their validation splits.
+
+    Every local peer gets a record; one not evaluated this round has ``None`` accuracies and losses.
+    """
+    run = fed.config
+    plan = plan_round(run.eval, round_idx, final=round_idx >= run.rounds, num_peers=fed.num_peers,
+                      test_size=len(fed.test_data[1]), seed=run.seed)
+    test = fed.test_data if plan.test_rows is None else tuple(t[plan.test_rows] for t in fed.test_data)
     records: list[dict[str, Any]] = []
     for pid, p in sorted(fed.peers.items()):
-        test = p.evaluate(fed.test_data)
-        val = p.evaluate_val()
+        evaluated = plan.evaluates(pid)
+        got = p.evaluate(test) if evaluated else {"acc": None, "loss": None}
+        val = p.evaluate_val() if evaluated else None
         tr = out.train.get(pid, {})
         rec = {
             "round": round_idx, "peer": pid, "method": fed.method,
-            "test_acc": test["acc"], "test_loss": test["loss"],
+            "test_acc": got["acc"], "test_loss": got["loss"],
             "val_acc": None if val is None else val["acc"], "val_loss": None if val is None else val["loss"],
             "train_loss": tr.get("loss"), "train_acc": tr.get("acc"), "local_steps": tr.get("steps", 0),
             "neighbours": out.heard.get(pid, []), "missing": out.missing.get(pid, []),
             "bytes_sent": int(out.bytes_sent.get(pid, 0)),
+            "eval": plan.kind, "test_samples": plan.test_samples if evaluated else 0,
         }
         if out.refused.get(pid):
             rec["refused"] = {str(j): why for j, why in sorted(out.refused[pid].items())}
         if fed.attack is not None:
-            rec.update({"malicious": fed.attack.is_malicious(pid), "clean_acc": test["acc"],
-                        "asr": fed.attack.evaluate(p.model, *fed.test_data)})
+            rec.update({"malicious": fed.attack.is_malicious(pid), "clean_acc": got["acc"],
+                        "asr": fed.attack.evaluate(p.model, *test) if evaluated else None})
         records.append(rec)
     return records, round_result(round_idx, records, consensus=consensus_of(fed), time_s=elapsed)
 
@@ -163,7 +174,8 @@ def consensus_of(fed: Federation) -> float | None:
 
     if len(fed.peers) != fed.num_peers or not fed.peers:
         return None
-    return float(consensus_distance([p.state() for p in fed.peers.values()]))
+    # the live state dicts, not copies: the distance only reads them
+    return float(consensus_distance([p.model.state_dict() for p in fed.peers.values()]))
 
 
 def summary_of(fed: Federation, rounds: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:

@@ -25,9 +25,15 @@ def consensus_distance(states: Sequence[Mapping[str, torch.Tensor]]) -> float:
                 raise ValueError(
                     f"entry {k!r} has shape {tuple(s[k].shape)} in state {p} but {tuple(states[0][k].shape)} in state 0"
                 )
+    # Streamed in two passes per entry (mean, then squared distances) rather than stacking every
+    # peer's copy: memory stays one entry's size in float64 whatever the number of peers.
     total = 0.0
     with torch.no_grad():
         for k in keys:
-            stack = torch.stack([s[k].detach().to("cpu", torch.float64) for s in states])
-            total += float(((stack - stack.mean(dim=0)) ** 2).sum())
+            mean = torch.zeros(states[0][k].shape, dtype=torch.float64)
+            for s in states:
+                mean += s[k].detach().to("cpu", torch.float64)
+            mean /= len(states)
+            for s in states:
+                total += float((s[k].detach().to("cpu", torch.float64) - mean).square_().sum())
     return total / len(states)

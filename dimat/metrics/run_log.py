@@ -25,20 +25,29 @@ class RoundResult:
     """Federation view of one round (what the progress line prints)."""
 
     round: int
-    mean_acc: float
-    min_acc: float
-    max_acc: float
+    #: test accuracy over the peers evaluated this round (None: the round did not evaluate)
+    mean_acc: float | None
+    min_acc: float | None
+    max_acc: float | None
     #: mean squared distance to the peers' average; None where this process does not see every peer
     consensus: float | None
     bytes_sent: int
     time_s: float
-    #: peers evaluated in this round (all of this process's peers today)
+    #: peers evaluated in this round (the evaluation policy's sample of this process's peers)
     peers: int = 0
+    #: what the round's evaluation covered: all (every peer, whole test set), sample or none
+    eval: str = "all"
+    #: test samples each evaluated peer was scored on (0: none evaluated)
+    test_samples: int = 0
 
     def line(self, total: int) -> str:
         cons = "n/a" if self.consensus is None else f"{self.consensus:.4g}"
-        return (f"round {self.round:>3}/{total} | test acc mean {self.mean_acc:.4f} min {self.min_acc:.4f} "
-                f"max {self.max_acc:.4f} | consensus {cons} | sent {format_bytes(self.bytes_sent)} "
+        if self.mean_acc is None:
+            acc = "test acc not evaluated"
+        else:
+            scope = "" if self.eval == "all" else f" ({self.peers} peers, {self.test_samples} test samples)"
+            acc = (f"test acc mean {self.mean_acc:.4f} min {self.min_acc:.4f} max {self.max_acc:.4f}{scope}")
+        return (f"round {self.round:>3}/{total} | {acc} | consensus {cons} | sent {format_bytes(self.bytes_sent)} "
                 f"| {self.time_s:.1f}s")
 
 
@@ -52,10 +61,16 @@ def format_bytes(n: float) -> str:
 
 def round_result(round_idx: int, records: Sequence[Mapping[str, Any]], *, consensus: float | None,
                  time_s: float) -> RoundResult:
-    """The round's result from its per-peer records (accuracy spread, bytes summed over peers)."""
-    accs = [float(r["test_acc"]) for r in records]
-    return RoundResult(round_idx, sum(accs) / len(accs), min(accs), max(accs), consensus,
-                       int(sum(int(r.get("bytes_sent") or 0) for r in records)), float(time_s), len(records))
+    """The round's result from its per-peer records (accuracy spread over the evaluated peers, bytes
+    summed over every peer). Records without an ``eval`` field (older runs) evaluated everything."""
+    scored = [r for r in records if r.get("test_acc") is not None]
+    accs = [float(r["test_acc"]) for r in scored]
+    kinds = {r.get("eval", "all") for r in records}
+    kind = "all" if kinds == {"all"} else ("none" if not scored else "sample")
+    mean = sum(accs) / len(accs) if accs else None
+    return RoundResult(round_idx, mean, min(accs, default=None), max(accs, default=None), consensus,
+                       int(sum(int(r.get("bytes_sent") or 0) for r in records)), float(time_s), len(scored),
+                       kind, max((int(r.get("test_samples") or 0) for r in scored), default=0))
 
 
 def combine_rounds(records: Sequence[Mapping[str, Any]], parts: Sequence[Sequence[Mapping[str, Any]]]) -> list[RoundResult]:
@@ -134,7 +149,8 @@ def make_summary(*, title: str, method: str, num_peers: int, local_peers: Sequen
         "final_mean_acc": last["mean_acc"] if last else None,
         "final_min_acc": last["min_acc"] if last else None,
         "final_max_acc": last["max_acc"] if last else None,
-        "best_mean_acc": max((r["mean_acc"] for r in rounds), default=None),
+        # over the rounds that evaluated (a sampled round's figure is its sample's)
+        "best_mean_acc": max((r["mean_acc"] for r in rounds if r.get("mean_acc") is not None), default=None),
         "total_bytes_sent": int(sum(r["bytes_sent"] for r in rounds)),
         "model_bytes": model_bytes,
         "wall_time_s_this_session": wall_s,

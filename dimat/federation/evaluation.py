@@ -1,0 +1,68 @@
+"""The evaluation policy: which rounds evaluate, which peers, on how much of the test set.
+
+Evaluating every peer on the whole global test set every round costs ``N x test size`` forward
+passes a round, which at a few dozen peers already outweighs the round's training (the training
+set is split among the peers, the test set is not). The policy (``eval:``) trims that:
+
+* ``every``: only rounds divisible by it evaluate (and always the last);
+* ``peers``: a seeded sample of that many peers, drawn afresh each round from the run's seed and
+  the round number, so every process of a multi-process run picks the same sample without talking;
+* ``test_samples``: a fixed seeded subsample of the test set, the same every round, so the curve
+  compares like with like.
+
+The last round of the run always evaluates every peer on the whole test set, so a run's final
+figures never depend on the policy. Every record and round result says what was used
+(``eval``: ``all`` / ``sample`` / ``none``, ``test_samples``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dimat.config import EvalSettings
+
+#: what a round's evaluation covered
+ALL, SAMPLE, NONE = "all", "sample", "none"
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """One round's evaluation: the peers that evaluate and the test rows they evaluate on."""
+
+    kind: str
+    #: federation-wide ids of the peers that evaluate this round
+    peers: frozenset[int]
+    #: test rows used (None: the whole test set)
+    test_rows: torch.Tensor | None
+    test_samples: int
+
+    def evaluates(self, peer_id: int) -> bool:
+        return peer_id in self.peers
+
+
+def plan_round(policy: EvalSettings, round_idx: int, *, final: bool, num_peers: int, test_size: int,
+               seed: int) -> EvalPlan:
+    """The evaluation of round ``round_idx`` (``final``: the run's last round, always complete)."""
+    everyone = frozenset(range(num_peers))
+    if final:
+        return EvalPlan(ALL, everyone, None, test_size)
+    if round_idx % policy.every != 0:
+        return EvalPlan(NONE, frozenset(), None, 0)
+    peers = everyone
+    if policy.peers is not None and policy.peers < num_peers:
+        # seeded by (run seed, round): the same sample in every process, a different one each round
+        rng = np.random.default_rng([abs(int(seed)), int(seed < 0), int(round_idx)])
+        peers = frozenset(int(i) for i in rng.choice(num_peers, size=policy.peers, replace=False))
+    rows = None
+    if policy.test_samples is not None and policy.test_samples < test_size:
+        # one subsample for the whole run (from the run seed only): rounds stay comparable
+        order = torch.randperm(test_size, generator=torch.Generator().manual_seed(int(seed) + 104_729))
+        rows = order[: policy.test_samples].sort().values
+    n_test = test_size if rows is None else len(rows)
+    kind = ALL if len(peers) == num_peers and rows is None else SAMPLE
+    return EvalPlan(kind, peers, rows, n_test)
+
+
+__all__ = ["ALL", "SAMPLE", "NONE", "EvalPlan", "plan_round"]

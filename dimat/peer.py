@@ -247,6 +247,7 @@ class Peer:
         method: str | None = None,
         bn_stats: str | None = None,
         reset_optimizer: bool = True,
+        shared: Any | None = None,
     ) -> StateDict:
         """Align ``neighbour_states`` to this model, combine with ``weights`` and load the result.
 
@@ -256,7 +257,8 @@ class Peer:
         in both, so a neighbour that missed the deadline simply does not count. A state may carry a
         basis tag (what :meth:`shared_state` sends); the merged basis is adopted. With no sender to
         merge, nothing changes (not even the optimizer) and own state is returned. Returns the
-        merged state.
+        merged state. ``shared`` (a :class:`dimat.federation.shared_merge.SharedMerges`) serves a
+        plain average that other peers of the exchange share from one computation.
         """
         from dimat.merge import merge_states  # imported lazily: the merge engine is heavy
 
@@ -288,11 +290,16 @@ class Peer:
             context = AggregationContext(model=self.model, data=batches, device=self.device,
                                          seed=self.aggregation_seed())
         relabel: dict[str, torch.Tensor] = {}
-        merged = merge_states(
-            self.model, states, [w.get(self.id, 0.0)] + [w[j] for j in senders], batches, method=method,
-            bn_stats=bn_stats, aggregator=self.aggregator, context=context, same_basis=same, into=into,
-            relabel=relabel,
-        )
+        # rebase=before has relabelled the own model: it is no longer the state the others received
+        if (shared is not None and context is None and self.rebase != "before"
+                and shared.applies(self.aggregator, method, same, into)):
+            merged = shared.merge(self.model, self.id, dict(zip(senders, states)), w, bn_stats=bn_stats, data=batches)
+        else:
+            merged = merge_states(
+                self.model, states, [w.get(self.id, 0.0)] + [w[j] for j in senders], batches, method=method,
+                bn_stats=bn_stats, aggregator=self.aggregator, context=context, same_basis=same, into=into,
+                relabel=relabel,
+            )
         self.load_state(merged, reset_optimizer=reset_optimizer)
         if relabel and not reset_optimizer:
             self._permute_optimizer_state(relabel)  # kept momentum follows its units into the new basis

@@ -33,7 +33,9 @@ from dimat.config import MERGE_METHODS, ConfigError
 from dimat.federation.build import Federation, build_federation
 from dimat.federation.checkpoints import Checkpointer
 from dimat.federation.evaluation import plan_round
+from dimat.federation.shared_merge import SharedMerges, row_key
 from dimat.metrics.run_log import RoundResult, RunLog, make_summary, round_result
+from dimat.topology.membership import renormalise
 
 
 @dataclass
@@ -86,9 +88,14 @@ def exchange_and_merge(fed: Federation, transport: Any, topo: Any, exchange_idx:
     result = transport.exchange(exchange_idx, sent, in_nb, out_nb, timeout=fed.config.transport.timeout)
     if fed.compressor is not None:  # decoded states, checked against each receiver's own model
         result = fed.compressor.decode(exchange_idx, result, states)
+    shared = None
+    if fed.attack is None:  # an attacker's sent state is not its model: its row is not the others'
+        shared = SharedMerges(row_key(renormalise(topo.weights_for(pid), result.received.get(pid, {}), self_id=pid))
+                              for pid in fed.peers)
     for pid, peer in fed.peers.items():
         got = result.received.get(pid, {})
-        peer.merge(got, topo.weights_for(pid), method=method, bn_stats=bn_stats, reset_optimizer=reset_optimizer)
+        peer.merge(got, topo.weights_for(pid), method=method, bn_stats=bn_stats, reset_optimizer=reset_optimizer,
+                   shared=shared)
         out.bytes_sent[pid] += int(result.bytes_sent.get(pid, 0))
         out.heard[pid] = sorted(got)
         out.missing[pid] = sorted(set(out.missing[pid]) | set(result.missing.get(pid, [])))

@@ -15,6 +15,7 @@ from ..align.permute import invert, permute_state
 from ..topology.membership import check_weights, renormalise
 from .aggregators import get_aggregator, weighted_average
 from .aggregators.base import StateDict
+from .scratch import working_copy
 
 METHODS = {"dimat": "activation", "weight_matching": "weight", "average": None}
 
@@ -84,8 +85,8 @@ def merge_states(reference: nn.Module, states: Sequence[Mapping[str, torch.Tenso
     todo = [k for k in range(len(states)) if spec is not None and not (same_basis and same_basis[k])]
     if todo:
         others = []
-        for k in todo:
-            m = copy.deepcopy(reference)
+        for slot, k in enumerate(todo):
+            m = working_copy(reference, slot)
             m.load_state_dict(states[k])
             others.append(m)
         found = find_permutations(reference, others, data, METHODS[method], spec, max_batches)
@@ -102,7 +103,7 @@ def merge_states(reference: nn.Module, states: Sequence[Mapping[str, torch.Tenso
     if mixed:
         merged = from_second_moments(merged, mixed)
     if needs_bn:
-        model = copy.deepcopy(reference)
+        model = working_copy(reference, len(todo))
         model.load_state_dict(merged)
         reset_bn_stats(model, data, max_batches)
         merged = {k: v.detach().clone() for k, v in model.state_dict().items()}

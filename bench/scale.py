@@ -30,7 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _overrides(n: int, rounds: int) -> list[str]:
     return [f"num_peers={n}", f"rounds={rounds}", "local_epochs=1", "partition=iid", "topology=ring",
-            "merge=dimat", "merge.align_batches=2", "progress=false", "checkpoint.enabled=false", "threads=1"]
+            "merge=dimat", "merge.every_steps=null", "merge.keep_momentum=false", "merge.reset_bn=true",
+            "baseline=null", "train.batch_size=64", "train.lr=0.05", "merge.align_batches=2",
+            "progress=false", "checkpoint.enabled=false", "threads=1"]
 
 
 def child(n: int, rounds: int, out: str) -> None:

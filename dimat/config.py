@@ -146,6 +146,8 @@ class DataSettings:
     root: str | None
     val_fraction: float
     options: dict[str, Any]
+    #: generated data sets: at least this many training samples per peer (None: the set's own size)
+    samples_per_peer: int | None
 
 
 @dataclass(frozen=True)
@@ -389,7 +391,9 @@ def _data_settings(r: _Reader) -> DataSettings:
     val = r.number("val_fraction", float, 0)
     if val >= 1:
         raise ConfigError(f"data.val_fraction must be below 1 (got {val})")
-    return DataSettings(name=name, root=root, val_fraction=val, options=r.rest())  # type: ignore[arg-type]
+    per_peer = r.number("samples_per_peer", int, 1, optional=True)
+    return DataSettings(name=name, root=root, val_fraction=val, options=r.rest(),  # type: ignore[arg-type]
+                        samples_per_peer=per_peer)
 
 
 def _attack_settings(r: _Reader) -> AttackSettings:

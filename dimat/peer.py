@@ -164,6 +164,8 @@ class Peer:
             total_loss += loss.item() * len(yb)
             correct += int((out.argmax(1) == yb).sum())
             seen += len(yb)
+        # the gradients are the step's scratch space: a peer between rounds holds none (N peers x model)
+        self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += int(steps)
         return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1), "steps": int(steps)}
 

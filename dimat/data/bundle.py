@@ -105,6 +105,14 @@ def register_dataset(name: str) -> Callable[[Callable[..., DatasetBundle]], Call
     return deco
 
 
+def get_loader(name: str) -> Callable[..., DatasetBundle]:
+    """The registered factory of data set ``name`` (ValueError naming the available ones)."""
+    key = str(name).lower()
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown data set {name!r}; available: {', '.join(available_datasets())}")
+    return _REGISTRY[key]
+
+
 def available_datasets() -> list[str]:
     return sorted(_REGISTRY)
 

@@ -52,23 +52,39 @@ def generate_mnist1d(args: dict[str, Any]) -> dict[str, np.ndarray]:
     return {k: np.asarray(data[k]) for k in _KEYS}
 
 
+def _sized(num_samples: int, train_split: float, min_train: int) -> dict[str, Any]:
+    """Generator sizes giving at least ``min_train`` training samples and the same test set size."""
+    n_train = int(num_samples * train_split)
+    if n_train >= min_train:
+        return {}
+    n_test = num_samples - n_train
+    total = int(min_train) + n_test
+    # the generator cuts at int(total * train_split): half a sample of slack survives float rounding
+    return {"num_samples": total, "train_split": (int(min_train) + 0.5) / total}
+
+
 @register_dataset("mnist1d")
 def load_mnist1d(
     root: str | Path | None = None,
     num_samples: int | None = None,
     seed: int | None = None,
     train_split: float | None = None,
+    min_train: int | None = None,
 ) -> DatasetBundle:
     """MNIST-1D as (N, 1, 40) float32 signals, standardised with the training mean/std.
 
     Defaults are the package's (5000 samples, 80/20 split -> 4000/1000, seed 42). The generated
     arrays are cached under `root` (or `$DIMAT_CACHE`, or `~/.cache/dimat`) in `mnist1d/`.
+    `min_train` generates at least that many training samples (a large federation's peers each get
+    enough); the test set keeps the size it would have had, so evaluating stays as cheap.
     """
     if num_samples is not None and int(num_samples) < 20:
         raise ValueError(f"mnist1d: num_samples must be at least 20 (two per class per split), got {num_samples}")
     if train_split is not None and not 0.0 < float(train_split) < 1.0:
         raise ValueError(f"mnist1d: train_split must be in (0, 1), got {train_split}")
     args = _generator_args(num_samples, seed, train_split)
+    if min_train is not None:
+        args.update(_sized(int(args["num_samples"]), float(args["train_split"]), int(min_train)))
     path = cache_dir(root) / "mnist1d" / f"mnist1d-{cache_key({'format': _FORMAT, **args})}.npz"
     arrays = load_npz(path, _KEYS)
     if arrays is None:

@@ -89,13 +89,21 @@ def check_model_name(run: RunConfig) -> None:
 
 
 def load_data(run: RunConfig) -> Any:
+    import inspect
+
     from dimat.data import load_dataset
+    from dimat.data.bundle import get_loader
 
     d = run.data
     if d.root is not None and not Path(d.root).expanduser().exists():
         raise ConfigError(f"data folder {d.root} does not exist (data.root for data set {d.name!r})")
+    options = dict(d.options)
+    if d.samples_per_peer is not None:  # a generated set grows with the federation (the loader sizes it)
+        if "min_train" not in inspect.signature(get_loader(d.name)).parameters:
+            raise ConfigError(f"data.samples_per_peer: data set {d.name!r} has a fixed size (only generated sets take it)")
+        options["min_train"] = d.samples_per_peer * run.num_peers
     try:
-        return load_dataset(d.name, root=d.root, **d.options)
+        return load_dataset(d.name, root=d.root, **options)
     except FileNotFoundError as exc:
         raise ConfigError(f"data set {d.name!r}: {exc}") from exc
     except (KeyError, ValueError) as exc:

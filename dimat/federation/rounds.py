@@ -33,6 +33,7 @@ from dimat.config import MERGE_METHODS, ConfigError
 from dimat.federation.build import Federation, build_federation
 from dimat.federation.checkpoints import Checkpointer
 from dimat.federation.evaluation import plan_round
+from dimat.federation.sent_states import SentStates
 from dimat.federation.shared_merge import SharedMerges, row_key
 from dimat.metrics.run_log import RoundResult, RunLog, make_summary, round_result
 from dimat.topology.membership import renormalise
@@ -79,7 +80,8 @@ def exchanges_per_round(fed: Federation) -> int:
 def exchange_and_merge(fed: Federation, transport: Any, topo: Any, exchange_idx: int, out: RoundOutput, *,
                        method: str, bn_stats: str, reset_optimizer: bool) -> None:
     """One exchange of shared states, then every local peer merges what it received (into ``out``)."""
-    states = {pid: p.shared_state() for pid, p in fed.peers.items()}
+    sent = SentStates(fed.peers, live=fed.attack is None and fed.config.transport.name == "inproc")
+    states = sent.states
     if fed.attack is not None:
         states = fed.attack.outgoing(states)  # model replacement by malicious peers
     in_nb = {pid: list(topo.in_neighbours(pid)) for pid in fed.peers}
@@ -92,10 +94,13 @@ def exchange_and_merge(fed: Federation, transport: Any, topo: Any, exchange_idx:
     if fed.attack is None:  # an attacker's sent state is not its model: its row is not the others'
         shared = SharedMerges(row_key(renormalise(topo.weights_for(pid), result.received.get(pid, {}), self_id=pid))
                               for pid in fed.peers)
+    sent.delivered(result.received)
     for pid, peer in fed.peers.items():
-        got = result.received.get(pid, {})
+        got = result.received.pop(pid, {})  # dropped once merged: received states are held no longer
+        sent.before_merge(pid)
         peer.merge(got, topo.weights_for(pid), method=method, bn_stats=bn_stats, reset_optimizer=reset_optimizer,
                    shared=shared)
+        sent.after_merge(got)
         out.bytes_sent[pid] += int(result.bytes_sent.get(pid, 0))
         out.heard[pid] = sorted(got)
         out.missing[pid] = sorted(set(out.missing[pid]) | set(result.missing.get(pid, [])))

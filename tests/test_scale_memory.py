@@ -1,0 +1,62 @@
+"""What a round holds per peer: no gradients between rounds, sent states copied only when they must be."""
+from __future__ import annotations
+
+import torch
+
+from dimat.federation import build_federation
+from dimat.federation.rounds import RoundOutput, exchange_and_merge
+from dimat.federation.sent_states import SentStates
+from dimat.transport.inproc import InProcTransport
+from tests.test_federation import compose
+
+RING = ["num_peers=6", "partition=iid", "model=cnn1d", "model.width=0.25", "merge=dimat"]
+
+
+def _trained(*overrides: str):
+    fed = build_federation(compose(*RING, *overrides))
+    for p in fed.peers.values():
+        p.train(steps=2)
+    return fed
+
+
+def test_a_peer_holds_no_gradients_between_rounds() -> None:
+    fed = _trained()
+    assert all(q.grad is None for p in fed.peers.values() for q in p.model.parameters())
+
+
+def test_live_sent_states_merge_exactly_like_copies_and_are_released() -> None:
+    live, copied = _trained(), _trained()
+    topo = live.topology_at(1)
+    out = RoundOutput.empty(live.peers)
+    exchange_and_merge(live, InProcTransport(), topo, 1, out, method="dimat", reset_bn=True, reset_optimizer=True)
+
+    # the reference: every peer's state copied before anyone merges (what a remote transport sends)
+    sent = SentStates(copied.peers, live=False)
+    nb = {p: list(topo.in_neighbours(p)) for p in copied.peers}
+    got = InProcTransport().exchange(1, sent.states, nb, {p: list(topo.out_neighbours(p)) for p in copied.peers}).received
+    before = {q: {p: {k: v.clone() for k, v in s.items()} for p, s in g.items()} for q, g in got.items()}
+    for pid, peer in copied.peers.items():
+        peer.merge(got[pid], topo.weights_for(pid), method="dimat", reset_bn=True, reset_optimizer=True)
+    for q, g in got.items():  # merging never writes into a received state
+        assert all(torch.equal(g[p][k], before[q][p][k]) for p in g for k in g[p])
+    for pid in live.peers:
+        a, b = live.peers[pid].model.state_dict(), copied.peers[pid].model.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), pid
+        assert out.heard[pid] == sorted(got[pid])
+
+
+def test_a_sent_state_is_copied_only_while_an_unmerged_receiver_holds_it() -> None:
+    fed = _trained()
+    topo = fed.topology_at(1)
+    sent = SentStates(fed.peers, live=True)
+    model0 = fed.peers[0].model.state_dict()
+    assert all(sent.states[0][k].data_ptr() == model0[k].data_ptr() for k in model0)  # no copy up front
+    nb = {p: list(topo.in_neighbours(p)) for p in fed.peers}
+    got = InProcTransport().exchange(1, sent.states, nb, {p: list(topo.out_neighbours(p)) for p in fed.peers}).received
+    sent.delivered(got)
+    sent.before_merge(0)  # peers 1 and 5 still need peer 0's state as it was
+    assert all(sent.states[0][k].data_ptr() != model0[k].data_ptr() for k in model0)
+    assert got[1][0] is sent.states[0]
+    for q in (1, 5):
+        sent.after_merge(got[q])
+    assert sent.states[0] is None  # its last reader merged: released

@@ -1,18 +1,31 @@
-"""How a simulated federation scales with the number of peers: wall time per round and peak memory.
+"""How a simulated federation scales with the number of peers, against Flower's simulation on the same job.
 
-Runs a DIMAT federation of 1-D CNN peers on a ring (MNIST-1D, IID split, 1 local epoch per round)
-for N = 8, 16, 32, 64, each in a fresh subprocess so peak RSS is that run's own. A baseline process
-that imports everything and loads the data but builds no peer is measured the same way, so
+The job: 1-D CNN peers on MNIST-1D, IID split, 1 local epoch per round, batch 64, lr 0.05, the
+paper's protocol (one merge per round after local training, optimizer restarted, BatchNorm reset on
+own data). ``dimat`` is DIMAT on a ring; ``fedavg`` (``--jobs dimat fedavg``) is dimat's
+FedAvg-equivalent (``merge=average topology=fully_connected init=shared``). MNIST-1D grows with the
+federation (``data.samples_per_peer``: 40 per peer once 4,000 would give fewer). Each N runs in a
+fresh subprocess so its peak RSS is its own. A baseline process that runs a 3-peer round (every
+import, the data, the lazy initialisations) is measured the same way, so
 
-    per-peer memory = (peak RSS(N) - peak RSS(baseline)) / N
+    per-peer memory = (peak RSS(N) - peak RSS(baseline)) / (N - 3)
 
-is compared with what a peer must hold: model + optimizer state (SGD momentum = one copy of the
-parameters) + its share of the training data. Time per round is reported against N/8, the linear
-growth we aim for (the total training work is constant in N: the data set is split, not copied;
-merging, exchange and evaluation grow with N).
+is what each further peer costs, compared with what it must hold: model + optimizer state (SGD
+momentum = one copy of the parameters) + its share of the training data.
 
-    PYTHONPATH=. python bench/scale.py            # N = 8 16 32 64
-    PYTHONPATH=. python bench/scale.py --peers 8 16 --rounds 2
+Round time is the median of the rounds after the first (warm-up) and before the last (which
+evaluates every peer on the whole test set; shown apart as "final"). Its growth is shown against
+N / N_min, the linear growth aimed at.
+
+With ``--flower-python PATH`` (an interpreter with ``flwr[simulation]``, in its own environment:
+Flower pins its own protobuf) the same job runs under Flower's simulation (``bench/flower_job.py``:
+FedAvg over every client each round, Ray backend, server-side evaluation) on the very same per-peer
+data, in this run, with its peak memory summed over its whole process tree (Ray starts several
+processes). Its figures are saved to ``bench/results/flower_scale.json``; without
+``--flower-python`` the table shows that file's figures, named as Flower's last run.
+
+    PYTHONPATH=. python bench/scale.py                                  # N = 8 64 1000
+    PYTHONPATH=. python bench/scale.py --peers 8 64 --flower-python /work/flower-venv/bin/python
 """
 from __future__ import annotations
 
@@ -20,107 +33,229 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+FLOWER_RESULTS = REPO / "bench" / "results" / "flower_scale.json"
+MIB = 1024 * 1024
+BASE_PEERS = 3
 
-
-def _overrides(n: int, rounds: int) -> list[str]:
-    return [f"num_peers={n}", f"rounds={rounds}", "local_epochs=1", "partition=iid", "topology=ring",
-            "merge=dimat", "merge.every_steps=null", "merge.keep_momentum=false", "merge.reset_bn=true",
-            "baseline=null", "train.batch_size=64", "train.lr=0.05", "merge.align_batches=2",
+#: the paper's protocol (one merge per round) and the job's training settings
+PROTOCOL = ["partition=iid", "local_epochs=1", "merge.every_steps=null", "merge.keep_momentum=false",
+            "merge.reset_bn=true", "baseline=null", "train.batch_size=64", "train.lr=0.05", "merge.align_batches=2",
             "progress=false", "checkpoint.enabled=false", "threads=1"]
+JOBS = {
+    "dimat": ["merge=dimat", "topology=ring"],
+    "fedavg": ["merge=average", "topology=fully_connected", "init=shared"],
+}
 
 
-def child(n: int, rounds: int, out: str) -> None:
-    """Run one federation of ``n`` peers (0 = baseline: data only) and write figures to ``out``."""
-    import tempfile
+def overrides(job: str, n: int, rounds: int) -> list[str]:
+    return [f"num_peers={n}", f"rounds={rounds}", *PROTOCOL, *JOBS[job]]
 
+
+def steady(times: list[float]) -> float:
+    """Median round time without the warm-up round and the final (full-evaluation) round."""
+    inner = times[1:-1] or times[1:] or times
+    return statistics.median(inner)
+
+
+def child(job: str, n: int, rounds: int, out: str, dump: str | None) -> None:
+    """Run one federation of ``n`` peers and write its figures (and, with ``dump``, its data) to files."""
     import torch
     from dimat.entry import load
     from dimat.federation import build_federation, run_rounds
-    from dimat.federation.build import load_data
     from dimat.transport.inproc import InProcTransport
 
     torch.set_num_threads(1)
-    cfg = load(_overrides(max(n, 3), rounds))
-    rec: dict = {"n": n}
-    if n == 0:
-        load_data(cfg)
-        import dimat.merge  # noqa: F401  (same imports as a real run)
-    else:
-        fed = build_federation(cfg)
-        peer = fed.peers[0]
-        params = sum(p.numel() * p.element_size() for p in peer.model.parameters())
-        rec["model_bytes"] = fed.info["model_bytes"]
-        rec["optimizer_bytes"] = params  # SGD momentum: one buffer per parameter
-        rec["data_bytes_per_peer"] = sum(
-            (p.x.numel() * p.x.element_size() + p.y.numel() * p.y.element_size()
-             + (0 if p.val is None else p.val[0].numel() * 4 + p.val[1].numel() * 8)) for p in fed.peers.values()
-        ) / n
-        with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
-            summary = run_rounds(fed, InProcTransport(), tmp, progress=False)
-            rec["total_s"] = time.perf_counter() - t0
-        times = [r["time_s"] for r in summary["rounds"]]
-        rec["round_s"] = min(times[1:]) if len(times) > 1 else times[0]  # skip warm-up round
-        rec["acc"] = summary["final_mean_acc"]
+    fed = build_federation(load(overrides(job, n, rounds)))
+    peer = fed.peers[0]
+    params = sum(p.numel() * p.element_size() for p in peer.model.parameters())
+    rec: dict = {"job": job, "n": n, "model_bytes": fed.info["model_bytes"], "optimizer_bytes": params,
+                 "train_size": fed.info["train_size"],
+                 "data_bytes_per_peer": sum(
+                     (p.x.numel() * p.x.element_size() + p.y.numel() * p.y.element_size()
+                      + (0 if p.val is None else p.val[0].numel() * 4 + p.val[1].numel() * 8))
+                     for p in fed.peers.values()) / n}
+    if dump:
+        import numpy as np
+
+        run = fed.config
+        hp = {"lr": run.train.lr, "momentum": run.train.momentum, "weight_decay": run.train.weight_decay,
+              "batch_size": run.train.batch_size, "seed": run.seed, "num_classes": fed.info["num_classes"],
+              "input_shape": fed.info["input_shape"]}
+        arrays = {f"{k}_{pid}": t.numpy() for pid, p in fed.peers.items() for k, t in (("x", p.x), ("y", p.y))}
+        np.savez(dump, num_peers=n, hparams=json.dumps(hp), x_test=fed.test_data[0].numpy(),
+                 y_test=fed.test_data[1].numpy(), **arrays)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        summary = run_rounds(fed, InProcTransport(), tmp, progress=False)
+        rec["total_s"] = time.perf_counter() - t0
+    rec["round_times"] = [r["time_s"] for r in summary["rounds"]]
+    rec["acc"] = summary["final_mean_acc"]
     rec["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     Path(out).write_text(json.dumps(rec))
 
 
-def run(n: int, rounds: int) -> dict:
-    out = Path(f"/tmp/dimat_scale_{os.getpid()}_{n}.json")
+def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    subprocess.run([sys.executable, __file__, "--child", str(n), "--rounds", str(rounds), "--out", str(out)],
-                   check=True, env=env)
-    rec = json.loads(out.read_text())
-    out.unlink()
-    return rec
+    return env
+
+
+def run_dimat(job: str, n: int, rounds: int, dump: str | None = None) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rec.json"
+        cmd = [sys.executable, __file__, "--child", job, str(n), "--rounds", str(rounds), "--out", str(out)]
+        subprocess.run(cmd + (["--dump", dump] if dump else []), check=True, env=_env())
+        return json.loads(out.read_text())
+
+
+class TreeMemory:
+    """Peak of the summed RSS of every process carrying a tag in its environment (Ray's included)."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = f"DIMAT_BENCH_TAG={tag}".encode()
+        self.peak = 0
+        self.procs = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def pids(self) -> list[int]:
+        found = []
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    if self.tag in Path(f"/proc/{d}/environ").read_bytes():
+                        found.append(int(d))
+                except OSError:
+                    pass
+        return found
+
+    def _poll(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.is_set():
+            total, count = 0, 0
+            for pid in self.pids():
+                try:
+                    total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+                    count += 1
+                except (OSError, ValueError, IndexError):
+                    pass
+            self.peak, self.procs = max(self.peak, total), max(self.procs, count)
+            self._stop.wait(0.25)
+
+    def __enter__(self) -> "TreeMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_flower(python: str, n: int, rounds: int, data: str) -> dict:
+    """The job under Flower's simulation; the round time is the median of rounds 2.. (round 1 starts Ray)."""
+    tag = uuid.uuid4().hex
+    env = _env()
+    env["DIMAT_BENCH_TAG"] = tag
+    env.pop("VIRTUAL_ENV", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "flower.json"
+        with TreeMemory(tag) as mem:
+            res = subprocess.run([python, str(REPO / "bench" / "flower_job.py"), "--data", data, "--rounds", str(rounds),
+                                  "--out", str(out)], env=env, capture_output=True, text=True)
+        for pid in mem.pids():  # Ray processes that outlived the simulation (started by this bench)
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+        if res.returncode != 0 or not out.exists():
+            tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-15:])
+            raise RuntimeError(f"Flower run with {n} clients failed (exit {res.returncode}):\n{tail}")
+        rec = json.loads(out.read_text())
+    ends = rec["round_ends"]
+    times = [b - a for a, b in zip(ends, ends[1:])]
+    return {"n": n, "round_times": times, "round_s": statistics.median(times[1:] or times),
+            "peak_bytes": mem.peak, "processes": mem.procs, "flwr": rec["flwr"], "total_s": rec["total_s"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--peers", type=int, nargs="+", default=[8, 16, 32, 64])
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--peers", type=int, nargs="+", default=[8, 64, 1000])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--jobs", nargs="+", default=["dimat"], choices=sorted(JOBS))
+    ap.add_argument("--flower-python", default=None, help="an interpreter with flwr[simulation] installed")
+    ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--dump", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        child(args.child, args.rounds, args.out)
+        child(args.child[0], int(args.child[1]), args.rounds, args.out, args.dump)
         return
-    mib = 1024 * 1024
-    base = run(0, args.rounds)
-    print(f"baseline process (imports + data, no peers): peak RSS {base['peak_rss_bytes'] / mib:.1f} MiB")
-    rows = []
-    for n in args.peers:
-        rec = run(n, args.rounds)
-        rows.append(rec)
-        print(f"  N={n:>3}: {rec['round_s']:.2f} s/round, peak RSS {rec['peak_rss_bytes'] / mib:.1f} MiB", flush=True)
-    first = rows[0]
-    print()
-    print("| peers | s/round | time ratio | N ratio | peak RSS MiB | per-peer KiB (measured) | model+opt+data KiB | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        per_peer = (r["peak_rss_bytes"] - base["peak_rss_bytes"]) / r["n"]
-        need = r["model_bytes"] + r["optimizer_bytes"] + r["data_bytes_per_peer"]
-        print(f"| {r['n']} | {r['round_s']:.2f} | {r['round_s'] / first['round_s']:.2f} | {r['n'] / first['n']:.0f} | "
-              f"{r['peak_rss_bytes'] / mib:.1f} | {per_peer / 1024:.0f} | {need / 1024:.0f} | {per_peer / need:.2f} |")
-    last = rows[-1]
-    if len(rows) > 1:  # the slope excludes one-time costs (first allocations, lazy imports)
-        marginal = (last["peak_rss_bytes"] - first["peak_rss_bytes"]) / (last["n"] - first["n"])
-        need = last["model_bytes"] + last["optimizer_bytes"] + last["data_bytes_per_peer"]
-        print(f"\nmarginal memory per added peer (N={first['n']}->{last['n']}): {marginal / 1024:.0f} KiB "
-              f"vs model+optimizer+data {need / 1024:.0f} KiB (ratio {marginal / need:.2f}; the rest is the "
-              f"round's transient copies: received neighbour states, merge working models, activation stats)")
-    growth_t = (last["round_s"] / first["round_s"]) / (last["n"] / first["n"])
-    print(f"\ntime per round grew {last['round_s'] / first['round_s']:.2f}x for {last['n'] / first['n']:.0f}x peers "
-          f"({growth_t:.2f} of linear); model {first['model_bytes'] / 1024:.0f} KiB, "
-          f"optimizer {first['optimizer_bytes'] / 1024:.0f} KiB per peer")
+    if args.rounds < 3:
+        ap.error("--rounds must be at least 3 (a warm-up round, a measured round, the final full evaluation)")
+
+    base = run_dimat(args.jobs[0], BASE_PEERS, 1)
+    print(f"baseline process (a {BASE_PEERS}-peer round: imports, data, lazy set-up): "
+          f"peak RSS {base['peak_rss_bytes'] / MIB:.1f} MiB", flush=True)
+    rows: dict[str, list[dict]] = {job: [] for job in args.jobs}
+    flower: dict[int, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.peers:
+            for job in args.jobs:
+                dump = str(Path(tmp) / f"job_{n}.npz") if args.flower_python and job == args.jobs[0] else None
+                rec = run_dimat(job, n, args.rounds, dump)
+                rec["round_s"] = steady(rec["round_times"])
+                rows[job].append(rec)
+                print(f"  {job} N={n:>4}: {rec['round_s']:.2f} s/round (final {rec['round_times'][-1]:.2f} s), "
+                      f"peak RSS {rec['peak_rss_bytes'] / MIB:.1f} MiB, final acc {rec['acc']:.3f}", flush=True)
+            if args.flower_python:
+                try:
+                    flower[n] = run_flower(args.flower_python, n, args.rounds, str(Path(tmp) / f"job_{n}.npz"))
+                    f = flower[n]
+                    print(f"  Flower {f['flwr']} N={n:>4}: {f['round_s']:.2f} s/round, peak {f['peak_bytes'] / MIB:.0f} MiB "
+                          f"over {f['processes']} processes", flush=True)
+                except RuntimeError as exc:
+                    print(f"  {exc}", flush=True)
+    label = "Flower (this run)"
+    if args.flower_python and flower:
+        FLOWER_RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        FLOWER_RESULTS.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                              "rounds": args.rounds, "runs": list(flower.values())}, indent=1) + "\n")
+    elif FLOWER_RESULTS.exists():
+        saved = json.loads(FLOWER_RESULTS.read_text())
+        flower = {int(r["n"]): r for r in saved["runs"]}
+        label = f"Flower (last run, {saved['date']}, not this run)"
+
+    for job, recs in rows.items():
+        print(f"\n{job}: {' '.join(JOBS[job])}; vs {label}")
+        print("| peers | train samples | s/round | final round s | time ratio | N ratio | peak RSS MiB "
+              "| per-peer KiB | model+opt+data KiB | ratio | Flower s/round | Flower peak MiB | dimat/Flower time |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        first = recs[0]
+        for r in recs:
+            per_peer = (r["peak_rss_bytes"] - base["peak_rss_bytes"]) / max(r["n"] - BASE_PEERS, 1)
+            need = r["model_bytes"] + r["optimizer_bytes"] + r["data_bytes_per_peer"]
+            f = flower.get(r["n"])
+            fl = (f"{f['round_s']:.2f} | {f['peak_bytes'] / MIB:.0f} | {r['round_s'] / f['round_s']:.2f}" if f
+                  else "- | - | -")
+            print(f"| {r['n']} | {r['train_size']} | {r['round_s']:.2f} | {r['round_times'][-1]:.2f} | "
+                  f"{r['round_s'] / first['round_s']:.2f} | {r['n'] / first['n']:.0f} | "
+                  f"{r['peak_rss_bytes'] / MIB:.1f} | {per_peer / 1024:.0f} | {need / 1024:.0f} | {per_peer / need:.2f} | {fl} |")
+        last = recs[-1]
+        if len(recs) > 1:
+            growth = (last["round_s"] / first["round_s"]) / (last["n"] / first["n"])
+            print(f"time per round grew {last['round_s'] / first['round_s']:.2f}x for {last['n'] / first['n']:.0f}x peers "
+                  f"({growth:.2f} of linear); model {first['model_bytes'] / 1024:.0f} KiB, "
+                  f"optimizer {first['optimizer_bytes'] / 1024:.0f} KiB per peer")
 
 
 if __name__ == "__main__":

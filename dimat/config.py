@@ -192,10 +192,15 @@ class EvalSettings:
 
     #: evaluate in rounds divisible by this (and always the last)
     every: int
-    #: a seeded sample of this many peers per evaluated round (None: every peer)
-    peers: int | None
+    #: a seeded sample of this many peers per evaluated round (None: every peer; "auto": see ``share``)
+    peers: int | str | None
     #: a fixed seeded subsample of the test set of this size (None: the whole test set)
     test_samples: int | None
+    #: ``peers: auto`` samples as many peers as keep evaluation's forward passes within this share
+    #: of the round's training passes (a training sample counted as 3: forward, backward), and at
+    #: least ``min_peers`` (small federations keep their full per-round curve)
+    share: float
+    min_peers: int
 
 
 @dataclass(frozen=True)
@@ -365,8 +370,10 @@ def _checkpoint_settings(r: _Reader) -> CheckpointSettings:
 
 
 def _eval_settings(r: _Reader) -> EvalSettings:
-    out = EvalSettings(every=r.number("every", int, 1), peers=r.number("peers", int, 1, optional=True),
-                       test_samples=r.number("test_samples", int, 1, optional=True))
+    peers = "auto" if r.raw("peers", optional=True) == "auto" else r.number("peers", int, 1, optional=True)
+    out = EvalSettings(every=r.number("every", int, 1), peers=peers,
+                       test_samples=r.number("test_samples", int, 1, optional=True),
+                       share=r.number("share", float, positive=True), min_peers=r.number("min_peers", int, 1))
     r.no_others()
     return out
 

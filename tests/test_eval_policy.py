@@ -8,24 +8,24 @@ import pytest
 
 from dimat.config import ConfigError, EvalSettings, RunConfig
 from dimat.federation import read_metrics, simulate
-from dimat.federation.evaluation import ALL, NONE, SAMPLE, plan_round
+from dimat.federation.evaluation import ALL, NONE, SAMPLE, plan_round, sample_size
 from tests.test_federation import compose
 
 
 def test_the_last_round_evaluates_every_peer_on_the_whole_test_set() -> None:
-    policy = EvalSettings(every=5, peers=2, test_samples=10)
+    policy = EvalSettings(every=5, peers=2, test_samples=10, share=0.25, min_peers=1)
     plan = plan_round(policy, 7, final=True, num_peers=9, test_size=100, seed=0)
     assert plan.kind == ALL and plan.peers == frozenset(range(9)) and plan.test_rows is None and plan.test_samples == 100
 
 
 def test_rounds_between_every_k_do_not_evaluate() -> None:
-    policy = EvalSettings(every=3, peers=None, test_samples=None)
+    policy = EvalSettings(every=3, peers=None, test_samples=None, share=0.25, min_peers=1)
     kinds = [plan_round(policy, r, final=False, num_peers=4, test_size=50, seed=1).kind for r in range(1, 7)]
     assert kinds == [NONE, NONE, ALL, NONE, NONE, ALL]
 
 
 def test_peer_sample_is_seeded_by_round_and_the_test_subsample_is_fixed() -> None:
-    policy = EvalSettings(every=1, peers=3, test_samples=20)
+    policy = EvalSettings(every=1, peers=3, test_samples=20, share=0.25, min_peers=1)
     a = plan_round(policy, 4, final=False, num_peers=50, test_size=200, seed=3)
     again = plan_round(policy, 4, final=False, num_peers=50, test_size=200, seed=3)
     other_round = plan_round(policy, 5, final=False, num_peers=50, test_size=200, seed=3)
@@ -35,7 +35,21 @@ def test_peer_sample_is_seeded_by_round_and_the_test_subsample_is_fixed() -> Non
     assert a.test_samples == 20 and len(set(a.test_rows.tolist())) == 20 and int(a.test_rows.max()) < 200
     assert a.test_rows.tolist() == other_round.test_rows.tolist()  # one subsample for the whole run
     # a sample as large as the federation is everyone
-    assert plan_round(EvalSettings(1, 50, None), 2, final=False, num_peers=50, test_size=200, seed=3).kind == ALL
+    assert plan_round(EvalSettings(1, 50, None, 0.25, 1), 2, final=False, num_peers=50, test_size=200, seed=3).kind == ALL
+
+
+def test_auto_keeps_evaluation_a_share_of_training() -> None:
+    auto = EvalSettings(every=1, peers="auto", test_samples=None, share=0.25, min_peers=1)
+    # 64 IID peers on 3,600 samples, 1,000 test samples: 0.25 * 3 * 3600 / 1000 -> 2 peers
+    assert sample_size(auto, 64, 1000, 3600) == 2
+    assert sample_size(auto, 1000, 1000, 36000) == 27
+    assert sample_size(auto, 5, 1000, 7200) == 5  # the default 5-peer run evaluates everyone
+    assert sample_size(auto, 64, 1000, 10) == 1  # at least one
+    floor = EvalSettings(every=1, peers="auto", test_samples=None, share=0.25, min_peers=5)
+    assert sample_size(floor, 64, 1000, 3600) == 5 and sample_size(floor, 4, 1000, 10) == 4
+    plan = plan_round(auto, 3, final=False, num_peers=64, test_size=1000, seed=0, train_samples=3600)
+    assert plan.kind == SAMPLE and len(plan.peers) == 2
+    assert RunConfig.from_config(compose()).eval.peers == "auto"
 
 
 def test_eval_options_are_validated() -> None:

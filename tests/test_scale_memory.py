@@ -60,3 +60,17 @@ def test_a_sent_state_is_copied_only_while_an_unmerged_receiver_holds_it() -> No
     for q in (1, 5):
         sent.after_merge(got[q])
     assert sent.states[0] is None  # its last reader merged: released
+
+
+def test_generated_data_grows_with_the_federation_and_the_test_set_does_not() -> None:
+    import pytest
+
+    from dimat.config import ConfigError, RunConfig
+    from dimat.federation.build import load_data
+
+    small = load_data(RunConfig.from_config(compose("num_peers=5")))
+    big = load_data(RunConfig.from_config(compose("num_peers=130")))  # 130 x 40 = 5,200 > 4,000
+    assert len(small.train) == 4000 and len(big.train) == 130 * 40
+    assert len(big.test) == len(small.test) == 1000
+    with pytest.raises(ConfigError, match="has a fixed size"):
+        load_data(RunConfig.from_config(compose("data=digits", "+data.samples_per_peer=40")))

@@ -146,6 +146,14 @@ def _pooled(chunks: list[dict[str, float]]) -> dict[str, float]:
             "acc": sum(x["acc"] * x["steps"] for x in chunks) / n, "steps": sum(x["steps"] for x in chunks)}
 
 
+def round_train_samples(fed: Federation) -> float:
+    """Samples one round trains on over the whole federation (every process computes the same)."""
+    run = fed.config
+    if run.local_steps:
+        return float(run.local_steps * run.train.batch_size * len(fed.partition_sizes))
+    return float(run.local_epochs * sum(fed.partition_sizes.values()))
+
+
 def evaluate_round(fed: Federation, round_idx: int, out: RoundOutput, elapsed: float) -> tuple[list[dict[str, Any]], RoundResult]:
     """Evaluate the local peers the round's evaluation plan names (``eval:``; the run's last round:
     every peer on the whole test set) on the global test set and on their validation splits.
@@ -154,7 +162,7 @@ def evaluate_round(fed: Federation, round_idx: int, out: RoundOutput, elapsed: f
     """
     run = fed.config
     plan = plan_round(run.eval, round_idx, final=round_idx >= run.rounds, num_peers=fed.num_peers,
-                      test_size=len(fed.test_data[1]), seed=run.seed)
+                      test_size=len(fed.test_data[1]), seed=run.seed, train_samples=round_train_samples(fed))
     test = fed.test_data if plan.test_rows is None else tuple(t[plan.test_rows] for t in fed.test_data)
     records: list[dict[str, Any]] = []
     for pid, p in sorted(fed.peers.items()):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import weakref
 
 from torch import nn
 
@@ -25,9 +26,16 @@ _LOCK = threading.Lock()
 MAX_POOLS = 8
 
 
+_KEYS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 def _key(model: nn.Module) -> tuple:
-    state = tuple((k, tuple(v.shape), v.dtype, str(v.device)) for k, v in model.state_dict().items())
-    return type(model), repr(model), state
+    """The architecture's identity (computed once per model: a peer merges with the same model every round)."""
+    key = _KEYS.get(model)
+    if key is None:
+        state = tuple((k, tuple(v.shape), v.dtype, str(v.device)) for k, v in model.state_dict().items())
+        key = _KEYS[model] = (type(model), repr(model), state)
+    return key
 
 
 def working_copy(reference: nn.Module, slot: int) -> nn.Module:

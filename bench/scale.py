@@ -53,7 +53,8 @@ PROTOCOL = ["partition=iid", "local_epochs=1", "merge.every_steps=null", "merge.
             "progress=false", "checkpoint.enabled=false", "threads=1"]
 JOBS = {
     "dimat": ["merge=dimat", "topology=ring"],
-    "fedavg": ["merge=average", "topology=fully_connected", "init=shared"],
+    # FedAvg as Flower runs it: one average of every state, BatchNorm buffers averaged too (no reset)
+    "fedavg": ["merge=average", "topology=fully_connected", "init=shared", "merge.reset_bn=false"],
 }
 
 

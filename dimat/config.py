@@ -247,6 +247,8 @@ class RunConfig:
     device: str
     threads: int | None
     tensorboard: bool
+    #: train and evaluate same-architecture peers as one stacked computation (dimat.federation.stacked)
+    vectorise: bool
     progress: bool
     resume: bool
     run_dir: str
@@ -292,6 +294,7 @@ class RunConfig:
             device=root.text("device"),  # type: ignore[arg-type]
             threads=root.number("threads", int, 1, optional=True),
             tensorboard=root.flag("tensorboard"),
+            vectorise=root.flag("vectorise"),
             progress=root.flag("progress"),
             resume=root.flag("resume"),
             run_dir=root.text("run_dir"),  # type: ignore[arg-type]

@@ -75,6 +75,18 @@ def build_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r} (expected sgd, adam or adamw)")
 
 
+def _own_copy(obj: Any) -> Any:
+    """A deep copy whose tensors own just their elements (``copy.deepcopy`` of a view copies the
+    whole storage it views: a stacked executor's optimizer rows would copy every peer's)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _own_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_own_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
 class Peer:
     """A federation member: trains on its partition, evaluates, and merges neighbours into itself."""
 
@@ -369,7 +381,7 @@ class Peer:
         return {
             "peer": self.id,
             "model": self.state(),
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),  # buffers are live tensors
+            "optimizer": _own_copy(self.optimizer.state_dict()),  # buffers are live tensors
             "generator": self.generator.get_state(),
             "perm": self._perm.clone(),
             "cursor": self._cursor,

@@ -29,6 +29,8 @@ class Federation:
     info: dict[str, Any] = field(default_factory=dict)
     attack: Any | None = None  # a dimat.attacks.Attack when some peers are malicious
     compressor: Any | None = None  # a dimat.exchange.Compressor when `exchange` changes what is sent
+    #: the local peers as one stacked computation (``vectorise``), when they can be stacked
+    stacked: Any | None = None
 
     @property
     def method(self) -> str:
@@ -268,7 +270,13 @@ def build_federation(cfg: Any, local_ids: Sequence[int] | None = None) -> Federa
         info["attack"] = {"malicious": attack.malicious, "trigger": attack.trigger_name,
                           "target_class": attack.target_class, "poison_rate": attack.poison_rate,
                           "scale": attack.scale}
-    return Federation(run, peers, test, schedule, sizes, n_logical, info, attack, _compressor(run, n_logical))
+    stacked = None
+    if run.vectorise:
+        from dimat.federation.stacked import stack_peers
+
+        stacked = stack_peers(peers)
+        info["executor"] = "stacked" if stacked is not None else "per-peer (these peers cannot be stacked)"
+    return Federation(run, peers, test, schedule, sizes, n_logical, info, attack, _compressor(run, n_logical), stacked)
 
 
 def _compressor(run: RunConfig, n_peers: int) -> Any | None:

@@ -115,8 +115,9 @@ def train_round(fed: Federation, transport: Any, round_idx: int, epochs: float) 
     if fed.attack is not None:
         fed.attack.before_training(fed.peers)
     if fed.method not in (*MERGE_METHODS, "gossip"):  # isolated, centralized: train only
-        for pid, p in fed.peers.items():
-            out.train[pid] = p.train(steps=local_steps(fed, p, epochs))
+        for p in fed.peers.values():
+            p.start_round()
+        out.train = train_steps(fed, {pid: local_steps(fed, p, epochs) for pid, p in fed.peers.items()})
         return out
     g = exchanges_per_round(fed)
     topo = fed.topology_at(round_idx)
@@ -129,14 +130,21 @@ def train_round(fed: Federation, transport: Any, round_idx: int, epochs: float) 
     for p in fed.peers.values():
         p.start_round()
     for k in range(g):
-        for pid, p in fed.peers.items():
-            t = totals[pid]
-            parts[pid].append(p.train_steps(t * (k + 1) // g - t * k // g))
+        chunk = train_steps(fed, {pid: t * (k + 1) // g - t * k // g for pid, t in totals.items()})
+        for pid in fed.peers:
+            parts[pid].append(chunk[pid])
         exchange_and_merge(fed, transport, topo, (round_idx - 1) * g + k + 1, out, method=method,
                            bn_stats=bn_stats, reset_optimizer=reset_optimizer)
     for pid, chunks in parts.items():
         out.train[pid] = chunks[0] if len(chunks) == 1 else _pooled(chunks)
     return out
+
+
+def train_steps(fed: Federation, steps: dict[int, int]) -> dict[int, dict[str, float]]:
+    """``steps[p]`` SGD steps for each local peer: stacked (``vectorise``) or one peer after another."""
+    if fed.stacked is not None:
+        return fed.stacked.train_steps(steps)
+    return {pid: fed.peers[pid].train_steps(n) for pid, n in steps.items()}
 
 
 def _pooled(chunks: list[dict[str, float]]) -> dict[str, float]:
@@ -165,9 +173,12 @@ def evaluate_round(fed: Federation, round_idx: int, out: RoundOutput, elapsed: f
                       test_size=len(fed.test_data[1]), seed=run.seed, train_samples=round_train_samples(fed))
     test = fed.test_data if plan.test_rows is None else tuple(t[plan.test_rows] for t in fed.test_data)
     records: list[dict[str, Any]] = []
+    scored: dict[int, dict[str, float]] = {}
+    if fed.stacked is not None:  # every evaluated peer on the same test batches at once
+        scored = fed.stacked.evaluate([pid for pid in sorted(fed.peers) if plan.evaluates(pid)], test)
     for pid, p in sorted(fed.peers.items()):
         evaluated = plan.evaluates(pid)
-        got = p.evaluate(test) if evaluated else {"acc": None, "loss": None}
+        got = (scored.get(pid) or p.evaluate(test)) if evaluated else {"acc": None, "loss": None}
         val = p.evaluate_val() if evaluated else None
         tr = out.train.get(pid, {})
         rec = {

@@ -49,12 +49,12 @@ BASE_PEERS = 3
 
 #: the paper's protocol (one merge per round) and the job's training settings
 PROTOCOL = ["partition=iid", "local_epochs=1", "merge.every_steps=null", "merge.keep_momentum=false",
-            "merge.reset_bn=true", "baseline=null", "train.batch_size=64", "train.lr=0.05", "merge.align_batches=2",
+            "merge.bn_stats=own", "baseline=null", "train.batch_size=64", "train.lr=0.05", "merge.align_batches=2",
             "progress=false", "checkpoint.enabled=false", "threads=1"]
 JOBS = {
     "dimat": ["merge=dimat", "topology=ring"],
     # FedAvg as Flower runs it: one average of every state, BatchNorm buffers averaged too (no reset)
-    "fedavg": ["merge=average", "topology=fully_connected", "init=shared", "merge.reset_bn=false"],
+    "fedavg": ["merge=average", "topology=fully_connected", "init=shared", "merge.bn_stats=average"],
 }
 
 

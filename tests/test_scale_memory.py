@@ -28,7 +28,7 @@ def test_live_sent_states_merge_exactly_like_copies_and_are_released() -> None:
     live, copied = _trained(), _trained()
     topo = live.topology_at(1)
     out = RoundOutput.empty(live.peers)
-    exchange_and_merge(live, InProcTransport(), topo, 1, out, method="dimat", reset_bn=True, reset_optimizer=True)
+    exchange_and_merge(live, InProcTransport(), topo, 1, out, method="dimat", bn_stats="own", reset_optimizer=True)
 
     # the reference: every peer's state copied before anyone merges (what a remote transport sends)
     sent = SentStates(copied.peers, live=False)
@@ -36,7 +36,7 @@ def test_live_sent_states_merge_exactly_like_copies_and_are_released() -> None:
     got = InProcTransport().exchange(1, sent.states, nb, {p: list(topo.out_neighbours(p)) for p in copied.peers}).received
     before = {q: {p: {k: v.clone() for k, v in s.items()} for p, s in g.items()} for q, g in got.items()}
     for pid, peer in copied.peers.items():
-        peer.merge(got[pid], topo.weights_for(pid), method="dimat", reset_bn=True, reset_optimizer=True)
+        peer.merge(got[pid], topo.weights_for(pid), method="dimat", bn_stats="own", reset_optimizer=True)
     for q, g in got.items():  # merging never writes into a received state
         assert all(torch.equal(g[p][k], before[q][p][k]) for p in g for k in g[p])
     for pid in live.peers:

@@ -30,7 +30,9 @@ def _merge_all(fed, topo, got, shared):
     return {pid: p.merge(got[pid], topo.weights_for(pid), shared=shared) for pid, p in fed.peers.items()}
 
 
-@pytest.mark.parametrize("model", [["model=mlp"], ["model=cnn1d", "model.width=0.25"]], ids=["mlp", "cnn1d-bn"])
+@pytest.mark.parametrize("model", [["model=mlp"], ["model=cnn1d", "model.width=0.25", "merge.bn_stats=own"],
+                                   ["model=cnn1d", "model.width=0.25", "merge.bn_stats=mixture"]],
+                         ids=["mlp", "cnn1d-bn-own", "cnn1d-bn-mixture"])
 def test_fully_connected_average_is_computed_once_and_equals_each_peers_own(model: list[str]) -> None:
     over = ["topology=fully_connected", "merge=average", *model]
     fed_shared, fed_own = _trained(*over), _trained(*over)
@@ -46,7 +48,7 @@ def test_fully_connected_average_is_computed_once_and_equals_each_peers_own(mode
         loaded = fed_shared.peers[pid].model.state_dict()
         assert all(torch.equal(loaded[k], merged[pid][k]) for k in merged[pid])
     # BatchNorm is reset per peer on its own data, so with BN the peers' buffers differ after the shared average
-    if "model=cnn1d" in model:
+    if "merge.bn_stats=own" in model:
         a, b = merged[0]["bn.0.running_mean"], merged[1]["bn.0.running_mean"]
         assert not torch.allclose(a, b)
         assert torch.equal(merged[0]["conv.0.weight"], merged[1]["conv.0.weight"])

@@ -2,8 +2,10 @@
 
 The job: 1-D CNN peers on MNIST-1D, IID split, 1 local epoch per round, batch 64, lr 0.05, the
 paper's protocol (one merge per round after local training, optimizer restarted, BatchNorm reset on
-own data). ``dimat`` is DIMAT on a ring; ``fedavg`` (``--jobs dimat fedavg``) is dimat's
-FedAvg-equivalent (``merge=average topology=fully_connected init=shared``). MNIST-1D grows with the
+own data). ``dimat`` is DIMAT on a ring; ``fedavg`` is dimat's FedAvg-equivalent, the very job
+Flower runs (``merge=average topology=fully_connected init=shared merge.bn_stats=average``: one
+average of every state, BatchNorm buffers included). Each runs per peer and stacked
+(``vectorise=true``, ``--executors``). MNIST-1D grows with the
 federation (``data.samples_per_peer``: 40 per peer once 4,000 would give fewer). Each N runs in a
 fresh subprocess so its peak RSS is its own. A baseline process that runs a 3-peer round (every
 import, the data, the lazy initialisations) is measured the same way, so
@@ -24,7 +26,7 @@ data, in this run, with its peak memory summed over its whole process tree (Ray 
 processes). Its figures are saved to ``bench/results/flower_scale.json``; without
 ``--flower-python`` the table shows that file's figures, named as Flower's last run.
 
-    PYTHONPATH=. python bench/scale.py                                  # N = 8 64 1000
+    PYTHONPATH=. python bench/scale.py                                  # N = 8 64 1000, both jobs, both executors
     PYTHONPATH=. python bench/scale.py --peers 8 64 --flower-python /work/flower-venv/bin/python
 """
 from __future__ import annotations
@@ -58,8 +60,12 @@ JOBS = {
 }
 
 
-def overrides(job: str, n: int, rounds: int) -> list[str]:
-    return [f"num_peers={n}", f"rounds={rounds}", *PROTOCOL, *JOBS[job]]
+#: how the peers of one process execute: one after another, or as one stacked computation
+EXECUTORS = {"per-peer": ["vectorise=false"], "stacked": ["vectorise=true"]}
+
+
+def overrides(job: str, n: int, rounds: int, executor: str = "per-peer") -> list[str]:
+    return [f"num_peers={n}", f"rounds={rounds}", *PROTOCOL, *JOBS[job], *EXECUTORS[executor]]
 
 
 def steady(times: list[float]) -> float:
@@ -68,7 +74,7 @@ def steady(times: list[float]) -> float:
     return statistics.median(inner)
 
 
-def child(job: str, n: int, rounds: int, out: str, dump: str | None) -> None:
+def child(job: str, executor: str, n: int, rounds: int, out: str, dump: str | None) -> None:
     """Run one federation of ``n`` peers and write its figures (and, with ``dump``, its data) to files."""
     import torch
     from dimat.entry import load
@@ -76,10 +82,12 @@ def child(job: str, n: int, rounds: int, out: str, dump: str | None) -> None:
     from dimat.transport.inproc import InProcTransport
 
     torch.set_num_threads(1)
-    fed = build_federation(load(overrides(job, n, rounds)))
+    fed = build_federation(load(overrides(job, n, rounds, executor)))
+    if executor == "stacked" and fed.stacked is None:
+        raise SystemExit(f"{job}: these peers cannot be stacked")
     peer = fed.peers[0]
     params = sum(p.numel() * p.element_size() for p in peer.model.parameters())
-    rec: dict = {"job": job, "n": n, "model_bytes": fed.info["model_bytes"], "optimizer_bytes": params,
+    rec: dict = {"job": job, "executor": executor, "n": n, "model_bytes": fed.info["model_bytes"], "optimizer_bytes": params,
                  "train_size": fed.info["train_size"],
                  "data_bytes_per_peer": sum(
                      (p.x.numel() * p.x.element_size() + p.y.numel() * p.y.element_size()
@@ -111,10 +119,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_dimat(job: str, n: int, rounds: int, dump: str | None = None) -> dict:
+def run_dimat(job: str, executor: str, n: int, rounds: int, dump: str | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rec.json"
-        cmd = [sys.executable, __file__, "--child", job, str(n), "--rounds", str(rounds), "--out", str(out)]
+        cmd = [sys.executable, __file__, "--child", job, executor, str(n), "--rounds", str(rounds), "--out", str(out)]
         subprocess.run(cmd + (["--dump", dump] if dump else []), check=True, env=_env())
         return json.loads(out.read_text())
 
@@ -192,31 +200,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peers", type=int, nargs="+", default=[8, 64, 1000])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--jobs", nargs="+", default=["dimat"], choices=sorted(JOBS))
+    ap.add_argument("--jobs", nargs="+", default=["fedavg", "dimat"], choices=sorted(JOBS))
+    ap.add_argument("--executors", nargs="+", default=["stacked", "per-peer"], choices=sorted(EXECUTORS))
     ap.add_argument("--flower-python", default=None, help="an interpreter with flwr[simulation] installed")
-    ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dump", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        child(args.child[0], int(args.child[1]), args.rounds, args.out, args.dump)
+        child(args.child[0], args.child[1], int(args.child[2]), args.rounds, args.out, args.dump)
         return
     if args.rounds < 3:
         ap.error("--rounds must be at least 3 (a warm-up round, a measured round, the final full evaluation)")
 
-    base = run_dimat(args.jobs[0], BASE_PEERS, 1)
+    base = run_dimat(args.jobs[0], args.executors[0], BASE_PEERS, 1)
     print(f"baseline process (a {BASE_PEERS}-peer round: imports, data, lazy set-up): "
           f"peak RSS {base['peak_rss_bytes'] / MIB:.1f} MiB", flush=True)
-    rows: dict[str, list[dict]] = {job: [] for job in args.jobs}
+    runs = [(job, ex) for job in args.jobs for ex in args.executors]
+    rows: dict[tuple[str, str], list[dict]] = {run: [] for run in runs}
     flower: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.peers:
-            for job in args.jobs:
-                dump = str(Path(tmp) / f"job_{n}.npz") if args.flower_python and job == args.jobs[0] else None
-                rec = run_dimat(job, n, args.rounds, dump)
+            for job, ex in runs:
+                dump = str(Path(tmp) / f"job_{n}.npz") if args.flower_python and (job, ex) == runs[0] else None
+                rec = run_dimat(job, ex, n, args.rounds, dump)
                 rec["round_s"] = steady(rec["round_times"])
-                rows[job].append(rec)
-                print(f"  {job} N={n:>4}: {rec['round_s']:.2f} s/round (final {rec['round_times'][-1]:.2f} s), "
+                rows[(job, ex)].append(rec)
+                print(f"  {job} ({ex}) N={n:>4}: {rec['round_s']:.2f} s/round (final {rec['round_times'][-1]:.2f} s), "
                       f"peak RSS {rec['peak_rss_bytes'] / MIB:.1f} MiB, final acc {rec['acc']:.3f}", flush=True)
             if args.flower_python:
                 try:
@@ -236,8 +246,8 @@ def main() -> None:
         flower = {int(r["n"]): r for r in saved["runs"]}
         label = f"Flower (last run, {saved['date']}, not this run)"
 
-    for job, recs in rows.items():
-        print(f"\n{job}: {' '.join(JOBS[job])}; vs {label}")
+    for (job, ex), recs in rows.items():
+        print(f"\n{job}, {ex}: {' '.join(JOBS[job] + EXECUTORS[ex])}; vs {label}")
         print("| peers | train samples | s/round | final round s | time ratio | N ratio | peak RSS MiB "
               "| per-peer KiB | model+opt+data KiB | ratio | Flower s/round | Flower peak MiB | dimat/Flower time |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -249,6 +249,8 @@ class RunConfig:
     tensorboard: bool
     #: train and evaluate same-architecture peers as one stacked computation (dimat.federation.stacked)
     vectorise: bool
+    #: peers per stacked call (bounds the activations one call holds for its backward pass)
+    vectorise_chunk: int
     progress: bool
     resume: bool
     run_dir: str
@@ -295,6 +297,7 @@ class RunConfig:
             threads=root.number("threads", int, 1, optional=True),
             tensorboard=root.flag("tensorboard"),
             vectorise=root.flag("vectorise"),
+            vectorise_chunk=root.number("vectorise_chunk", int, 1),
             progress=root.flag("progress"),
             resume=root.flag("resume"),
             run_dir=root.text("run_dir"),  # type: ignore[arg-type]

@@ -274,7 +274,7 @@ def build_federation(cfg: Any, local_ids: Sequence[int] | None = None) -> Federa
     if run.vectorise:
         from dimat.federation.stacked import stack_peers
 
-        stacked = stack_peers(peers)
+        stacked = stack_peers(peers, run.vectorise_chunk)
         info["executor"] = "stacked" if stacked is not None else "per-peer (these peers cannot be stacked)"
     return Federation(run, peers, test, schedule, sizes, n_logical, info, attack, _compressor(run, n_logical), stacked)
 

@@ -63,7 +63,7 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 class StackedPeers:
     """Peers of one architecture whose parameters are rows of stacked tensors (see the module docstring)."""
 
-    def __init__(self, peers: Sequence[Any]) -> None:
+    def __init__(self, peers: Sequence[Any], chunk: int | None = None) -> None:
         if not peers:
             raise ValueError("StackedPeers needs at least one peer")
         ref = peers[0]
@@ -75,6 +75,8 @@ class StackedPeers:
             if _architecture(p.model) != arch or p.device != ref.device or p.config != ref.config:
                 raise ValueError(f"peer {p.id} differs from peer {ref.id} in architecture, device or training config")
         self.peers = list(peers)
+        #: peers per stacked call: a call holds every one of its peers' activations for the backward
+        self.chunk = max(1, int(chunk)) if chunk else len(self.peers)
         self.index = {p.id: i for i, p in enumerate(self.peers)}
         self.config = ref.config
         self.names = [n for n, _ in ref.model.named_parameters()]
@@ -159,7 +161,8 @@ class StackedPeers:
                     xb, yb = self.peers[i]._next_batch()
                     batches.setdefault(len(yb), []).append((i, xb, yb))
             for group in batches.values():
-                self._step(group, buffers, pos, stats)
+                for c in range(0, len(group), self.chunk):
+                    self._step(group[c : c + self.chunk], buffers, pos, stats)
         self._buffers_out(rows, buffers)
         out = {}
         for i, k in todo.items():
@@ -216,8 +219,7 @@ class StackedPeers:
 
     # --------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self, peer_ids: Sequence[int], data: tuple[torch.Tensor, torch.Tensor],
-                 chunk_peers: int = 8) -> dict[int, dict[str, float]]:
+    def evaluate(self, peer_ids: Sequence[int], data: tuple[torch.Tensor, torch.Tensor]) -> dict[int, dict[str, float]]:
         """Accuracy and mean cross-entropy of each listed peer on the same ``data`` (``Peer.evaluate``)."""
         x, y = data
         rows = [self.index[pid] for pid in peer_ids]
@@ -226,8 +228,8 @@ class StackedPeers:
         out: dict[int, dict[str, float]] = {}
         bs = self.config.eval_batch_size
         device = self.peers[0].device
-        for c0 in range(0, len(rows), chunk_peers):
-            part = rows[c0 : c0 + chunk_peers]
+        for c0 in range(0, len(rows), self.chunk):
+            part = rows[c0 : c0 + self.chunk]
             sel = torch.tensor(part)
             params = {n: t[sel] for n, t in self.params.items()}
             buffers = self._buffers(part)
@@ -245,13 +247,13 @@ class StackedPeers:
         return out
 
 
-def stack_peers(peers: Mapping[int, Any]) -> StackedPeers | None:
+def stack_peers(peers: Mapping[int, Any], chunk: int | None = None) -> StackedPeers | None:
     """A :class:`StackedPeers` for ``peers`` if they can all be stacked together, else None."""
     group = list(peers.values())
     if len(group) < 2 or any(stackable(p) is not None for p in group):
         return None
     try:
-        return StackedPeers(group)
+        return StackedPeers(group, chunk)
     except ValueError:
         return None
 

@@ -60,11 +60,12 @@ class InProcTransport:
             if sender not in states:
                 raise TransportError(f"round {round_idx}: peer {sender} has no state to send")
             state = states[sender]
+            size = state_nbytes(state)  # once per sender: a fully connected exchange has N^2 deliveries
             for q in targets:
                 if q == sender or q not in received or sender not in in_neighbours.get(q, ()):
                     continue
                 self.messages_sent += 1
-                bytes_sent[sender] += state_nbytes(state)
+                bytes_sent[sender] += size
                 schema = schemas.get(q) or schemas.setdefault(q, Schema.from_state(states[q]))
                 if (sender, schema) not in verdicts:
                     try:

@@ -74,3 +74,19 @@ def test_generated_data_grows_with_the_federation_and_the_test_set_does_not() ->
     assert len(big.test) == len(small.test) == 1000
     with pytest.raises(ConfigError, match="has a fixed size"):
         load_data(RunConfig.from_config(compose("data=digits", "+data.samples_per_peer=40")))
+
+
+def test_delivery_is_exact_only_when_receivers_hold_the_sent_states() -> None:
+    fed = _trained()
+    topo = fed.topology_at(1)
+    nb = {p: list(topo.in_neighbours(p)) for p in fed.peers}
+    out_nb = {p: list(topo.out_neighbours(p)) for p in fed.peers}
+    sent = SentStates(fed.peers, live=True)
+    got = InProcTransport().exchange(1, sent.states, nb, out_nb).received
+    sent.delivered(got)
+    assert sent.exact
+    decoded = SentStates(fed.peers, live=True)
+    got = InProcTransport().exchange(1, decoded.states, nb, out_nb).received
+    got[1] = {p: dict(s) for p, s in got[1].items()}  # a receiver holding its own copy
+    decoded.delivered(got)
+    assert not decoded.exact

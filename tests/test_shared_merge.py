@@ -69,3 +69,15 @@ def test_alignment_and_defences_are_never_shared() -> None:
     assert not SharedMerges.applies(None, "dimat", None, None)  # no basis tags: every neighbour matched
     assert not SharedMerges.applies(None, "dimat", [True], 0)  # relabelled into another basis
     assert not SharedMerges.applies(object(), "average", None, None)  # a robust aggregator
+
+
+def test_no_reuse_when_peers_received_copies() -> None:
+    # a remote or compressing transport: each receiver holds its own decoded copy, so one peer's
+    # average (own live model + the others' copies) is not another's; each computes its own
+    fed = _trained("topology=fully_connected", "merge=average", "model=mlp")
+    topo, got = _exchange(fed)
+    got = {q: {p: {k: v.clone() for k, v in s.items()} for p, s in g.items()} for q, g in got.items()}
+    shared = SharedMerges((row_key(renormalise(topo.weights_for(p), got[p], self_id=p)) for p in fed.peers),
+                          reuse=False)
+    _merge_all(fed, topo, got, shared)
+    assert (shared.computed, shared.reused) == (6, 0) and not shared._kept

@@ -80,21 +80,24 @@ def exchanges_per_round(fed: Federation) -> int:
 def exchange_and_merge(fed: Federation, transport: Any, topo: Any, exchange_idx: int, out: RoundOutput, *,
                        method: str, bn_stats: str, reset_optimizer: bool) -> None:
     """One exchange of shared states, then every local peer merges what it received (into ``out``)."""
-    sent = SentStates(fed.peers, live=fed.attack is None and fed.config.transport.name == "inproc")
+    # live (uncopied) sent states only in-process without compression: a compressor keeps what was sent
+    # as its next reference, which must not change when the sender merges
+    live = fed.attack is None and fed.compressor is None and fed.config.transport.name == "inproc"
+    sent = SentStates(fed.peers, live=live)
     states = sent.states
     if fed.attack is not None:
         states = fed.attack.outgoing(states)  # model replacement by malicious peers
     in_nb = {pid: list(topo.in_neighbours(pid)) for pid in fed.peers}
     out_nb = {pid: list(topo.out_neighbours(pid)) for pid in fed.peers}
-    sent = states if fed.compressor is None else fed.compressor.encode(exchange_idx, states, out_nb)
-    result = transport.exchange(exchange_idx, sent, in_nb, out_nb, timeout=fed.config.transport.timeout)
+    payloads = states if fed.compressor is None else fed.compressor.encode(exchange_idx, states, out_nb)
+    result = transport.exchange(exchange_idx, payloads, in_nb, out_nb, timeout=fed.config.transport.timeout)
     if fed.compressor is not None:  # decoded states, checked against each receiver's own model
         result = fed.compressor.decode(exchange_idx, result, states)
+    sent.delivered(result.received)
     shared = None
     if fed.attack is None:  # an attacker's sent state is not its model: its row is not the others'
-        shared = SharedMerges(row_key(renormalise(topo.weights_for(pid), result.received.get(pid, {}), self_id=pid))
-                              for pid in fed.peers)
-    sent.delivered(result.received)
+        shared = SharedMerges((row_key(renormalise(topo.weights_for(pid), result.received.get(pid, {}), self_id=pid))
+                               for pid in fed.peers), reuse=sent.exact)
     for pid, peer in fed.peers.items():
         got = result.received.pop(pid, {})  # dropped once merged: received states are held no longer
         sent.before_merge(pid)

@@ -35,15 +35,22 @@ class SentStates:
         else:
             self.states = {pid: p.shared_state() for pid, p in peers.items()}
         self._readers: Counter[int] = Counter()
+        #: every receiver got exactly what was sent (the very dicts): what one peer computes from its
+        #: received states, another computes from the same (a merge may be shared, shared_merge)
+        self.exact = False
 
     def delivered(self, received: Mapping[int, Mapping[int, StateDict]]) -> None:
         """Count the local receivers holding each sender's state as sent (not a decoded copy)."""
         if not self.live:
             return
+        exact = True
         for got in received.values():
             for sender, state in got.items():
                 if state is self.states.get(sender):
                     self._readers[sender] += 1
+                else:
+                    exact = False  # decoded or re-encoded on the way (e.g. compression)
+        self.exact = exact
 
     def before_merge(self, pid: int) -> None:
         """Peer ``pid`` is about to overwrite its model: copy its sent state if someone still reads it."""

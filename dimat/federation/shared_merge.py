@@ -42,7 +42,11 @@ def row_key(weights: Mapping[int, float]) -> Row:
 class SharedMerges:
     """One exchange's shared averages; ``uses`` counts the peers expected to merge each row."""
 
-    def __init__(self, uses: Iterable[Row]) -> None:
+    def __init__(self, uses: Iterable[Row], *, reuse: bool = True) -> None:
+        #: whether one peer's average may serve another: only when every peer received exactly the
+        #: states that were sent (a peer's own contribution is its live model, the others' the
+        #: copy they received); otherwise each peer computes its own, in the same canonical order
+        self.reuse = reuse
         self._left = Counter(uses)
         self._kept: dict[Row, StateDict] = {}
         #: averages computed, and merges served from one computed before (for tests and benches)
@@ -76,7 +80,7 @@ class SharedMerges:
         else:
             self.reused += 1
         self._left[key] -= 1
-        if self._left[key] > 0:
+        if self.reuse and self._left[key] > 0:
             self._kept[key] = avg
         else:
             self._kept.pop(key, None)

@@ -53,27 +53,36 @@ class InProcTransport:
         received: dict[int, dict[int, StateDict]] = {q: {} for q in states}
         refused: dict[int, dict[int, str]] = {q: {} for q in states}
         bytes_sent: dict[int, int] = {p: 0 for p in out_neighbours}
-        schemas: dict[int, Schema] = {}
-        # receivers nearly always share one schema: check each sender's state once per schema
-        verdicts: dict[tuple[int, Schema], str | None] = {}
+        # receivers nearly always share one schema: check each sender's state once per schema. A
+        # receiver's schema is interned once (an index), so the N^2 deliveries of a fully connected
+        # exchange look up small ints rather than hashing and comparing schemas
+        distinct: list[Schema] = []
+        schema_of: dict[int, int] = {}
+        verdicts: dict[tuple[int, int], str | None] = {}
+        listening = {q: set(in_neighbours.get(q, ())) for q in states}
         for sender, targets in out_neighbours.items():
             if sender not in states:
                 raise TransportError(f"round {round_idx}: peer {sender} has no state to send")
             state = states[sender]
             size = state_nbytes(state)  # once per sender: a fully connected exchange has N^2 deliveries
             for q in targets:
-                if q == sender or q not in received or sender not in in_neighbours.get(q, ()):
+                if q == sender or q not in received or sender not in listening[q]:
                     continue
                 self.messages_sent += 1
                 bytes_sent[sender] += size
-                schema = schemas.get(q) or schemas.setdefault(q, Schema.from_state(states[q]))
-                if (sender, schema) not in verdicts:
+                if q not in schema_of:
+                    own = Schema.from_state(states[q])
+                    schema_of[q] = next((i for i, sc in enumerate(distinct) if sc == own), len(distinct))
+                    if schema_of[q] == len(distinct):
+                        distinct.append(own)
+                key = (sender, schema_of[q])
+                if key not in verdicts:
                     try:
-                        check_state(state, schema)
-                        verdicts[(sender, schema)] = None
+                        check_state(state, distinct[key[1]])
+                        verdicts[key] = None
                     except StateRejected as exc:
-                        verdicts[(sender, schema)] = exc.reason
-                reason = verdicts[(sender, schema)]
+                        verdicts[key] = exc.reason
+                reason = verdicts[key]
                 if reason is not None:
                     refused[q][sender] = refusal_message(sender, round_idx, reason)
                     continue

@@ -105,7 +105,7 @@ def child(job: str, executor: str, n: int, rounds: int, out: str, dump: str | No
                  y_test=fed.test_data[1].numpy(), **arrays)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        summary = run_rounds(fed, InProcTransport(), tmp, progress=False)
+        summary = run_rounds(fed, InProcTransport(share_states=True), tmp, progress=False)  # as dimat simulate
         rec["total_s"] = time.perf_counter() - t0
     rec["round_times"] = [r["time_s"] for r in summary["rounds"]]
     rec["acc"] = summary["final_mean_acc"]
@@ -239,12 +239,15 @@ def main() -> None:
     label = "Flower (this run)"
     if args.flower_python and flower:
         FLOWER_RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        FLOWER_RESULTS.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                              "rounds": args.rounds, "runs": list(flower.values())}, indent=1) + "\n")
+        now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        kept = json.loads(FLOWER_RESULTS.read_text())["runs"] if FLOWER_RESULTS.exists() else []
+        runs = {int(r["n"]): r for r in kept} | {n: {**r, "date": now} for n, r in flower.items()}
+        FLOWER_RESULTS.write_text(json.dumps({"date": now, "rounds": args.rounds,
+                                              "runs": [runs[n] for n in sorted(runs)]}, indent=1) + "\n")
     elif FLOWER_RESULTS.exists():
         saved = json.loads(FLOWER_RESULTS.read_text())
         flower = {int(r["n"]): r for r in saved["runs"]}
-        label = f"Flower (last run, {saved['date']}, not this run)"
+        label = f"Flower (last runs, up to {saved['date']}, not this run)"
 
     for (job, ex), recs in rows.items():
         print(f"\n{job}, {ex}: {' '.join(JOBS[job] + EXECUTORS[ex])}; vs {label}")

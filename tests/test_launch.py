@@ -94,7 +94,8 @@ def test_ring_four_ranks_matches_simulation(ring_reference: tuple[list[str], Pat
 
 def test_time_varying_topology_more_peers_than_ranks(tmp_path: Path) -> None:
     # 8 peers on 4 ranks (2 each), one-peer exponential: a different neighbour every round
-    args = [*COMMON, "num_peers=8", "topology=one_peer_exponential"]
+    # every peer evaluated every round (eval.peers=auto samples 5 of 8 in round 1): every record compared
+    args = [*COMMON, "num_peers=8", "topology=one_peer_exponential", "eval.peers=null"]
     simulate(args, tmp_path / "sim")
     run_dir = tmp_path / "run"
     torchrun([*args, f"run_dir={run_dir}"], cwd=tmp_path)

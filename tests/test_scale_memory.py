@@ -28,7 +28,8 @@ def test_live_sent_states_merge_exactly_like_copies_and_are_released() -> None:
     live, copied = _trained(), _trained()
     topo = live.topology_at(1)
     out = RoundOutput.empty(live.peers)
-    exchange_and_merge(live, InProcTransport(), topo, 1, out, method="dimat", bn_stats="own", reset_optimizer=True)
+    exchange_and_merge(live, InProcTransport(share_states=True), topo, 1, out, method="dimat", bn_stats="own",
+                       reset_optimizer=True)
 
     # the reference: every peer's state copied before anyone merges (what a remote transport sends)
     sent = SentStates(copied.peers, live=False)
@@ -52,7 +53,8 @@ def test_a_sent_state_is_copied_only_while_an_unmerged_receiver_holds_it() -> No
     model0 = fed.peers[0].model.state_dict()
     assert all(sent.states[0][k].data_ptr() == model0[k].data_ptr() for k in model0)  # no copy up front
     nb = {p: list(topo.in_neighbours(p)) for p in fed.peers}
-    got = InProcTransport().exchange(1, sent.states, nb, {p: list(topo.out_neighbours(p)) for p in fed.peers}).received
+    got = InProcTransport(share_states=True).exchange(1, sent.states, nb,
+                                                      {p: list(topo.out_neighbours(p)) for p in fed.peers}).received
     sent.delivered(got)
     sent.before_merge(0)  # peers 1 and 5 still need peer 0's state as it was
     assert all(sent.states[0][k].data_ptr() != model0[k].data_ptr() for k in model0)
@@ -82,11 +84,10 @@ def test_delivery_is_exact_only_when_receivers_hold_the_sent_states() -> None:
     nb = {p: list(topo.in_neighbours(p)) for p in fed.peers}
     out_nb = {p: list(topo.out_neighbours(p)) for p in fed.peers}
     sent = SentStates(fed.peers, live=True)
-    got = InProcTransport().exchange(1, sent.states, nb, out_nb).received
+    got = InProcTransport(share_states=True).exchange(1, sent.states, nb, out_nb).received
     sent.delivered(got)
     assert sent.exact
-    decoded = SentStates(fed.peers, live=True)
-    got = InProcTransport().exchange(1, decoded.states, nb, out_nb).received
-    got[1] = {p: dict(s) for p, s in got[1].items()}  # a receiver holding its own copy
-    decoded.delivered(got)
-    assert not decoded.exact
+    copied = SentStates(fed.peers, live=True)
+    got = InProcTransport().exchange(1, copied.states, nb, out_nb).received  # private copies: the contract's default
+    copied.delivered(got)
+    assert not copied.exact

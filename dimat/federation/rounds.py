@@ -313,7 +313,8 @@ def simulate(cfg: Any, run_dir: str | Path, *, resume: bool = False, progress: b
     if echo is not None:
         echo(f"dimat: {fed.method} · {run.model.name} · {run.data.name} · {fed.num_peers} peer(s) · "
              f"{run.topology.name} · {run.rounds} rounds x {run.local_epochs} epochs → {run_dir}")
-    transport = build_transport(run.transport, n_peers=run.num_peers)
+    # every peer lives here: receivers read the sent states themselves (held once, sent_states.py)
+    transport = build_transport(run.transport, n_peers=run.num_peers, share_states=True)
     try:
         return run_rounds(fed, transport, run_dir, resume=resume, progress=progress and run.progress, echo=echo)
     finally:

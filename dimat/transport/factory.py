@@ -40,16 +40,18 @@ def build_transport(
     report_path: str | None = None,
     device: torch.device | str | None = None,
     bind: str | None = None,
+    share_states: bool = False,
 ) -> Transport:
     """inproc -> InProcTransport; grpc -> GrpcTransport(peer_id, peers); torchdist -> TorchDistTransport(n_peers).
 
     For grpc, TLS paths get ``{id}`` replaced by ``peer_id`` and the token is read from the
     environment variable named by ``token_env`` (unset or empty: no token); secrets never sit in configs.
+    ``share_states`` (inproc only): receivers read the sent states themselves instead of copies.
     """
     if settings.name == "inproc":
         from dimat.transport.inproc import InProcTransport
 
-        return InProcTransport()
+        return InProcTransport(share_states=share_states)
     if settings.name == "grpc":
         from dimat.transport.grpc import GrpcTransport
 

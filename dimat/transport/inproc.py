@@ -1,10 +1,12 @@
 """In-process transport: every peer lives in this process (simulation).
 
-Every receiver of a sender's state reads the same tensors: the state handed to :meth:`exchange`,
-which is the sender's message (``Peer.shared_state`` is a copy, never the live model), held once
-rather than once per receiver, so memory for received states does not grow with the degree.
-Receivers treat received states as read-only (nothing in dimat modifies one in place;
-``tests/test_scale_memory.py`` checks a round leaves them intact). Every delivered state passes the same receive checks as a remote one
+Each receiver gets its own clone of every tensor, so no peer can mutate another's model or
+another receiver's copy. With ``share_states=True`` (what ``dimat simulate`` uses) every receiver
+of a sender's state reads the very state handed to :meth:`exchange` instead, held once rather than
+once per receiver, so memory for received states does not grow with the degree; receivers then
+treat received states as read-only (nothing in dimat modifies one in place;
+``tests/test_scale_memory.py`` checks a round leaves them intact), and the round loop copies a
+sender's state before its own merge overwrites it (``dimat.federation.sent_states``). Every delivered state passes the same receive checks as a remote one
 (:mod:`dimat.transport.checks`, against the receiving peer's own state), so a bad state is refused
 with the same text as over gRPC or torchdist. Bytes are counted as a wire transport would send them
 (raw tensor data once per out-neighbour), so simulated communication cost is comparable.
@@ -24,9 +26,11 @@ def state_nbytes(state: Mapping[str, object]) -> int:
 
 
 class InProcTransport:
-    """Exchange state dicts between peers hosted in one process (a sender's state goes to its receivers as is)."""
+    """Exchange state dicts between peers hosted in one process by copying tensors (or, with
+    ``share_states``, by handing every receiver the sent state itself)."""
 
-    def __init__(self) -> None:
+    def __init__(self, share_states: bool = False) -> None:
+        self.share_states = bool(share_states)
         #: totals over the transport's life (the per-exchange figures are in ExchangeResult)
         self.bytes_sent = 0
         self.messages_sent = 0
@@ -86,7 +90,7 @@ class InProcTransport:
                 if reason is not None:
                     refused[q][sender] = refusal_message(sender, round_idx, reason)
                     continue
-                received[q][sender] = state
+                received[q][sender] = state if self.share_states else {k: v.detach().clone() for k, v in state.items()}
         self.bytes_sent += sum(bytes_sent.values())
         missing = {q: sorted(set(int(i) for i in in_neighbours.get(q, ())) - set(received[q])) for q in states}
         return ExchangeResult(received, missing, refused, bytes_sent, wire_bytes=0)

@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 METHODS = ("dimat", "weight_matching", "average", "gossip", "isolated", "centralized")
+# keys an earlier release had, and what replaced them (an old command line or saved config gets the way forward)
+RENAMED = {
+    "merge.reset_bn": "merge.bn_stats: own (was reset_bn=true), average (was false) or mixture",
+    "transport.half": "exchange.compress=fp16 or bf16 (on every transport)",
+}
 # merge.bn_stats: what a merge does with BatchNorm statistics (meanings: dimat.merge.api)
 BN_STATS = ("own", "average", "mixture")
 #: methods whose round ends in one exchange + merge on the peer (the rest exchange differently or never)
@@ -329,9 +334,8 @@ def _merge_settings(r: _Reader) -> MergeSettings:
         basis = None
     elif not isinstance(basis, bool):
         raise ConfigError(f"merge.consensus_basis must be true, false or auto (got {basis!r})")
-    if "reset_bn" in r.data:
-        raise ConfigError("merge.reset_bn was replaced by merge.bn_stats: own (was reset_bn=true), average "
-                          "(was false) or mixture")
+    if "reset_bn" in r.data:  # a saved config.yaml of an earlier release
+        raise ConfigError(f"merge.reset_bn was replaced by {RENAMED['merge.reset_bn']}")
     kwargs = r.raw("aggregator_kwargs")
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise ConfigError(f"merge.aggregator_kwargs must be a mapping (got {kwargs!r})")

@@ -78,6 +78,16 @@ def check_group_choices(overrides: Sequence[str], cdir: Path | None = None) -> N
                 raise ConfigError(f"unknown {noun} {choice!r} (available: {', '.join(available)})")
 
 
+def check_renamed(overrides: Sequence[str]) -> None:
+    """An override of a key an earlier release had is one line naming what replaced it."""
+    from dimat.config import RENAMED
+
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key in RENAMED:
+            raise ConfigError(f"{key} was replaced by {RENAMED[key]}")
+
+
 def compose(overrides: Sequence[str] = (), *, transport: str | None = None) -> Any:
     """The composed config for ``overrides`` (``transport=<transport>`` added unless one is named).
 
@@ -89,6 +99,7 @@ def compose(overrides: Sequence[str] = (), *, transport: str | None = None) -> A
     from hydra.core.global_hydra import GlobalHydra
 
     overrides = list(overrides)
+    check_renamed(overrides)
     cdir = config_dir()
     check_group_choices(overrides, cdir)
     if transport and not any(o.split("=", 1)[0].lstrip("+~") == "transport" for o in overrides):

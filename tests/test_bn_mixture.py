@@ -88,9 +88,12 @@ def test_a_defence_aggregates_the_statistics_too() -> None:
 
 
 def test_old_reset_bn_key_is_one_clear_error() -> None:
-    cfg = compose(["+merge.reset_bn=true"])
+    from dimat.config import plain
+
+    saved = plain(compose([]))  # a config.yaml saved by an earlier release still has the old key
+    saved["merge"]["reset_bn"] = True
     with pytest.raises(ConfigError, match="merge.reset_bn was replaced by merge.bn_stats"):
-        RunConfig.from_config(cfg)
+        RunConfig.from_config(saved)
     with pytest.raises(ConfigError, match="merge.bn_stats must be one of own, average, mixture"):
         RunConfig.from_config(compose(["merge.bn_stats=gossip"]))
 
@@ -137,3 +140,9 @@ def test_a_run_with_the_proxy_set_says_so(tmp_path, capsys) -> None:
     closing = capsys.readouterr().out.strip().splitlines()[-1]
     assert "SHARED DATA: public proxy set: 30 training samples" in closing
     assert "public proxy set" in json.loads((run_dir / "summary.json").read_text())["data"]["shared_data"]
+
+
+def test_old_keys_on_the_command_line_name_their_replacement() -> None:
+    for override, replacement in (("merge.reset_bn=true", "merge.bn_stats"), ("transport.half=fp16", "exchange.compress")):
+        with pytest.raises(ConfigError, match=f"{override.split('=')[0]} was replaced by {replacement}"):
+            compose([override])

@@ -290,7 +290,7 @@ class Peer:
             self._join_lowest_basis(states, [t for _, t in split], batches, method)
             keep = [k for k, (_, t) in enumerate(split) if t == self.basis]  # the others join later
             senders, states = [senders[k] for k in keep], [states[k] for k in keep]
-            w = renormalise(weights, {j: None for j in senders}, self_id=self.id)
+            w = renormalise(weights, senders, self_id=self.id)
             if not senders:
                 return self.state()
             same, new_basis = [True] * len(states), self.basis
@@ -331,13 +331,14 @@ class Peer:
         from dimat.align.api import find_permutations, spec_for
         from dimat.align.permute import invert
         from dimat.merge.api import METHODS as ALIGNMENT
+        from dimat.merge.scratch import working_copy
 
         lower = [(t, k) for k, t in enumerate(tags) if t is not None and t < self.basis]
         if not lower:
             return
         tag, k = min(lower)
         spec, batches = spec_for(self.model, batches)
-        other = copy.deepcopy(self.model)
+        other = working_copy(self.model, 0)  # the merge's pooled copy; free again once matching returns
         other.load_state_dict(states[k])
         found = find_permutations(self.model, [other], batches, ALIGNMENT[method], spec)[0]
         self.permute_units({g: invert(p) for g, p in found.items()})

@@ -87,11 +87,11 @@ def run(name, seed, steps, batch, align_batches):
     a, b = models
     rows = {"model A": a, "model B": b}
     t0 = time.perf_counter()
-    rows["average"] = merge([a, b], [1, 1], data, method="average")
-    rows["dimat (declared spec)"] = merge([a, b], [1, 1], data, method="dimat")
+    rows["average"] = merge([a, b], [1, 1], data, alignment=None)
+    rows["dimat (declared spec)"] = merge([a, b], [1, 1], data, alignment="activation")
     merge_s = time.perf_counter() - t0
     rows["dimat (traced spec)"] = traced_merge(a, b, data)
-    rows["weight matching"] = merge([a, b], [1, 1], data, method="weight_matching")
+    rows["weight matching"] = merge([a, b], [1, 1], data, alignment="weight")
     out = {k: dict(zip(("loss", "acc"), evaluate(m, xt, yt))) for k, m in rows.items()}
     out["_timing"] = {"train_s": train_s, "average_plus_dimat_merge_s": merge_s}
     return out

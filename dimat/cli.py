@@ -67,11 +67,15 @@ def run_simulation(cfg: Any, run_dir: Path, overrides: Sequence[str]) -> None:
             cfg = _resumed_config(run_dir, overrides, cfg)
         summary = simulate(cfg, run_dir, resume=bool(cfg.resume), echo=lambda s: print(s, flush=True))
         reference = None
-        if cfg.get("baseline") == "centralized" and cfg.merge.method != "centralized":
+        baseline = cfg.get("baseline")
+        if baseline and cfg.merge.method != baseline:
             ref_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-            ref_cfg.merge.method, ref_cfg.resume, ref_cfg.attack.malicious = "centralized", False, []
-            print("dimat: baseline: the same budget for one model on the union of the peers' data", flush=True)
-            reference = simulate(ref_cfg, run_dir / "centralized", progress=False)
+            # the baseline method with the shared merge options only (a custom method's own keys are not its)
+            shared_keys = set(compose([])["merge"])
+            ref_cfg.merge = {k: v for k, v in ref_cfg.merge.items() if k in shared_keys}
+            ref_cfg.merge.method, ref_cfg.resume, ref_cfg.attack.malicious = baseline, False, []
+            print(f"dimat: baseline: {baseline} on the same budget", flush=True)
+            reference = simulate(ref_cfg, run_dir / str(baseline), progress=False)
     acc = summary["final_mean_acc"]
     if acc is None:
         print(f"dimat: no round was run; outputs in {run_dir}", flush=True)
@@ -80,7 +84,8 @@ def run_simulation(cfg: Any, run_dir: Path, overrides: Sequence[str]) -> None:
             f"max {summary['final_max_acc']:.4f})")
     if reference is not None and reference["final_mean_acc"]:
         ref = reference["final_mean_acc"]
-        line += f"; centralized on the same budget {ref:.4f} (the federation reaches {acc / ref:.0%} of it)"
+        line += (f"; {cfg.baseline} on the same budget {ref:.4f} "
+                 f"(the federation reaches {acc / ref:.0%} of it)")
     shared = (summary.get("data") or {}).get("shared_data")
     if shared:
         line += f"; SHARED DATA: {shared}"

@@ -11,16 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-METHODS = ("dimat", "weight_matching", "average", "gossip", "isolated", "centralized")
+from omegaconf import OmegaConf
+
+from dimat.exchange.codecs import CODECS, SPARSE
+from dimat.merge.api import BN_STATS
+from dimat.transport.settings import TransportSettings
+
 # keys an earlier release had, and what replaced them (an old command line or saved config gets the way forward)
 RENAMED = {
     "merge.reset_bn": "merge.bn_stats: own (was reset_bn=true), average (was false) or mixture",
     "transport.half": "exchange.compress=fp16 or bf16 (on every transport)",
 }
-# merge.bn_stats: what a merge does with BatchNorm statistics (meanings: dimat.merge.api)
-BN_STATS = ("own", "average", "mixture")
-#: methods whose round ends in one exchange + merge on the peer (the rest exchange differently or never)
-MERGE_METHODS = ("dimat", "weight_matching", "average")
 
 
 class ConfigError(ValueError):
@@ -31,8 +32,6 @@ def plain(node: Any) -> dict[str, Any]:
     """A plain dict copy of a config node (OmegaConf or mapping); ``{}`` for None."""
     if node is None:
         return {}
-    from omegaconf import OmegaConf
-
     if OmegaConf.is_config(node):
         return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
     return dict(node)
@@ -157,7 +156,12 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class MergeSettings:
+    """``merge:``: the shared options every method reads; the method itself is :mod:`dimat.methods`."""
+
+    #: a name from ``dimat.methods.available_methods()`` (checked when the method is built)
     method: str
+    #: merge=custom: the user's ``package.module:Class`` (a ``dimat.methods.Method`` subclass)
+    method_class: str | None
     align_batches: int
     #: what a merge does with BatchNorm statistics: own | average | mixture (dimat.merge.BN_STATS)
     bn_stats: str
@@ -176,10 +180,8 @@ class MergeSettings:
     #: size of the explicit public proxy set (0: off): labelled training samples every peer may use
     #: for alignment statistics and BatchNorm reset instead of its own data (shared data: marked)
     proxy_samples: int
-
-    @property
-    def merges_on_peer(self) -> bool:
-        return self.method in MERGE_METHODS
+    #: the other keys of ``merge:``, for the method's own options (it declares them: ``Method.options``)
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -316,7 +318,7 @@ class RunConfig:
             partition=_component(_Reader(root.section("partition"), "partition"), "scheme"),
             topology=_component(_Reader(root.section("topology"), "topology"), "name"),
             attack=_attack_settings(_Reader(root.section("attack"), "attack")),
-            exchange=_exchange_settings(_Reader(root.section("exchange"), "exchange"), merge.method),
+            exchange=_exchange_settings(_Reader(root.section("exchange"), "exchange")),
             eval=_eval_settings(_Reader(root.section("eval"), "eval")),
             raw=raw,
         )
@@ -327,8 +329,6 @@ class RunConfig:
 
 def _merge_settings(r: _Reader) -> MergeSettings:
     method = r.text("method")
-    if method not in METHODS:
-        raise ConfigError(f"unknown merge method {method!r} (expected one of {', '.join(METHODS)})")
     basis = r.raw("consensus_basis")
     if basis == "auto":
         basis = None
@@ -341,6 +341,7 @@ def _merge_settings(r: _Reader) -> MergeSettings:
         raise ConfigError(f"merge.aggregator_kwargs must be a mapping (got {kwargs!r})")
     out = MergeSettings(
         method=method,  # type: ignore[arg-type]
+        method_class=r.text("class", optional=True),
         align_batches=r.number("align_batches", int, 1),
         bn_stats=r.text("bn_stats", BN_STATS),
         keep_momentum=r.flag("keep_momentum"),
@@ -351,8 +352,8 @@ def _merge_settings(r: _Reader) -> MergeSettings:
         every_steps=r.number("every_steps", int, 1, optional=True),
         gossip_every=r.number("gossip_every", int, 1),
         proxy_samples=r.number("proxy_samples", int, 0),
+        options={k: v for k, v in r.data.items() if k not in r.used},
     )
-    r.no_others()
     return out
 
 
@@ -389,8 +390,6 @@ def _eval_settings(r: _Reader) -> EvalSettings:
 
 
 def _transport_settings(section: Mapping[str, Any]) -> Any:
-    from dimat.transport.settings import TransportSettings
-
     try:
         return TransportSettings.from_mapping(section)
     except ValueError as exc:
@@ -433,9 +432,7 @@ def _attack_settings(r: _Reader) -> AttackSettings:
     return out
 
 
-def _exchange_settings(r: _Reader, method: str) -> ExchangeSettings:
-    from dimat.exchange.codecs import CODECS, SPARSE
-
+def _exchange_settings(r: _Reader) -> ExchangeSettings:
     out = ExchangeSettings(
         compress=r.text("compress", CODECS),  # type: ignore[arg-type]
         block=r.number("block", int, 1, optional=True),
@@ -453,12 +450,11 @@ def _exchange_settings(r: _Reader, method: str) -> ExchangeSettings:
     if out.error_feedback and out.delta:
         raise ConfigError("exchange.error_feedback=true with exchange.delta=true: the reference already carries "
                           "what was not sent (set one of them)")
-    if out.choco_step is not None and not (out.delta and method == "gossip"):
-        raise ConfigError("exchange.choco_step is CHOCO-gossip: it needs merge=gossip and exchange.delta=true "
-                          f"(got merge={method}, exchange.delta={str(out.delta).lower()})")
+    if out.choco_step is not None and not out.delta:
+        raise ConfigError("exchange.choco_step is CHOCO-gossip: it needs exchange.delta=true (and merge=gossip)")
     return out
 
 
 __all__ = ["ConfigError", "RunConfig", "ExchangeSettings", "TrainConfig", "MergeSettings", "CheckpointSettings", "AttackSettings", "DataSettings",
            "EvalSettings",
-           "Component", "METHODS", "MERGE_METHODS", "plain"]
+           "Component", "plain"]

@@ -14,6 +14,7 @@ from typing import Any, Iterator, NoReturn, Sequence
 
 from dimat.config import ConfigError
 from dimat.files import BadFileError
+from dimat.runtime import set_threads  # re-exported: the entry points apply it
 
 EXIT_CONFIG = 2
 GROUPS = ("model", "data", "partition", "topology", "merge", "transport", "attack", "experiment")
@@ -130,13 +131,23 @@ def default_train_config(**overrides: Any) -> Any:
     return dataclasses.replace(load().train, **overrides)
 
 
-def set_threads(threads: int | None) -> None:
-    """Apply ``threads`` (torch intra-op threads) when the config sets it."""
-    if threads:
-        import torch
+def default_method(name: str, **merge: Any) -> Any:
+    """A method by name with the ``merge:`` options of ``configs/`` (and ``merge`` overrides), outside a run.
 
-        torch.set_num_threads(int(threads))
+    Args:
+        name: a ``merge.method`` name (``dimat``, ``average``, ...).
+        merge: ``merge:`` keys to override, e.g. ``bn_stats="average"``.
+
+    Example:
+        >>> default_method("average", bn_stats="average").merge(peer, {1: other.shared_state()}, {0: .5, 1: .5})  # doctest: +SKIP
+    """
+    from dimat.config import RunConfig
+    from dimat.methods import build_method  # the method registry imports every method: only when asked
+
+    base = compose([f"merge={name}"])
+    section = {**dict(base["merge"]), **merge}
+    return build_method(RunConfig.from_config({**dict(base), "merge": section}).merge)
 
 
 __all__ = ["EXIT_CONFIG", "ConfigError", "one_line", "fail", "user_errors", "config_dir", "compose", "load",
-           "check_group_choices", "set_threads", "default_train_config"]
+           "check_group_choices", "set_threads", "default_train_config", "default_method"]

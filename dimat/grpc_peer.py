@@ -218,7 +218,7 @@ def run_peer(cfg: Any, peer_id: int, peers: Mapping[int, str], run_dir: str | Pa
             for r in range(1, run.rounds + 1):
                 topo = fed.topology_at(r)
                 neighbours |= set(topo.in_neighbours(peer_id)) | set(topo.out_neighbours(peer_id))
-        own = fed.peers[peer_id].shared_state()  # pushes are checked against what this peer itself sends
+        own = fed.method.payload(fed.peers[peer_id])  # pushes are checked against what this peer itself sends
         transport.set_schema(own if fed.compressor is None else fed.compressor.payload_schema(own))
         if resume:
             resume = rejoin(fed, transport, sorted(neighbours), run_dir, tag, echo=echo)
@@ -276,19 +276,19 @@ def rejoin(fed: Any, transport: Any, neighbours: Sequence[int], run_dir: str | P
     if last is None and R == 0:
         return False
     if last is not None:
-        ck.restore(last, fed.peers)  # optimizer, data order and RNG continue from our own state
+        ck.restore(last, fed.peers, fed.method)  # optimizer, data order and RNG continue from our own state
     exchange, state = transport.fetch_state(src)
     rnd = -(-exchange // per_round)
     peer = fed.peers[pid]
     if fed.compressor is not None:  # what a neighbour serves is its last payload, compressed
-        decoded = fed.compressor.standalone(state, peer.shared_state())
+        decoded = fed.compressor.standalone(state, fed.method.payload(peer))
         if decoded is None:
             echo(f"[peer {pid}] rejoin: peer {src} serves a delta-coded state (exchange.delta), which needs a "
                  f"reference this peer lost; resuming from own checkpoint (round {last})")
             return last is not None
         state = decoded
-    peer.load_state(state, reset_optimizer=True)
-    ck.save(rnd, fed.peers)
+    fed.method.adopt(peer, state)
+    ck.save(rnd, fed.peers, fed.method)
     echo(f"[peer {pid}] rejoin: behind (own round {last}, neighbours at {R}); "
          f"fetched round {rnd} state from peer {src}, continuing at round {rnd + 1}")
     with open(Path(run_dir) / tag / "rejoins.jsonl", "a") as fh:

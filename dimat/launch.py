@@ -169,14 +169,15 @@ def prepare(args: Sequence[str], world: int) -> tuple[Any, Any]:
     """Compose and check the config of one run on ``world`` ranks: ``(cfg, RunConfig)``; one-line errors."""
     from dimat.config import ConfigError, RunConfig
     from dimat.entry import user_errors
+    from dimat.methods import method_class
 
     with user_errors(_prog()):
         cfg = compose_config(args)
         run = RunConfig.from_config(cfg)
         if run.transport.name != "torchdist":
             raise ConfigError(f"dimat.launch needs transport=torchdist (got {run.transport.name!r})")
-        if run.method == "centralized":
-            raise ConfigError("merge=centralized trains one model; run it with `dimat simulate`")
+        if method_class(run.merge).centralized:
+            raise ConfigError(f"merge={run.method} trains one model; run it with `dimat simulate`")
         if run.num_peers < world:
             raise ConfigError(f"num_peers={run.num_peers} is smaller than the {world} ranks; "
                               "every rank must host at least one peer")
@@ -208,7 +209,7 @@ def run_on(transport: TorchDistTransport, cfg: Any, args: Sequence[str]) -> dict
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
             _write_config(cfg, args, run_dir)
-        print(f"dimat.launch: {fed.method} · {run.model.name} · {run.data.name} · {run.num_peers} peers on "
+        print(f"dimat.launch: {fed.method.name} · {run.model.name} · {run.data.name} · {run.num_peers} peers on "
               f"{world} rank(s) ({transport.backend}) · {run.topology.name} · {run.rounds} rounds"
               f"{' (resuming)' if resume else ''} → {run_dir}", flush=True)
     local = run_rounds(

@@ -1,9 +1,9 @@
 """One member of a federation: a model, its optimizer, its data and its random stream.
 
-A :class:`Peer` knows nothing of transports: the round loop hands it what arrived and its row of the
-topology's mixing weights, and it trains, merges (renormalising that row over the senders that
-arrived, by the topology's rule) and evaluates. The same class therefore runs under
-in-process simulation, gRPC and torchrun.
+A :class:`Peer` is a trainer: model, optimizer, data, steps, evaluation, checkpoint. It knows
+nothing of transports or of the algorithm: how it merges is its method's (:mod:`dimat.methods`),
+which may also correct its steps (:attr:`Peer.before_step`). The same class therefore runs under
+in-process simulation, gRPC and torchrun, for every method.
 
 Batching is done directly on tensors with the peer's own ``torch.Generator`` rather than through a
 ``DataLoader``: it is faster for the small data sets peers hold, and the shuffling state is one
@@ -19,21 +19,19 @@ permuted with it (:meth:`Peer.permute_units`). Consensus SGD (``gossip``) always
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dimat.align.permute import permute_state
+from dimat.align.spec import get_spec
 from dimat.config import TrainConfig
+from dimat.merge.basis import BASIS_KEY, attach_basis, split_basis
+from dimat.seeds import ALIGN_SAMPLE, TRAIN, derive_seed
 from dimat.train.objective import LocalObjective
-from dimat.merge.basis import BASIS_KEY, attach_basis, plan_rebase, split_basis
-from dimat.topology.membership import renormalise
-
-StateDict = dict[str, torch.Tensor]
-
-MERGE_METHODS = ("dimat", "weight_matching", "average")
+from dimat.typing import StateDict
 
 
 def as_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +86,7 @@ def _own_copy(obj: Any) -> Any:
 
 
 class Peer:
-    """A federation member: trains on its partition, evaluates, and merges neighbours into itself."""
+    """A federation member: trains on its partition, evaluates, loads and relabels its model."""
 
     def __init__(
         self,
@@ -100,19 +98,24 @@ class Peer:
         config: TrainConfig,
         seed: int = 0,
         device: str | torch.device = "cpu",
-        merge_method: str = "dimat",
-        bn_stats: str = "own",
-        aggregator: Any | None = None,
-        basis: int | None = None,
-        consensus_basis: bool = True,
         proxy: Any | None = None,
-        rebase: str = "after",
     ) -> None:
+        """
+        Args:
+            peer_id: this peer's id in the federation.
+            model: its model (moved to ``device``).
+            train_data, val_data: its partition and local validation split (``(x, y)`` or a dataset).
+            config: how it trains (:class:`dimat.config.TrainConfig`).
+            seed: the run's seed; every random stream of the peer derives from it and the id
+                (:func:`dimat.seeds.derive_seed`).
+            device: where it trains.
+            proxy: an explicit public proxy set (``merge.proxy_samples``) that replaces own data in
+                every merge-time computation.
+        """
         self.id = int(peer_id)
-        # which unit ordering the model is in (dimat.merge.basis): own id, or a shared one (shared init)
-        self.basis = self.id if basis is None else int(basis)
-        self.consensus_basis = bool(consensus_basis)
-        self.rebase = rebase  # merge.rebase: when a peer joins a lower basis (dimat.merge.basis)
+        #: which unit ordering the model is in (dimat.merge.basis): its own id, or a shared one (set by
+        #: the builder for a shared init); adopted from a loaded state that carries a tag
+        self.basis = self.id
         self.config = config
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -122,21 +125,19 @@ class Peer:
         if len(self.y) == 0:
             raise ValueError(f"peer {peer_id} has no training data")
         self.val = as_tensors(val_data) if val_data is not None and len(val_data) > 0 else None
-        self.merge_method = merge_method
-        self.bn_stats = bn_stats  # dimat.merge.BN_STATS: what a merge does with BatchNorm statistics
-        self.aggregator = aggregator
         self._params = [q for q in self.model.parameters() if q.requires_grad]
         self.optimizer = build_optimizer(self._params, self.config)
         self.objective = LocalObjective(self.y, absent_logit_scale=self.config.absent_logit_scale,
                                         prox_mu=self.config.prox_mu)
-        self.seed = int(seed)  # the run's seed for this peer: every random stream of the peer derives from it
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(derive_seed(seed, TRAIN, self.id))
         # A fixed sample of own data for alignment statistics and BN reset: deterministic and
         # independent of the training stream, so merging never perturbs the shuffling state.
-        order = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(int(seed) + 7919))
+        order = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(derive_seed(seed, ALIGN_SAMPLE, self.id)))
         self._align_idx = order[: self.config.align_batches * self.config.batch_size]
-        # an explicit public proxy set (merge.proxy_samples) replaces own data in every merge-time computation
         self.proxy = as_tensors(proxy) if proxy is not None else None
+        #: a method's gradient correction (``Method.before_step``), called after backward, before the step
+        self.before_step: Callable[["Peer"], None] | None = None
         self._perm = torch.empty(0, dtype=torch.long)  # current epoch's order
         self._cursor = 0
         self.steps_done = 0
@@ -172,6 +173,8 @@ class Peer:
             out = self.model(xb)
             loss = self.objective(out, yb, self._params)
             loss.backward()
+            if self.before_step is not None:
+                self.before_step(self)
             self.optimizer.step()
             total_loss += loss.item() * len(yb)
             correct += int((out.argmax(1) == yb).sum())
@@ -221,7 +224,7 @@ class Peer:
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def shared_state(self) -> StateDict:
-        """What this peer sends: :meth:`state` plus its basis tag (:mod:`dimat.merge.basis`)."""
+        """The model's state plus its basis tag (:mod:`dimat.merge.basis`): what a method sends by default."""
         return attach_basis(self.state(), self.basis)
 
     def alignment_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -253,112 +256,16 @@ class Peer:
         """Forget momentum / moment estimates (learning rate and hyper-parameters are kept)."""
         self.optimizer.state.clear()
 
-    def merge(
-        self,
-        neighbour_states: Mapping[int, Mapping[str, torch.Tensor]],
-        weights: Mapping[int, float],
-        *,
-        method: str | None = None,
-        bn_stats: str | None = None,
-        reset_optimizer: bool = True,
-        shared: Any | None = None,
-    ) -> StateDict:
-        """Align ``neighbour_states`` to this model, combine with ``weights`` and load the result.
-
-        ``weights`` is this peer's raw row of the topology, ``{peer id: weight}`` with ``self.id``,
-        possibly naming neighbours that did not arrive. It is renormalised here, once, by the
-        topology's rule (`dimat.topology.membership.renormalise`) over self and the senders present
-        in both, so a neighbour that missed the deadline simply does not count. A state may carry a
-        basis tag (what :meth:`shared_state` sends); the merged basis is adopted. With no sender to
-        merge, nothing changes (not even the optimizer) and own state is returned. Returns the
-        merged state. ``shared`` (a :class:`dimat.federation.shared_merge.SharedMerges`) serves a
-        plain average that other peers of the exchange share from one computation.
-        """
-        from dimat.merge import merge_states  # imported lazily: the merge engine is heavy
-
-        method = method or self.merge_method
-        bn_stats = self.bn_stats if bn_stats is None else bn_stats
-        w = renormalise(weights, neighbour_states, self_id=self.id)
-        senders = sorted(j for j in w if j != self.id)
-        split = [split_basis(neighbour_states[j], label=f"peer {self.id}: state from peer {j}") for j in senders]
-        if not split:
-            return self.state()
-        states = [s for s, _ in split]
-        same, into, new_basis = None, None, self.basis
-        batches = self.alignment_batches()
-        if self.consensus_basis and method != "average" and self.rebase == "before":
-            self._join_lowest_basis(states, [t for _, t in split], batches, method)
-            keep = [k for k, (_, t) in enumerate(split) if t == self.basis]  # the others join later
-            senders, states = [senders[k] for k in keep], [states[k] for k in keep]
-            w = renormalise(weights, senders, self_id=self.id)
-            if not senders:
-                return self.state()
-            same, new_basis = [True] * len(states), self.basis
-        elif self.consensus_basis and method != "average":
-            same, into, new_basis = plan_rebase(self.basis, [t for _, t in split])
-        context = None
-        if getattr(self.aggregator, "needs_context", False):
-            from dimat.merge.aggregators import AggregationContext
-
-            # a defence that looks at predictions (safety-mask refinement) gets own model and data
-            context = AggregationContext(model=self.model, data=batches, device=self.device,
-                                         seed=self.aggregation_seed())
-        relabel: dict[str, torch.Tensor] = {}
-        # rebase=before has relabelled the own model: it is no longer the state the others received
-        if (shared is not None and context is None and self.rebase != "before"
-                and shared.applies(self.aggregator, method, same, into)):
-            merged = shared.merge(self.model, self.id, dict(zip(senders, states)), w, bn_stats=bn_stats, data=batches)
-        else:
-            merged = merge_states(
-                self.model, states, [w.get(self.id, 0.0)] + [w[j] for j in senders], batches, method=method,
-                bn_stats=bn_stats, aggregator=self.aggregator, context=context, same_basis=same, into=into,
-                relabel=relabel,
-            )
-        self.load_state(merged, reset_optimizer=reset_optimizer)
-        if relabel and not reset_optimizer:
-            self._permute_optimizer_state(relabel)  # kept momentum follows its units into the new basis
-        self.basis = new_basis
-        return merged
-
-    def _join_lowest_basis(self, states: list, tags: list, batches: list, method: str) -> None:
-        """``merge.rebase=before``: relabel the own model into the lowest-tagged neighbour's basis.
-
-        One matching (the neighbour's model onto own, on the data merging sees), applied inversely to
-        the own model and its momentum: the function is unchanged. Every model thus enters the
-        common basis through the permutation its own peer found, so merged models agree across
-        peers; with ``after`` each peer re-matches every neighbour and the results disagree.
-        """
-        from dimat.align.api import find_permutations, spec_for
-        from dimat.align.permute import invert
-        from dimat.merge.api import METHODS as ALIGNMENT
-        from dimat.merge.scratch import working_copy
-
-        lower = [(t, k) for k, t in enumerate(tags) if t is not None and t < self.basis]
-        if not lower:
-            return
-        tag, k = min(lower)
-        spec, batches = spec_for(self.model, batches)
-        other = working_copy(self.model, 0)  # the merge's pooled copy; free again once matching returns
-        other.load_state_dict(states[k])
-        found = find_permutations(self.model, [other], batches, ALIGNMENT[method], spec)[0]
-        self.permute_units({g: invert(p) for g, p in found.items()})
-        self.basis = tag
-
     def permute_units(self, perms: Mapping[str, torch.Tensor]) -> None:
         """Relabel this model's units by ``perms`` (per permutation group), optimizer state included.
 
         The function is unchanged, and so is the next optimizer step, up to the same permutation.
         """
-        from dimat.align.permute import permute_state
-        from dimat.align.spec import get_spec
-
         self.model.load_state_dict(permute_state(self.model.state_dict(), get_spec(self.model), perms))
-        self._permute_optimizer_state(perms)
+        self.permute_optimizer_state(perms)
 
-    def _permute_optimizer_state(self, perms: Mapping[str, torch.Tensor]) -> None:
-        from dimat.align.permute import permute_state
-        from dimat.align.spec import get_spec
-
+    def permute_optimizer_state(self, perms: Mapping[str, torch.Tensor]) -> None:
+        """Relabel the optimizer's per-parameter buffers (momentum, Adam moments) by ``perms``."""
         spec = get_spec(self.model)
         names = {id(q): n for n, q in self.model.named_parameters()}
         for q in self._params:
@@ -367,14 +274,6 @@ class Peer:
                 if isinstance(buf, torch.Tensor) and buf.shape == q.shape:  # momentum, Adam moments
                     name = names[id(q)]
                     buffers[key] = permute_state({name: buf}, spec, perms, partial=True)[name]
-
-    def aggregation_seed(self) -> int:
-        """The seed a randomised defence gets for this merge: from the run seed, id and steps done.
-
-        Mixed by ``SeedSequence`` so runs with nearby seeds do not share streams shifted by a few steps.
-        """
-        entropy = [self.seed % 2**64, self.id, self.steps_done]  # SeedSequence takes non-negative ints
-        return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
 
     # -------------------------------------------------------------- checkpoints
     def checkpoint(self) -> dict[str, Any]:

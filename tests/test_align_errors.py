@@ -32,16 +32,16 @@ def test_mismatched_dtype():
 def test_model_without_permutation_structure():
     plain = [nn.Sequential(nn.Linear(10, 4), nn.ReLU(), nn.Linear(4, 3)) for _ in range(2)]
     # with data, the structure is traced on its first batch (dimat.align.derive_spec)
-    assert isinstance(merge(plain, [0.5, 0.5], DATA, method="dimat"), nn.Sequential)
+    assert isinstance(merge(plain, [0.5, 0.5], DATA, alignment="activation"), nn.Sequential)
     assert len(align(plain[0], plain[1:], DATA)) == 1
     # without data there is nothing to trace it on (a model once traced keeps its spec)
     plain = [nn.Sequential(nn.Linear(10, 4), nn.ReLU(), nn.Linear(4, 3)) for _ in range(2)]
     with pytest.raises(ValueError, match="permutation structure"):
-        merge(plain, [0.5, 0.5], method="weight_matching")
+        merge(plain, [0.5, 0.5], alignment="weight")
     with pytest.raises(ValueError, match="permutation structure"):
         align(plain[0], plain[1:], method="weight")
     # plain averaging needs no structure
-    merged = merge(plain, [0.5, 0.5], method="average")
+    merged = merge(plain, [0.5, 0.5], alignment=None)
     assert torch.allclose(merged[0].weight, (plain[0][0].weight + plain[1][0].weight) / 2)
 
 
@@ -76,8 +76,8 @@ def test_bad_weights(weights, match):
 
 
 def test_unknown_methods_and_models():
-    with pytest.raises(ValueError, match="unknown merge method"):
-        merge([mlp(), mlp(seed=1)], [0.5, 0.5], DATA, method="magic")
+    with pytest.raises(ValueError, match="unknown alignment 'magic'"):
+        merge([mlp(), mlp(seed=1)], [0.5, 0.5], DATA, alignment="magic")
     with pytest.raises(ValueError, match="unknown alignment method"):
         align(mlp(), [mlp(seed=1)], DATA, method="magic")
     with pytest.raises(ValueError, match="unknown model"):
@@ -89,15 +89,15 @@ def test_unknown_methods_and_models():
 def test_batchnorm_model_needs_data_to_reset():
     a, b = build_model("cnn1d", channels=(4, 4)), build_model("cnn1d", channels=(4, 4))
     with pytest.raises(ValueError, match="BatchNorm"):
-        merge([a, b], [0.5, 0.5], method="average")
-    merged = merge([a, b], [0.5, 0.5], method="average", bn_stats="average")
+        merge([a, b], [0.5, 0.5], alignment=None)
+    merged = merge([a, b], [0.5, 0.5], alignment=None, bn_stats="average")
     assert isinstance(merged, nn.Module)
 
 
 def test_merge_leaves_inputs_untouched_and_weights_normalised():
     a, b = mlp(), mlp(seed=1)
     before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (a, b)]
-    merged = merge([a, b], [1, 3], DATA, method="average")
+    merged = merge([a, b], [1, 3], DATA, alignment=None)
     for m, s in zip((a, b), before):
         for k, v in m.state_dict().items():
             assert torch.equal(v, s[k])
@@ -119,6 +119,6 @@ def test_merge_states_uses_weights_as_given():
 
     a, b = mlp(), mlp(seed=1)
     with pytest.raises(ValueError, match="sum to 1"):
-        merge_states(a, [b.state_dict()], [1, 3], method="average")
-    merged = merge_states(a, [b.state_dict()], [0.25, 0.75], method="average")
+        merge_states(a, [b.state_dict()], [1, 3], alignment=None, bn_stats="own")
+    merged = merge_states(a, [b.state_dict()], [0.25, 0.75], alignment=None, bn_stats="own")
     assert torch.allclose(merged["head.bias"], 0.25 * a.head.bias + 0.75 * b.head.bias)

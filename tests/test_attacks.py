@@ -137,7 +137,14 @@ def test_asr_and_clean_accuracy_on_hand_built_model() -> None:
 
 
 def test_build_attack_from_config_and_model_replacement_hook() -> None:
-    from dimat.attacks import build_attack
+    from dimat.attacks import build_attack as _build
+    from dimat.config import AttackSettings
+    from dimat.entry import compose
+
+    defaults = dict(compose()["attack"])
+
+    def build_attack(cfg, n, c):  # the attack section over configs/attack's defaults, as the run config does
+        return _build(AttackSettings.from_mapping({**defaults, **dict(cfg.get("attack", cfg))}), n, c)
 
     assert build_attack({"attack": {"malicious": []}}, 5, 10) is None
     assert build_attack({}, 5, 10) is None

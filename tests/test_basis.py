@@ -13,7 +13,7 @@ from dimat.federation import simulate
 from dimat.merge import BASIS_KEY, attach_basis, merge_states, split_basis
 from dimat.merge.basis import plan_rebase
 from dimat.models import build_model
-from dimat.entry import default_train_config
+from dimat.entry import default_method, default_train_config
 from dimat.peer import Peer
 
 from test_federation import compose
@@ -59,8 +59,8 @@ def test_merge_relabels_into_the_neighbours_basis_exactly() -> None:
     ref = _mlp(0)
     nb = _permuted_copy(ref, seed=1)  # the same function in another basis
     data = [_data()]
-    own = merge_states(ref, [nb.state_dict()], [0.5, 0.5], data, method="dimat", bn_stats="average")
-    into = merge_states(ref, [nb.state_dict()], [0.5, 0.5], data, method="dimat", bn_stats="average", into=0)
+    own = merge_states(ref, [nb.state_dict()], [0.5, 0.5], data, alignment="activation", bn_stats="average")
+    into = merge_states(ref, [nb.state_dict()], [0.5, 0.5], data, alignment="activation", bn_stats="average", into=0)
     for k, v in ref.state_dict().items():
         assert torch.allclose(own[k], v, atol=1e-6), k                     # aligned: the average is ref itself
         assert torch.allclose(into[k], nb.state_dict()[k], atol=1e-6), k  # relabelled: nb's ordering
@@ -69,27 +69,28 @@ def test_merge_relabels_into_the_neighbours_basis_exactly() -> None:
 def test_same_basis_is_not_rematched() -> None:
     ref = _mlp(0)
     nb = _permuted_copy(ref, seed=1)
-    merged = merge_states(ref, [nb.state_dict()], [0.5, 0.5], [_data()], method="dimat", bn_stats="average",
+    merged = merge_states(ref, [nb.state_dict()], [0.5, 0.5], [_data()], alignment="activation", bn_stats="average",
                           same_basis=[True])
     for k, v in ref.state_dict().items():
         assert torch.allclose(merged[k], 0.5 * v + 0.5 * nb.state_dict()[k], atol=1e-6), k
     with pytest.raises(ValueError, match="same_basis has 2 entries for 1"):
-        merge_states(ref, [nb.state_dict()], [0.5, 0.5], [_data()], same_basis=[True, False])
+        merge_states(ref, [nb.state_dict()], [0.5, 0.5], [_data()], alignment="activation", bn_stats="own", same_basis=[True, False])
 
 
 def test_peer_adopts_the_lowest_basis_and_rejects_a_bad_tag() -> None:
     cfg = default_train_config(batch_size=32, lr=0.05, align_batches=2)
     a = Peer(2, _mlp(2), _data(), config=cfg)
     b = Peer(1, _mlp(1), _data(seed=1), config=cfg)
+    dimat = default_method("dimat")
     assert (a.basis, b.basis) == (2, 1)
     before = a.state()
     with pytest.raises(ValueError, match="state from peer 1"):
-        a.merge({1: {**b.state(), BASIS_KEY: torch.tensor(-3)}}, {2: 0.5, 1: 0.5})
+        dimat.merge(a, {1: {**b.state(), BASIS_KEY: torch.tensor(-3)}}, {2: 0.5, 1: 0.5})
     assert all(torch.equal(v, before[k]) for k, v in a.state().items())  # untouched
-    a.merge({1: b.shared_state()}, {2: 0.5, 1: 0.5})
+    dimat.merge(a, {1: b.shared_state()}, {2: 0.5, 1: 0.5})
     assert a.basis == 1 and a.checkpoint()["basis"] == 1
-    off = Peer(2, _mlp(2), _data(), config=cfg, consensus_basis=False)
-    off.merge({1: b.shared_state()}, {2: 0.5, 1: 0.5})
+    off = Peer(2, _mlp(2), _data(), config=cfg)
+    default_method("dimat", consensus_basis=False).merge(off, {1: b.shared_state()}, {2: 0.5, 1: 0.5})
     assert off.basis == 2
 
 
@@ -117,12 +118,10 @@ def test_ring_reaches_one_basis_and_consensus(tmp_path: Path) -> None:
 def test_consensus_basis_setting() -> None:
     from dimat.federation import ConfigError, build_federation
 
-    assert all(p.consensus_basis for p in build_federation(compose()).peers.values())  # auto + mean
+    assert build_federation(compose()).method.consensus_basis  # auto + mean
     # auto + a defence: no neighbour may become everyone's alignment anchor
-    fed = build_federation(compose("merge.aggregator=multi_krum"))
-    assert not any(p.consensus_basis for p in fed.peers.values())
-    fed = build_federation(compose("merge.aggregator=multi_krum", "merge.consensus_basis=true"))
-    assert all(p.consensus_basis for p in fed.peers.values())
+    assert not build_federation(compose("merge.aggregator=multi_krum")).method.consensus_basis
+    assert build_federation(compose("merge.aggregator=multi_krum", "merge.consensus_basis=true")).method.consensus_basis
     with pytest.raises(ConfigError, match="merge.consensus_basis must be true, false or auto"):
         build_federation(compose("merge.consensus_basis=maybe"))
 
@@ -131,7 +130,8 @@ def test_a_fetched_state_brings_its_basis() -> None:
     # a rejoining peer loads a neighbour's state (dimat.grpc_peer): it must adopt that state's basis
     cfg = default_train_config(batch_size=32, lr=0.05, align_batches=2)
     late = Peer(3, _mlp(3), _data(), config=cfg)
-    src = Peer(1, _mlp(1), _data(seed=1), config=cfg, basis=0)
+    src = Peer(1, _mlp(1), _data(seed=1), config=cfg)
+    src.basis = 0
     late.load_state(src.shared_state())
     assert late.basis == 0
     assert all(torch.equal(v, src.state()[k]) for k, v in late.state().items())
@@ -141,7 +141,11 @@ def test_a_fetched_state_brings_its_basis() -> None:
 
 def _tagged_peer(pid: int, model: torch.nn.Module, rebase: str) -> Peer:
     cfg = default_train_config(batch_size=32, lr=0.05, weight_decay=0.0, align_batches=2)
-    return Peer(pid, model, _data(seed=pid), config=cfg, seed=pid, bn_stats="average", rebase=rebase)
+    return Peer(pid, model, _data(seed=pid), config=cfg, seed=pid)
+
+
+def _dimat(rebase: str, keep_momentum: bool = False):
+    return default_method("dimat", bn_stats="average", rebase=rebase, keep_momentum=keep_momentum)
 
 
 def test_rebase_before_relabels_the_own_model_then_averages_only_its_new_basis() -> None:
@@ -154,7 +158,7 @@ def test_rebase_before_relabels_the_own_model_then_averages_only_its_new_basis()
     low = attach_basis(_mlp(0).state_dict(), 0)
     other = attach_basis(_mlp(1).state_dict(), 1)
     # weight 0 on the low neighbour: the merge result is the relabelled own model itself
-    own.merge({0: low, 1: other}, {2: 0.5, 0: 0.0, 1: 0.5}, method="dimat", reset_optimizer=False)
+    _dimat("before", keep_momentum=True).merge(own, {0: low, 1: other}, {2: 0.5, 0: 0.0, 1: 0.5})
     assert own.basis == 0
     torch.testing.assert_close(own.model(x).detach(), before_out, rtol=1e-5, atol=1e-5)  # the tag-1 state was left out
     twin = _tagged_peer(2, _mlp(2), "after")
@@ -168,9 +172,9 @@ def test_rebase_before_relabels_the_own_model_then_averages_only_its_new_basis()
     torch.testing.assert_close(own.model(x).detach(), twin.model(x).detach(), rtol=1e-4, atol=1e-5)
     # with weight on the low neighbour the result is the average of the relabelled model and it
     second = _tagged_peer(2, _mlp(2), "before")
-    merged = second.merge({0: low, 1: other}, {2: 0.5, 0: 0.5, 1: 0.5}, method="dimat")
+    merged = _dimat("before").merge(second, {0: low, 1: other}, {2: 0.5, 0: 0.5, 1: 0.5})
     relabelled = _tagged_peer(2, _mlp(2), "before")
-    relabelled.merge({0: low}, {2: 1.0, 0: 0.0}, method="dimat")
+    _dimat("before").merge(relabelled, {0: low}, {2: 1.0, 0: 0.0})
     for k, v in low.items():
         if k != BASIS_KEY:
             torch.testing.assert_close(merged[k], (relabelled.model.state_dict()[k] + v) / 2)

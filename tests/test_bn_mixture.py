@@ -38,13 +38,13 @@ def test_bn_mixture_equals_pooled_statistics_when_every_peer_uses_the_same_model
     data = [_peer_batches(k) for k in range(3)]
     model.load_state_dict(_sent(model, data[0]))
     states = [_sent(model, data[k]) for k in (1, 2)]
-    merged = merge_states(model, states, [1 / 3] * 3, data[0], method="average", bn_stats="mixture")
+    merged = merge_states(model, states, [1 / 3] * 3, data[0], alignment=None, bn_stats="mixture")
     _assert_pooled(merged, model, [b for d in data for b in d])
     # averaging the variances misses the spread between the peers' means; recomputing sees own data only
     name = bn_names(model)[0]
     pooled_var = merged[f"{name}.running_var"]
     for other in ("average", "own"):
-        got = merge_states(model, states, [1 / 3] * 3, data[0], method="average", bn_stats=other)
+        got = merge_states(model, states, [1 / 3] * 3, data[0], alignment=None, bn_stats=other)
         assert not torch.allclose(got[f"{name}.running_var"], pooled_var, rtol=0.05), other
 
 
@@ -52,7 +52,7 @@ def test_unequal_weights_mix_as_unequal_shares_of_the_data() -> None:
     model = small_model("cnn1d", 0)
     data = [_peer_batches(0, n_batches=1), _peer_batches(1, n_batches=3)]  # 16 and 48 samples
     model.load_state_dict(_sent(model, data[0]))
-    merged = merge_states(model, [_sent(model, data[1])], [0.25, 0.75], None, method="average", bn_stats="mixture")
+    merged = merge_states(model, [_sent(model, data[1])], [0.25, 0.75], None, alignment=None, bn_stats="mixture")
     _assert_pooled(merged, model, data[0] + data[1])
 
 
@@ -69,7 +69,7 @@ def test_bn_statistics_are_aligned_with_the_weights_permutation() -> None:
         perms = random_permutations(spec, torch.Generator().manual_seed(k))
         other.load_state_dict(permute_state(model.state_dict(), spec, perms))
         states.append(_sent(other, data[k]))
-    merged = merge_states(model, states, [1 / 3] * 3, data[0], method="weight_matching", bn_stats="mixture")
+    merged = merge_states(model, states, [1 / 3] * 3, data[0], alignment="weight", bn_stats="mixture")
     _assert_pooled(merged, model, [b for d in data for b in d])
 
 
@@ -82,7 +82,7 @@ def test_a_defence_aggregates_the_statistics_too() -> None:
     name = bn_names(model)[0]
     poisoned = dict(honest[0])
     poisoned[f"{name}.running_mean"] = torch.full_like(poisoned[f"{name}.running_mean"], 1e6)
-    merged = merge_states(model, [poisoned, *honest[1:]], [0.25] * 4, None, method="average",
+    merged = merge_states(model, [poisoned, *honest[1:]], [0.25] * 4, None, alignment=None,
                           bn_stats="mixture", aggregator="median")
     assert merged[f"{name}.running_mean"].abs().max() < 10
 

@@ -274,21 +274,21 @@ def test_defences_plug_into_merge_states_with_real_models() -> None:
     x = torch.randn(64, 1, 20)
     # own with BN statistics recomputed on `data` (what any merge ends with): own merged with its own copy
     base = build_model("cnn1d", num_classes=4, channels=(8, 8), input_shape=(1, 20))
-    base.load_state_dict(merge_states(ref, [honest], [0.5, 0.5], data, method="dimat"))
+    base.load_state_dict(merge_states(ref, [honest], [0.5, 0.5], data, alignment="activation", bn_stats="own"))
     base.eval()
     with torch.no_grad():
         y_own = base(x)
     for name in ("median", "safety_mask", "multi_krum"):
         ctx = AggregationContext(model=ref, data=data, seed=0)
         agg = get_aggregator(name) if name != "safety_mask" else get_aggregator(name, refine=True, refine_steps=3)
-        merged = merge_states(ref, [honest, bad], weights, data, method="dimat", aggregator=agg, context=ctx)
+        merged = merge_states(ref, [honest, bad], weights, data, alignment="activation", bn_stats="own", aggregator=agg, context=ctx)
         m = build_model("cnn1d", num_classes=4, channels=(8, 8), input_shape=(1, 20))
         m.load_state_dict(merged)
         m.eval()
         with torch.no_grad():
             agree = float((m(x).argmax(1) == y_own.argmax(1)).float().mean())
         assert agree > 0.9, f"{name}: prediction agreement with own {agree:.2f}"
-    plain = merge_states(ref, [honest, bad], weights, data, method="dimat")
+    plain = merge_states(ref, [honest, bad], weights, data, alignment="activation", bn_stats="own")
     m.load_state_dict(plain)
     with torch.no_grad():
         assert float((m(x).argmax(1) == y_own.argmax(1)).float().mean()) < 0.9

@@ -296,7 +296,7 @@ def test_a_corrupt_compressed_payload_is_refused_and_the_model_left_untouched(ex
 
 def test_payload_bytes_are_what_the_transport_counts() -> None:
     fed = _federation("exchange.compress=int8", "exchange.block=null")
-    from dimat.federation.build import state_bytes
+    from dimat.transport.inproc import state_nbytes as state_bytes
     from dimat.federation.rounds import RoundOutput, exchange_and_merge
 
     full = state_bytes(fed.peers[0].shared_state())

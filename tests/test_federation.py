@@ -12,7 +12,10 @@ import pytest
 import torch
 
 from dimat.cli import config_dir, main
-from dimat.federation import METHODS, build_federation, read_metrics, simulate
+from dimat.federation import build_federation, read_metrics, simulate
+from dimat.methods import available_methods
+
+METHODS = [m for m in available_methods() if m != "custom"]
 
 REPO = Path(__file__).resolve().parents[1]
 

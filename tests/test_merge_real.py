@@ -54,9 +54,9 @@ def test_alignment_keeps_accuracy_that_averaging_loses(name):
         models.append(train(build_model(name, num_classes=10, **kwargs), xtr, ytr, seed, epochs, lr))
     ends = [accuracy(m, xte, yte) for m in models]
     data = [(xtr[i:i + 200], ytr[i:i + 200]) for i in range(0, len(ytr), 200)]
-    averaged = merge(models, [0.5, 0.5], data, method="average")
-    aligned = merge(models, [0.5, 0.5], data, method="dimat")
-    weight_aligned = merge(models, [0.5, 0.5], data, method="weight_matching")
+    averaged = merge(models, [0.5, 0.5], data, alignment=None)
+    aligned = merge(models, [0.5, 0.5], data, alignment="activation")
+    weight_aligned = merge(models, [0.5, 0.5], data, alignment="weight")
     acc_avg, acc_dimat, acc_wm = (accuracy(m, xte, yte) for m in (averaged, aligned, weight_aligned))
     print(f"\n{name} on {dataset}: endpoints {ends}, average {acc_avg:.3f}, dimat {acc_dimat:.3f}, weight matching {acc_wm:.3f}")
     mean_end = sum(ends) / 2

@@ -6,7 +6,7 @@ from torch import nn
 
 from dimat.models import build_model
 from dimat.merge.aggregators import MeanAggregator
-from dimat.entry import default_train_config
+from dimat.entry import default_method, default_train_config
 from dimat.peer import Peer
 from dimat.topology.membership import renormalise
 from dimat.transport.inproc import InProcTransport
@@ -55,7 +55,7 @@ def test_merge_average_renormalises_and_resets_momentum() -> None:
     sb = b.state()
     weights = {0: 1 / 3, 1: 1 / 3, 2: 1 / 3}  # peer 2 missed the deadline
     own = a.state()
-    merged = a.merge({1: sb}, weights, method="average", bn_stats="average")
+    merged = default_method("average", bn_stats="average", keep_momentum=False).merge(a, {1: sb}, weights)
     key = next(k for k, v in own.items() if v.is_floating_point())
     assert torch.allclose(merged[key], 0.5 * own[key] + 0.5 * sb[key], atol=1e-6)
     assert not a.optimizer.state
@@ -72,7 +72,7 @@ def test_merge_takes_the_raw_row_and_ignores_senders_outside_it() -> None:
     a, b, c = _peer(0), _peer(1), _peer(2)
     own, sb = a.state(), b.state()
     # an unnormalised row naming an absent peer 3; peer 2's state arrived but 2 is not in the row
-    merged = a.merge({1: sb, 2: c.state()}, {0: 2.0, 1: 6.0, 3: 2.0}, method="average", bn_stats="average")
+    merged = default_method("average", bn_stats="average", keep_momentum=False).merge(a, {1: sb, 2: c.state()}, {0: 2.0, 1: 6.0, 3: 2.0})
     key = next(k for k, v in own.items() if v.is_floating_point())
     assert torch.allclose(merged[key], 0.25 * own[key] + 0.75 * sb[key], atol=1e-6)
 
@@ -82,7 +82,7 @@ def test_merge_without_senders_changes_nothing() -> None:
     a.train(1)
     own, momentum = a.state(), {k: dict(v) for k, v in a.optimizer.state.items()}
     for got, row in (({}, {0: 0.5, 1: 0.5}), ({1: _peer(1).state()}, {0: 1.0})):
-        out = a.merge(got, row, method="average", bn_stats="average")
+        out = default_method("average", bn_stats="average", keep_momentum=False).merge(a, got, row)
         assert all(torch.equal(out[k], v) and torch.equal(a.state()[k], v) for k, v in own.items())
         assert a.optimizer.state.keys() == momentum.keys()  # no merge, so no optimizer restart
 
@@ -105,9 +105,11 @@ def test_aggregation_context_seed_follows_the_run_seed() -> None:
     def context_seed(run_seed: int, train_steps: int = 0) -> int:
         agg = _SeedRecorder()
         peer = Peer(0, build_model("mlp", num_classes=4, input_dim=12, hidden=(16, 16)), _data(),
-                    config=default_train_config(batch_size=32, lr=0.05, align_batches=1), seed=run_seed, aggregator=agg)
+                    config=default_train_config(batch_size=32, lr=0.05, align_batches=1), seed=run_seed)
         peer.train_steps(train_steps)
-        peer.merge({1: _peer(1).state()}, {0: 0.5, 1: 0.5}, method="average", bn_stats="average")
+        method = default_method("average", bn_stats="average")
+        method.aggregator = agg  # a defence of the test's own (the config names registered ones)
+        method.merge(peer, {1: _peer(1).state()}, {0: 0.5, 1: 0.5})
         return agg.seeds[0]
 
     # same peer id and step count, different runs: a randomised defence must not repeat itself

@@ -28,16 +28,15 @@ def test_live_sent_states_merge_exactly_like_copies_and_are_released() -> None:
     live, copied = _trained(), _trained()
     topo = live.topology_at(1)
     out = RoundOutput.empty(live.peers)
-    exchange_and_merge(live, InProcTransport(share_states=True), topo, 1, out, method="dimat", bn_stats="own",
-                       reset_optimizer=True)
+    exchange_and_merge(live, InProcTransport(share_states=True), topo, 1, out)
 
     # the reference: every peer's state copied before anyone merges (what a remote transport sends)
-    sent = SentStates(copied.peers, live=False)
+    sent = SentStates(copied.peers, copied.method.payload, live=False)
     nb = {p: list(topo.in_neighbours(p)) for p in copied.peers}
     got = InProcTransport().exchange(1, sent.states, nb, {p: list(topo.out_neighbours(p)) for p in copied.peers}).received
     before = {q: {p: {k: v.clone() for k, v in s.items()} for p, s in g.items()} for q, g in got.items()}
     for pid, peer in copied.peers.items():
-        peer.merge(got[pid], topo.weights_for(pid), method="dimat", bn_stats="own", reset_optimizer=True)
+        copied.method.merge(peer, got[pid], topo.weights_for(pid))
     for q, g in got.items():  # merging never writes into a received state
         assert all(torch.equal(g[p][k], before[q][p][k]) for p in g for k in g[p])
     for pid in live.peers:
@@ -49,7 +48,7 @@ def test_live_sent_states_merge_exactly_like_copies_and_are_released() -> None:
 def test_a_sent_state_is_copied_only_while_an_unmerged_receiver_holds_it() -> None:
     fed = _trained()
     topo = fed.topology_at(1)
-    sent = SentStates(fed.peers, live=True)
+    sent = SentStates(fed.peers, fed.method.payload, live=True)
     model0 = fed.peers[0].model.state_dict()
     assert all(sent.states[0][k].data_ptr() == model0[k].data_ptr() for k in model0)  # no copy up front
     nb = {p: list(topo.in_neighbours(p)) for p in fed.peers}
@@ -83,11 +82,11 @@ def test_delivery_is_exact_only_when_receivers_hold_the_sent_states() -> None:
     topo = fed.topology_at(1)
     nb = {p: list(topo.in_neighbours(p)) for p in fed.peers}
     out_nb = {p: list(topo.out_neighbours(p)) for p in fed.peers}
-    sent = SentStates(fed.peers, live=True)
+    sent = SentStates(fed.peers, fed.method.payload, live=True)
     got = InProcTransport(share_states=True).exchange(1, sent.states, nb, out_nb).received
     sent.delivered(got)
     assert sent.exact
-    copied = SentStates(fed.peers, live=True)
+    copied = SentStates(fed.peers, fed.method.payload, live=True)
     got = InProcTransport().exchange(1, copied.states, nb, out_nb).received  # private copies: the contract's default
     copied.delivered(got)
     assert not copied.exact

@@ -27,7 +27,7 @@ def _exchange(fed):
 
 
 def _merge_all(fed, topo, got, shared):
-    return {pid: p.merge(got[pid], topo.weights_for(pid), shared=shared) for pid, p in fed.peers.items()}
+    return {pid: fed.method.merge(p, got[pid], topo.weights_for(pid), shared=shared) for pid, p in fed.peers.items()}
 
 
 @pytest.mark.parametrize("model", [["model=mlp"], ["model=cnn1d", "model.width=0.25", "merge.bn_stats=own"],
@@ -63,12 +63,14 @@ def test_a_ring_shares_nothing_and_keeps_nothing() -> None:
 
 
 def test_alignment_and_defences_are_never_shared() -> None:
-    assert SharedMerges.applies(None, "average", None, None)
-    assert SharedMerges.applies(None, "dimat", [True, True], None)  # one basis already: a plain mean
-    assert not SharedMerges.applies(None, "dimat", [True, False], None)  # someone must be matched
-    assert not SharedMerges.applies(None, "dimat", None, None)  # no basis tags: every neighbour matched
-    assert not SharedMerges.applies(None, "dimat", [True], 0)  # relabelled into another basis
-    assert not SharedMerges.applies(object(), "average", None, None)  # a robust aggregator
+    from dimat.methods.aligned import is_plain_average as applies
+
+    assert applies(None, None, None, None)
+    assert applies(None, "activation", [True, True], None)  # one basis already: a plain mean
+    assert not applies(None, "activation", [True, False], None)  # someone must be matched
+    assert not applies(None, "activation", None, None)  # no basis tags: every neighbour matched
+    assert not applies(None, "activation", [True], 0)  # relabelled into another basis
+    assert not applies(object(), None, None, None)  # a robust aggregator
 
 
 def test_no_reuse_when_peers_received_copies() -> None:

@@ -31,7 +31,8 @@ from dimat.merge.basis import attach_basis, split_basis
 if TYPE_CHECKING:
     from dimat.config import AttackSettings
 
-StateDict = dict[str, torch.Tensor]
+from dimat.typing import StateDict
+from dimat.seeds import ATTACK, derive_seed
 
 
 @dataclass
@@ -59,7 +60,7 @@ class Attack:
         for pid, peer in peers.items():
             if self.is_malicious(pid):
                 peer.x, peer.y, idx = poison_dataset(
-                    peer.x, peer.y, self.trigger, self.target_class, self.poison_rate, seed=self.seed + 7 * int(pid)
+                    peer.x, peer.y, self.trigger, self.target_class, self.poison_rate, seed=derive_seed(self.seed, ATTACK, int(pid))
                 )
                 counts[int(pid)] = len(idx)
         return counts
@@ -87,19 +88,12 @@ class Attack:
         return attack_success_rate(model, x_test, y_test, self.trigger, self.target_class)
 
 
-def build_attack(settings: "AttackSettings | Mapping[str, Any]", num_peers: int, num_classes: int) -> Attack | None:
-    """The :class:`Attack` described by ``settings``, or None without a malicious peer.
+def build_attack(settings: "AttackSettings", num_peers: int, num_classes: int) -> Attack | None:
+    """The :class:`Attack` described by ``settings`` (``RunConfig.attack``), or None without a malicious peer.
 
-    ``settings`` is ``RunConfig.attack``, or a config mapping (``{"attack": {...}}`` or the section
-    itself) whose absent keys take their values from ``configs/``.
+    A plain mapping becomes settings with ``AttackSettings.from_mapping`` (every key given: the
+    defaults live in ``configs/attack``).
     """
-    from dimat.config import AttackSettings
-
-    if not isinstance(settings, AttackSettings):
-        from dimat.entry import compose
-
-        section = settings.get("attack", settings) if isinstance(settings, Mapping) else settings
-        settings = AttackSettings.from_mapping({**compose()["attack"], **dict(section or {})})
     if not settings.malicious:
         return None
     bad = [i for i in settings.malicious if not 0 <= i < num_peers]

@@ -8,7 +8,7 @@ import torch
 
 from dimat.attacks.triggers import Trigger
 
-StateDict = dict[str, torch.Tensor]
+from dimat.typing import StateDict
 
 
 def poison_dataset(

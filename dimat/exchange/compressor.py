@@ -25,6 +25,7 @@ from dimat.exchange.reference import CHUNK, DELTA, FULL, Incoming, Outgoing
 from dimat.transport.base import ExchangeResult, StateDict
 from dimat.transport.checks import StateRejected, check_state, refusal_message
 from dimat.transport.schema import Schema
+from dimat.seeds import COMPRESSION, derive_seed
 
 
 class Compressor:
@@ -88,7 +89,7 @@ class Compressor:
 
     def _gen(self, sender: int) -> torch.Generator:
         if sender not in self._gens:
-            self._gens[sender] = torch.Generator().manual_seed(self.seed * 1_000_003 + sender)
+            self._gens[sender] = torch.Generator().manual_seed(derive_seed(self.seed, COMPRESSION, sender))
         return self._gens[sender]
 
     def encode(self, exchange_idx: int, states: Mapping[int, StateDict],

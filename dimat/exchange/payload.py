@@ -25,7 +25,7 @@ META = "_dimat.x.meta"
 ACKS = "_dimat.x.acks"
 SEP = "#"
 
-StateDict = dict[str, torch.Tensor]
+from dimat.typing import StateDict
 
 
 def compressible(dtype: torch.dtype) -> bool:

@@ -1,19 +1,31 @@
-"""Building a federation from a :class:`~dimat.config.RunConfig`: data, partition, schedule, peers.
+"""Building a federation from a :class:`~dimat.config.RunConfig`: data, partition, schedule, method, peers.
 
 Every process builds the same partition and schedule from the same config, so processes only need
 to agree on the config, never to ship data.
 """
 from __future__ import annotations
 
+import inspect
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from dimat.config import MERGE_METHODS, ConfigError, RunConfig
+from dimat.attacks import Attack, build_attack as _build_attack
+from dimat.config import ConfigError, RunConfig
+from dimat.data import load_dataset, partition, train_val_split
+from dimat.data.bundle import get_loader
+from dimat.exchange import Compressor
+from dimat.federation.stacked import StackedPeers, stack_peers
+from dimat.methods import Method, build_method
+from dimat.models import available_models, build_model as _build_model
 from dimat.peer import Peer, as_tensors
+from dimat.seeds import INIT, PROXY, VAL_SPLIT, derive_seed
+from dimat.topology import build_schedule as _build_schedule
+from dimat.transport.inproc import state_nbytes
 
 
 @dataclass
@@ -26,29 +38,72 @@ class Federation:
     schedule: Any | None
     partition_sizes: dict[int, int]
     num_peers: int
+    #: the algorithm (dimat.methods): when peers exchange, what they send, how they merge
+    method: Method
     info: dict[str, Any] = field(default_factory=dict)
-    attack: Any | None = None  # a dimat.attacks.Attack when some peers are malicious
-    compressor: Any | None = None  # a dimat.exchange.Compressor when `exchange` changes what is sent
+    attack: Attack | None = None  # when some peers are malicious
+    compressor: Compressor | None = None  # when `exchange` changes what is sent
     #: the local peers as one stacked computation (``vectorise``), when they can be stacked
-    stacked: Any | None = None
-
-    @property
-    def method(self) -> str:
-        return self.config.merge.method
+    stacked: StackedPeers | None = None
 
     def topology_at(self, round_idx: int) -> Any:
         """The topology used in round ``round_idx`` (time-varying schedules change it)."""
         return self.schedule.at(round_idx)
+
+    def local_steps(self, peer: Peer) -> int:
+        """SGD steps ``peer`` takes in one round: ``local_steps``, else ``local_epochs`` passes over its data."""
+        run = self.config
+        return int(run.local_steps) if run.local_steps else round(run.local_epochs * peer.steps_per_epoch)
+
+    def exchanges_per_round(self) -> int:
+        """Exchanges in one round: the method's rule over every peer's local steps (0: never).
+
+        From the partition sizes, which every process knows, so all agree without talking.
+        """
+        run = self.config
+        if run.local_steps:
+            steps = [int(run.local_steps)] * len(self.partition_sizes)
+        else:
+            steps = [-(-n // run.train.batch_size) * run.local_epochs for n in self.partition_sizes.values()]
+        return self.method.exchanges_per_round(steps)
 
 
 def _first_arg(exc: BaseException) -> Any:
     return exc.args[0] if exc.args else exc
 
 
+# a TypeError of these shapes is an option the builder does not take (the user's to fix); any other
+# TypeError, and every KeyError, is a bug in the code and stays a traceback with its cause
+_BAD_OPTION = re.compile(r"unexpected keyword argument|required (positional|keyword-only) argument|"
+                         r"takes \d+ positional|takes no (keyword )?arguments")
+
+
+def configured(what: str, build: Callable[..., Any], *args: Any, **options: Any) -> Any:
+    """``build(*args, **options)`` for options from the config: what the user can fix is one ConfigError line.
+
+    A ``ValueError`` (a value the builder refuses, by this project's convention) or an option the
+    builder does not take becomes a :class:`ConfigError` starting with ``what``; anything else
+    propagates unchanged, so a bug in the code never reads as a mistake in the config.
+
+    Args:
+        what: the config key or component, e.g. ``"partition 'dirichlet'"``.
+        build: the builder.
+    """
+    try:
+        return build(*args, **options)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        msg = str(_first_arg(exc))
+        raise ConfigError(msg if msg.startswith(what.split()[0]) else f"{what}: {msg}") from exc
+    except TypeError as exc:
+        if _BAD_OPTION.search(str(exc)):
+            raise ConfigError(f"{what}: {exc}") from exc
+        raise
+
+
 def build_model(run: RunConfig, num_classes: int, input_shape: Sequence[int], seed: int) -> torch.nn.Module:
     """The configured model with its initial weights drawn from ``seed``."""
-    from dimat.models import build_model as _build
-
     name = run.model.name
     width = run.model.options.get("width")
     if width is not None and (isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0):
@@ -56,11 +111,7 @@ def build_model(run: RunConfig, num_classes: int, input_shape: Sequence[int], se
     kw = {"num_classes": int(num_classes), "input_shape": tuple(int(s) for s in input_shape), **run.model.options}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        try:
-            model = _build(name, **kw)
-        except (TypeError, ValueError) as exc:  # an option the model does not take
-            msg = str(exc)
-            raise ConfigError(msg if msg.startswith("model") else f"model {name!r}: {msg}") from exc
+        model = configured(f"model {name!r}", _build_model, name, **kw)
     check_model_fits(model, run, input_shape)
     return model
 
@@ -84,18 +135,11 @@ def check_model_fits(model: torch.nn.Module, run: RunConfig, input_shape: Sequen
 
 
 def check_model_name(run: RunConfig) -> None:
-    from dimat.models import available_models
-
     if run.model.name not in available_models():
         raise ConfigError(f"unknown model {run.model.name!r} (available: {', '.join(sorted(available_models()))})")
 
 
 def load_data(run: RunConfig) -> Any:
-    import inspect
-
-    from dimat.data import load_dataset
-    from dimat.data.bundle import get_loader
-
     d = run.data
     if d.root is not None and not Path(d.root).expanduser().exists():
         raise ConfigError(f"data folder {d.root} does not exist (data.root for data set {d.name!r})")
@@ -105,29 +149,23 @@ def load_data(run: RunConfig) -> Any:
             raise ConfigError(f"data.samples_per_peer: data set {d.name!r} has a fixed size (only generated sets take it)")
         options["min_train"] = d.samples_per_peer * run.num_peers
     try:
-        return load_dataset(d.name, root=d.root, **options)
+        return configured(f"data set {d.name!r}", load_dataset, d.name, root=d.root, **options)
     except FileNotFoundError as exc:
         raise ConfigError(f"data set {d.name!r}: {exc}") from exc
-    except (KeyError, ValueError) as exc:
-        raise ConfigError(f"data set {d.name!r}: {_first_arg(exc)}") from exc
 
 
 def split_peers(run: RunConfig, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     """Partition the training set, then carve each peer's local validation split."""
-    from dimat.data import partition, train_val_split
-
     scheme = run.partition.name
-    try:
-        parts = partition(labels, run.num_peers, scheme=scheme, seed=run.seed, **run.partition.options)
-    except (KeyError, ValueError, TypeError) as exc:
-        raise ConfigError(f"partition {scheme!r}: {_first_arg(exc)}") from exc
+    parts = configured(f"partition {scheme!r}", partition, labels, run.num_peers, scheme=scheme, seed=run.seed,
+                       **run.partition.options)
     out = []
     for i, idx in enumerate(parts):
         idx = np.asarray(idx, dtype=np.int64)
         if len(idx) == 0:
             raise ConfigError(f"partition {scheme!r} left peer {i} with no data ({run.num_peers} peers)")
         if run.data.val_fraction > 0:
-            tr, va = train_val_split(idx, val_fraction=run.data.val_fraction, seed=run.seed + i)
+            tr, va = train_val_split(idx, val_fraction=run.data.val_fraction, seed=derive_seed(run.seed, VAL_SPLIT, i) % 2**32)
             out.append((np.asarray(tr, dtype=np.int64), np.asarray(va, dtype=np.int64)))
         else:
             out.append((idx, np.empty(0, dtype=np.int64)))
@@ -136,19 +174,16 @@ def split_peers(run: RunConfig, labels: np.ndarray) -> list[tuple[np.ndarray, np
 
 def build_schedule(run: RunConfig) -> Any:
     """The (possibly time-varying) topology schedule named by ``run.topology``."""
-    from dimat.topology import build_schedule as _build
-
     name, kw = run.topology.name, dict(run.topology.options)
     if name == "matrix" and kw.get("path") in (None, "", "???"):
         raise ConfigError("topology=matrix needs topology.path=<file> (a mixing matrix as .npy, .txt or .csv)")
     if name in ("erdos_renyi", "random_matching"):
         kw.setdefault("seed", run.seed)  # random graphs follow the run's seed unless the config pins one
     try:
-        schedule = _build(name, run.num_peers, **kw)
+        schedule = configured(f"topology {name!r} with {run.num_peers} peers", _build_schedule, name,
+                              run.num_peers, **kw)
     except FileNotFoundError as exc:
         raise ConfigError(f"topology {name!r}: {exc}") from exc
-    except (KeyError, ValueError, TypeError) as exc:
-        raise ConfigError(f"topology {name!r} with {run.num_peers} peers: {_first_arg(exc)}") from exc
     if getattr(schedule.at(1), "n", run.num_peers) != run.num_peers:
         raise ConfigError(f"topology has {schedule.at(1).n} peers, but num_peers={run.num_peers}")
     return schedule
@@ -165,7 +200,7 @@ def proxy_indices(run: RunConfig, labels: np.ndarray) -> np.ndarray | None:
         return None
     if n > len(labels):
         raise ConfigError(f"merge.proxy_samples={n} exceeds the training set ({len(labels)} samples)")
-    rng = np.random.default_rng([abs(int(run.seed)), 0x9E37])
+    rng = np.random.default_rng(derive_seed(run.seed, PROXY))
     by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
     picked: list[int] = []
     depth = 0
@@ -177,92 +212,64 @@ def proxy_indices(run: RunConfig, labels: np.ndarray) -> np.ndarray | None:
     return np.sort(np.asarray(picked, dtype=np.int64))
 
 
-def peer_seed(seed: int, peer_id: int) -> int:
-    """Per-peer seed: distinct, stable, and far from neighbouring base seeds."""
-    return int(seed) * 100_003 + 1_009 * (int(peer_id) + 1)
-
-
-def build_aggregator(run: RunConfig) -> Any | None:
-    """``None`` for the default weighted mean, else the configured aggregator object."""
-    from dimat.merge.aggregators import get_aggregator
-
-    name = run.merge.aggregator
-    if name == "mean":
-        return None
-    try:
-        return get_aggregator(name, **run.merge.aggregator_kwargs)
-    except (KeyError, ValueError, TypeError) as exc:
-        raise ConfigError(f"aggregator {name!r}: {_first_arg(exc)}") from exc
-
-
-def consensus_basis(run: RunConfig, aggregator: Any | None) -> bool:
-    """``merge.consensus_basis``; auto (None) = on unless a robust/safety aggregator is set.
-
-    Under a defence, neighbours are not trusted, and the lowest basis tag (which any neighbour can
-    claim) makes its model the anchor every peer aligns to in the round the federation switches
-    basis; that makes it central in distance-based defences (docs/safety.md measures it).
-    """
-    return aggregator is None if run.merge.consensus_basis is None else run.merge.consensus_basis
-
-
-def build_attack(run: RunConfig, num_classes: int) -> Any | None:
-    from dimat.attacks import build_attack as _build
-
-    try:
-        return _build(run.attack, run.num_peers, num_classes)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"attack: {_first_arg(exc)}") from exc
+def build_attack(run: RunConfig, num_classes: int) -> Attack | None:
+    return configured("attack", _build_attack, run.attack, run.num_peers, num_classes)
 
 
 def build_federation(cfg: Any, local_ids: Sequence[int] | None = None) -> Federation:
-    """Load data, partition it, build the schedule and the peers hosted here (all by default).
+    """Load data, partition it, build the method, the schedule and the peers hosted here (all by default).
 
-    ``cfg`` is a :class:`RunConfig` or a composed config (validated here). Raises
-    :class:`ConfigError` on bad configs.
+    Args:
+        cfg: a :class:`RunConfig` or a composed config (validated here).
+        local_ids: the peers this process hosts (None: every peer).
+
+    Raises :class:`ConfigError` on a config that cannot describe a federation.
     """
     run = RunConfig.from_config(cfg)
-    method = run.merge.method
+    method = configured("merge", build_method, run.merge)
+    if run.exchange.choco_step is not None and not method.choco:
+        raise ConfigError(f"exchange.choco_step is CHOCO-gossip: it needs merge=gossip (got merge={method.name})")
     check_model_name(run)  # before the (slower) data loading
     bundle = load_data(run)
     x_train, y_train = as_tensors(bundle.train)
     test = as_tensors(bundle.test)
     splits = split_peers(run, y_train.numpy())
-    schedule = None if method in ("isolated", "centralized") else build_schedule(run)
 
     ids = list(range(run.num_peers)) if local_ids is None else [int(i) for i in local_ids]
     if any(i < 0 or i >= run.num_peers for i in ids):
         raise ConfigError(f"local peer ids {ids} out of range for {run.num_peers} peers")
-    aggregator = build_aggregator(run)
-    one_basis = consensus_basis(run, aggregator)
     proxy_idx = proxy_indices(run, y_train.numpy())
     proxy = (x_train[proxy_idx], y_train[proxy_idx]) if proxy_idx is not None else None
 
     def make(pid: int, tr: np.ndarray, va: np.ndarray) -> Peer:
-        init_seed = run.seed if run.init == "shared" else peer_seed(run.seed, pid)
+        init_seed = derive_seed(run.seed, INIT) if run.init == "shared" else derive_seed(run.seed, INIT, pid)
         model = build_model(run, bundle.num_classes, bundle.input_shape, init_seed)
         val = (x_train[va], y_train[va]) if len(va) else None
-        return Peer(pid, model, (x_train[tr], y_train[tr]), val, config=run.train, seed=peer_seed(run.seed, pid) + 1,
-                    device=run.device, merge_method=method if method in MERGE_METHODS else "average",
-                    bn_stats=run.merge.bn_stats, aggregator=aggregator,
-                    basis=0 if run.init == "shared" else pid, consensus_basis=one_basis, proxy=proxy,
-                    rebase=run.merge.rebase)
+        peer = Peer(pid, model, (x_train[tr], y_train[tr]), val, config=run.train, seed=run.seed,
+                    device=run.device, proxy=proxy)
+        if run.init == "shared":
+            peer.basis = 0  # one init: every model starts in one unit ordering (dimat.merge.basis)
+        return peer
 
-    if method == "centralized":
+    attack = None
+    if method.centralized:
         tr = np.concatenate([s[0] for s in splits])
         va = np.concatenate([s[1] for s in splits])
         peers = {0: make(0, tr, va)} if 0 in ids else {}
-        sizes, n_logical, attack = {0: len(tr)}, 1, None
+        sizes, n_logical = {0: len(tr)}, 1
     else:
         peers = {pid: make(pid, *splits[pid]) for pid in ids}
         sizes = {i: len(s[0]) for i, s in enumerate(splits)}
         n_logical = run.num_peers
         attack = build_attack(run, bundle.num_classes)
+    for peer in peers.values():
+        method.setup(peer)
     if attack is not None:
         attack.poison_peers(peers)
     any_peer = next(iter(peers.values()), None)
     info = {"num_classes": bundle.num_classes, "input_shape": list(bundle.input_shape),
             "train_size": int(len(y_train)), "test_size": int(len(test[1])),
-            "model_bytes": state_bytes(any_peer.shared_state()) if any_peer is not None else 0}
+            "model_bytes": state_nbytes(method.payload(any_peer)) if any_peer is not None else 0}
     # results made with data every peer sees are marked as such (summary.json, the closing line)
     info["shared_data"] = (None if proxy is None else
                            f"public proxy set: {len(proxy_idx)} training samples used by every peer for merging")
@@ -272,21 +279,16 @@ def build_federation(cfg: Any, local_ids: Sequence[int] | None = None) -> Federa
                           "scale": attack.scale}
     stacked = None
     if run.vectorise:
-        from dimat.federation.stacked import stack_peers
-
         stacked = stack_peers(peers, run.vectorise_chunk)
         info["executor"] = "stacked" if stacked is not None else "per-peer (these peers cannot be stacked)"
-    return Federation(run, peers, test, schedule, sizes, n_logical, info, attack, _compressor(run, n_logical), stacked)
+    fed = Federation(run, peers, test, None, sizes, n_logical, method, info, attack, _compressor(run, n_logical),
+                     stacked)
+    if fed.exchanges_per_round() > 0:
+        fed.schedule = build_schedule(run)
+    return fed
 
 
-def _compressor(run: RunConfig, n_peers: int) -> Any | None:
+def _compressor(run: RunConfig, n_peers: int) -> Compressor | None:
     """The exchange's compression step, or None when payloads would equal the states."""
-    from dimat.exchange import Compressor
-
     c = Compressor(run.exchange, n_peers=n_peers, seed=run.seed)
     return c if c.active else None
-
-
-def state_bytes(state: dict[str, torch.Tensor]) -> int:
-    """Raw tensor bytes of a state (one uncompressed message's payload; reported, not counted)."""
-    return sum(t.numel() * t.element_size() for t in state.values())

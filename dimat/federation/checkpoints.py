@@ -14,6 +14,7 @@ import torch
 from dimat.atomic import atomic_write
 from dimat.files import BadFileError, describe
 from dimat.metrics import write_text_atomic
+from dimat.methods import Method
 from dimat.peer import Peer
 
 
@@ -38,9 +39,12 @@ class Checkpointer:
     def path(self, peer_id: int, round_idx: int) -> Path:
         return self.root / f"peer_{peer_id:03d}" / f"round_{round_idx:04d}.pt"
 
-    def save(self, round_idx: int, peers: Mapping[int, Peer]) -> None:
+    def save(self, round_idx: int, peers: Mapping[int, Peer], method: Method | None = None) -> None:
+        """Write every peer's checkpoint of ``round_idx`` (with ``method``'s per-peer state), then the progress marker."""
         for pid, peer in peers.items():
             ckpt = peer.checkpoint()
+            if method is not None:
+                ckpt["method"] = method.checkpoint(peer)
             ckpt["round"] = round_idx
             ckpt["torch_rng"] = torch.get_rng_state()
             atomic_torch_save(ckpt, self.path(pid, round_idx))
@@ -71,7 +75,7 @@ class Checkpointer:
                 removed += 1
         return removed
 
-    def restore(self, round_idx: int, peers: Mapping[int, Peer]) -> None:
+    def restore(self, round_idx: int, peers: Mapping[int, Peer], method: Method | None = None) -> None:
         self.remove_partial_writes(peers)
         rng = None
         for pid, peer in peers.items():
@@ -88,6 +92,8 @@ class Checkpointer:
                 raise BadFileError(p, f"checkpoint is for round {ckpt['round']}, expected {round_idx}")
             try:
                 peer.restore(ckpt)
+                if method is not None:
+                    method.restore(peer, ckpt.get("method") or {})
             except Exception as exc:  # missing keys, another model's shapes
                 raise BadFileError(p, f"does not fit peer {pid} ({describe(exc)})") from None
             rng = ckpt.get("torch_rng", rng)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from dimat.config import EvalSettings
+from dimat.seeds import EVALUATION, derive_seed
 
 #: what a round's evaluation covered
 ALL, SAMPLE, NONE = "all", "sample", "none"
@@ -73,14 +74,14 @@ def plan_round(policy: EvalSettings, round_idx: int, *, final: bool, num_peers: 
     rows = None
     if policy.test_samples is not None and policy.test_samples < test_size:
         # one subsample for the whole run (from the run seed only): rounds stay comparable
-        order = torch.randperm(test_size, generator=torch.Generator().manual_seed(int(seed) + 104_729))
+        order = torch.randperm(test_size, generator=torch.Generator().manual_seed(derive_seed(seed, EVALUATION, "test-rows")))
         rows = order[: policy.test_samples].sort().values
     n_test = test_size if rows is None else len(rows)
     peers = everyone
     k = sample_size(policy, num_peers, n_test, train_samples)
     if k < num_peers:
         # seeded by (run seed, round): the same sample in every process, a different one each round
-        rng = np.random.default_rng([abs(int(seed)), int(seed < 0), int(round_idx)])
+        rng = np.random.default_rng(derive_seed(seed, EVALUATION, int(round_idx)))
         peers = frozenset(int(i) for i in rng.choice(num_peers, size=k, replace=False))
     kind = ALL if len(peers) == num_peers and rows is None else SAMPLE
     return EvalPlan(kind, peers, rows, n_test)

@@ -1,42 +1,36 @@
-"""The round loop, written once for every transport.
+"""The round loop, written once for every transport and every method.
 
 One round, for the peers hosted by this process::
 
-    train (E local epochs) -> exchange shared states with the topology's neighbours (transport)
-    -> each peer merges what it received (align, mix with the topology's weights, BN reset)
-    -> evaluate on the global test set -> log -> checkpoint
+    train (local steps, the method's step hook) -> exchange the method's payloads with the topology's
+    neighbours (transport) -> each peer merges what it received (the method's merge)
+    -> evaluate on the global test set -> log -> checkpoint (the method's per-peer state included)
 
-Methods (``merge.method``), all on the same data and epoch budget:
-
-* ``dimat`` — activation-matched alignment then mixing-weight average (the paper's method);
-* ``weight_matching`` — alignment by weight matching, then average;
-* ``average`` — plain mixing-weight averaging without alignment (the paper's WA baseline);
-* ``gossip`` — consensus decentralized SGD: every ``merge.gossip_every`` local steps, average with
-  the mixing weights (no alignment, optimizer momentum kept, BN statistics averaged);
-* ``isolated`` — peers never communicate;
-* ``centralized`` — one model trained on the union of all peers' training data.
-
-The transport sees exchange numbers, not rounds: round ``r`` of a method that exchanges ``g`` times
-per round (gossip) uses exchanges ``(r-1)*g + 1 .. r*g``; every other method uses exchange ``r``.
+The loop asks the method (:mod:`dimat.methods`) when to exchange, what to send and how to merge; it
+never looks at a method's name. The transport sees exchange numbers, not rounds: round ``r`` of a
+method that exchanges ``g`` times per round uses exchanges ``(r-1)*g + 1 .. r*g``.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
 
-from dimat.config import MERGE_METHODS, ConfigError
+from dimat.config import ConfigError, RunConfig
 from dimat.federation.build import Federation, build_federation
 from dimat.federation.checkpoints import Checkpointer
 from dimat.federation.evaluation import plan_round
 from dimat.federation.sent_states import SentStates
 from dimat.federation.shared_merge import SharedMerges, row_key
+from dimat.metrics import consensus_distance, write_text_atomic
 from dimat.metrics.run_log import RoundResult, RunLog, make_summary, round_result
+from dimat.runtime import set_threads
 from dimat.topology.membership import renormalise
+from dimat.transport import Transport, build_transport
 
 
 @dataclass
@@ -54,36 +48,17 @@ class RoundOutput:
         return cls({}, {p: 0 for p in peers}, {p: [] for p in peers}, {p: [] for p in peers}, {})
 
 
-def local_steps(fed: Federation, peer: Any, epochs: float) -> int:
-    """SGD steps a peer takes in one round: ``local_steps``, else ``epochs`` passes over its data."""
-    steps = fed.config.local_steps
-    return int(steps) if steps else round(epochs * peer.steps_per_epoch)
-
-
 def exchanges_per_round(fed: Federation) -> int:
-    """Exchanges in one round: 1, or with ``merge.every_steps`` one every that many steps of the
-    median-size peer (gossip: ``merge.gossip_every``).
-
-    Computed from the partition sizes, which every process knows, so all agree without talking.
-    """
-    run = fed.config
-    every = run.merge.gossip_every if fed.method == "gossip" else run.merge.every_steps
-    if fed.method not in (*MERGE_METHODS, "gossip") or not every:
-        return 1
-    if run.local_steps:
-        steps = [float(run.local_steps)]
-    else:
-        steps = [math.ceil(n / run.train.batch_size) * run.local_epochs for n in fed.partition_sizes.values()]
-    return max(1, round(float(np.median(steps)) / every))
+    """Exchanges in one round (the method's rule, :meth:`Federation.exchanges_per_round`)."""
+    return fed.exchanges_per_round()
 
 
-def exchange_and_merge(fed: Federation, transport: Any, topo: Any, exchange_idx: int, out: RoundOutput, *,
-                       method: str, bn_stats: str, reset_optimizer: bool) -> None:
+def exchange_and_merge(fed: Federation, transport: Transport, topo: Any, exchange_idx: int, out: RoundOutput) -> None:
     """One exchange of shared states, then every local peer merges what it received (into ``out``)."""
     # live (uncopied) sent states only in-process without compression: a compressor keeps what was sent
     # as its next reference, which must not change when the sender merges
     live = fed.attack is None and fed.compressor is None and fed.config.transport.name == "inproc"
-    sent = SentStates(fed.peers, live=live)
+    sent = SentStates(fed.peers, fed.method.payload, live=live)
     states = sent.states
     if fed.attack is not None:
         states = fed.attack.outgoing(states)  # model replacement by malicious peers
@@ -101,8 +76,7 @@ def exchange_and_merge(fed: Federation, transport: Any, topo: Any, exchange_idx:
     for pid, peer in fed.peers.items():
         got = result.received.pop(pid, {})  # dropped once merged: received states are held no longer
         sent.before_merge(pid)
-        peer.merge(got, topo.weights_for(pid), method=method, bn_stats=bn_stats, reset_optimizer=reset_optimizer,
-                   shared=shared)
+        fed.method.merge(peer, got, topo.weights_for(pid), shared=shared)
         sent.after_merge(got)
         out.bytes_sent[pid] += int(result.bytes_sent.get(pid, 0))
         out.heard[pid] = sorted(got)
@@ -111,33 +85,25 @@ def exchange_and_merge(fed: Federation, transport: Any, topo: Any, exchange_idx:
             out.refused.setdefault(pid, {}).update(result.refused[pid])
 
 
-def train_round(fed: Federation, transport: Any, round_idx: int, epochs: float) -> RoundOutput:
-    """Local training and the round's exchanges: after training, or every ``merge.every_steps`` steps."""
+def train_round(fed: Federation, transport: Transport, round_idx: int) -> RoundOutput:
+    """Local training and the round's exchanges, spread evenly over the local steps (none: train only)."""
     out = RoundOutput.empty(fed.peers)
-    run = fed.config
     if fed.attack is not None:
         fed.attack.before_training(fed.peers)
-    if fed.method not in (*MERGE_METHODS, "gossip"):  # isolated, centralized: train only
-        for p in fed.peers.values():
-            p.start_round()
-        out.train = train_steps(fed, {pid: local_steps(fed, p, epochs) for pid, p in fed.peers.items()})
-        return out
-    g = exchanges_per_round(fed)
-    topo = fed.topology_at(round_idx)
-    gossip = fed.method == "gossip"  # consensus SGD: plain averaging, momentum runs on, BN buffers averaged
-    method = "average" if gossip else fed.method
-    bn_stats = "average" if gossip else run.merge.bn_stats
-    reset_optimizer = False if gossip else not run.merge.keep_momentum
-    totals = {pid: local_steps(fed, p, epochs) for pid, p in fed.peers.items()}
-    parts: dict[int, list[dict[str, float]]] = {pid: [] for pid in fed.peers}
+    g = fed.exchanges_per_round()
+    totals = {pid: fed.local_steps(p) for pid, p in fed.peers.items()}
     for p in fed.peers.values():
-        p.start_round()
+        fed.method.start_round(p)
+    if g == 0:
+        out.train = train_steps(fed, totals)
+        return out
+    topo = fed.topology_at(round_idx)
+    parts: dict[int, list[dict[str, float]]] = {pid: [] for pid in fed.peers}
     for k in range(g):
         chunk = train_steps(fed, {pid: t * (k + 1) // g - t * k // g for pid, t in totals.items()})
         for pid in fed.peers:
             parts[pid].append(chunk[pid])
-        exchange_and_merge(fed, transport, topo, (round_idx - 1) * g + k + 1, out, method=method,
-                           bn_stats=bn_stats, reset_optimizer=reset_optimizer)
+        exchange_and_merge(fed, transport, topo, (round_idx - 1) * g + k + 1, out)
     for pid, chunks in parts.items():
         out.train[pid] = chunks[0] if len(chunks) == 1 else _pooled(chunks)
     return out
@@ -185,7 +151,7 @@ def evaluate_round(fed: Federation, round_idx: int, out: RoundOutput, elapsed: f
         val = p.evaluate_val() if evaluated else None
         tr = out.train.get(pid, {})
         rec = {
-            "round": round_idx, "peer": pid, "method": fed.method,
+            "round": round_idx, "peer": pid, "method": fed.method.name,
             "test_acc": got["acc"], "test_loss": got["loss"],
             "val_acc": None if val is None else val["acc"], "val_loss": None if val is None else val["loss"],
             "train_loss": tr.get("loss"), "train_acc": tr.get("acc"), "local_steps": tr.get("steps", 0),
@@ -204,8 +170,6 @@ def evaluate_round(fed: Federation, round_idx: int, out: RoundOutput, elapsed: f
 
 def consensus_of(fed: Federation) -> float | None:
     """Consensus distance over every peer of the federation; None when this process does not host them all."""
-    from dimat.metrics import consensus_distance
-
     if len(fed.peers) != fed.num_peers or not fed.peers:
         return None
     # the live state dicts, not copies: the distance only reads them
@@ -215,14 +179,14 @@ def consensus_of(fed: Federation) -> float | None:
 def summary_of(fed: Federation, rounds: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
     run = fed.config
     return make_summary(
-        title=f"{fed.method} · {run.model.name} · {run.data.name} · {fed.num_peers} peer(s) · {run.topology.name}",
-        method=fed.method, num_peers=fed.num_peers, local_peers=sorted(fed.peers), rounds_planned=run.rounds,
+        title=f"{fed.method.name} · {run.model.name} · {run.data.name} · {fed.num_peers} peer(s) · {run.topology.name}",
+        method=fed.method.name, num_peers=fed.num_peers, local_peers=sorted(fed.peers), rounds_planned=run.rounds,
         rounds=rounds, wall_s=wall_s, model_bytes=int(fed.info.get("model_bytes", 0)), info=fed.info)
 
 
 def run_rounds(
     fed: Federation,
-    transport: Any,
+    transport: Transport,
     run_dir: str | Path,
     *,
     resume: bool = False,
@@ -246,7 +210,7 @@ def run_rounds(
         last = ckpt.last_round()
         if last is None:
             raise FileNotFoundError(f"nothing to resume in {run_dir}: no finished round recorded")
-        ckpt.restore(last, fed.peers)
+        ckpt.restore(last, fed.peers, fed.method)
         start = last
     log.start(start if resume else None)
 
@@ -255,26 +219,26 @@ def run_rounds(
     if start == 0 and run.pretrain_epochs > 0:
         t0 = time.perf_counter()
         out = RoundOutput.empty(fed.peers)
-        out.train = {pid: p.train(run.pretrain_epochs) for pid, p in fed.peers.items()}
+        for p in fed.peers.values():
+            fed.method.start_round(p)
+        out.train = {pid: p.train_steps(round(run.pretrain_epochs * p.steps_per_epoch)) for pid, p in fed.peers.items()}
         records, res = evaluate_round(fed, 0, out, time.perf_counter() - t0)
         log.log(records, res)
         say(res.line(total))
         if run.checkpoint.enabled:
-            ckpt.save(0, fed.peers)
+            ckpt.save(0, fed.peers, fed.method)
 
     bar = None
     if progress and start < total:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=start, desc=f"{fed.method}", unit="round", leave=False, dynamic_ncols=True)
+        bar = tqdm(total=total, initial=start, desc=f"{fed.method.name}", unit="round", leave=False, dynamic_ncols=True)
     for r in range(start + 1, total + 1):
         t0 = time.perf_counter()
-        out = train_round(fed, transport, r, run.local_epochs)
+        out = train_round(fed, transport, r)
         records, res = evaluate_round(fed, r, out, 0.0)
         res.time_s = time.perf_counter() - t0
         log.log(records, res)
         if run.checkpoint.enabled:
-            ckpt.save(r, fed.peers)
+            ckpt.save(r, fed.peers, fed.method)
         if bar is not None:
             bar.update(1)
             bar.write(res.line(total))
@@ -294,13 +258,6 @@ def simulate(cfg: Any, run_dir: str | Path, *, resume: bool = False, progress: b
 
     The run folder gets ``config.yaml`` (the resolved config that ran) besides the run's outputs.
     """
-    from omegaconf import OmegaConf
-
-    from dimat.config import RunConfig
-    from dimat.entry import set_threads
-    from dimat.metrics import write_text_atomic
-    from dimat.transport import build_transport
-
     run = RunConfig.from_config(cfg)
     if run.transport.name != "inproc":
         raise ConfigError(f"`dimat simulate` runs every peer in one process; transport={run.transport.name} "
@@ -311,7 +268,7 @@ def simulate(cfg: Any, run_dir: str | Path, *, resume: bool = False, progress: b
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(run.raw)))
     if echo is not None:
-        echo(f"dimat: {fed.method} · {run.model.name} · {run.data.name} · {fed.num_peers} peer(s) · "
+        echo(f"dimat: {fed.method.name} · {run.model.name} · {run.data.name} · {fed.num_peers} peer(s) · "
              f"{run.topology.name} · {run.rounds} rounds x {run.local_epochs} epochs → {run_dir}")
     # every peer lives here: receivers read the sent states themselves (held once, sent_states.py)
     transport = build_transport(run.transport, n_peers=run.num_peers, share_states=True)

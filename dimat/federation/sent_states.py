@@ -9,31 +9,28 @@ yet holds it; the copy is dropped as soon as its last reader has merged. On a ri
 about three copies alive instead of N.
 
 Any other transport (or an attack, whose sent states are not the models) gets the copies
-``Peer.shared_state`` makes, as before: a remote transport may read the sent tensors after
+``Method.payload`` makes, as before: a remote transport may read the sent tensors after
 :meth:`exchange` returns.
 """
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
-from dimat.merge.basis import attach_basis
 
-StateDict = dict[str, torch.Tensor]
+from dimat.typing import StateDict
 
 
 class SentStates:
     """One exchange's sent states (``states``) and who still reads them."""
 
-    def __init__(self, peers: Mapping[int, Any], *, live: bool) -> None:
+    def __init__(self, peers: Mapping[int, Any], payload: Callable[..., StateDict], *, live: bool) -> None:
+        """``payload(peer, live=...)`` is what a peer sends (the method's, ``Method.payload``)."""
         self.live = live
-        if live:  # detached views of the live tensors; copied on write (before_merge)
-            self.states: dict[int, StateDict] = {pid: attach_basis(p.model.state_dict(), p.basis)
-                                                 for pid, p in peers.items()}
-        else:
-            self.states = {pid: p.shared_state() for pid, p in peers.items()}
+        # live: detached views of the live tensors, copied on write (before_merge); else copies
+        self.states: dict[int, StateDict] = {pid: payload(p, live=live) for pid, p in peers.items()}
         self._readers: Counter[int] = Counter()
         #: every receiver got exactly what was sent (the very dicts): what one peer computes from its
         #: received states, another computes from the same (a merge may be shared, shared_merge)

@@ -25,7 +25,7 @@ from torch import nn
 from dimat.align.batchnorm import bn_names, from_second_moments, has_batchnorm, reset_bn_stats, to_second_moments
 from dimat.merge.aggregators import weighted_average
 
-StateDict = dict[str, torch.Tensor]
+from dimat.typing import StateDict
 Row = tuple[tuple[int, float], ...]
 
 
@@ -52,12 +52,6 @@ class SharedMerges:
         #: averages computed, and merges served from one computed before (for tests and benches)
         self.computed = 0
         self.reused = 0
-
-    @staticmethod
-    def applies(aggregator: object | None, method: str, same_basis: list[bool] | None, into: int | None) -> bool:
-        """Whether a peer's merge is a plain mean of the states as sent (no alignment, no relabel)."""
-        no_alignment = method == "average" or (same_basis is not None and all(same_basis))
-        return aggregator is None and into is None and no_alignment
 
     def merge(self, model: nn.Module, own_id: int, neighbours: Mapping[int, Mapping[str, torch.Tensor]],
               weights: Mapping[int, float], *, bn_stats: str, data: list | None) -> StateDict:

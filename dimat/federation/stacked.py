@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-StateDict = dict[str, torch.Tensor]
+from dimat.typing import StateDict
 
 
 def _architecture(model: nn.Module) -> tuple:
@@ -49,6 +49,8 @@ def stackable(peer: Any) -> str | None:
         return "a FedRS/FedProx objective"
     if any(q.requires_grad is False for q in peer.model.parameters()):
         return "frozen parameters"
+    if peer.before_step is not None:
+        return "a method's per-step gradient correction"
     return None
 
 

@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-StateDict = dict[str, torch.Tensor]
+from dimat.typing import StateDict
 
 #: Key of the basis tag in exchanged state dicts (an int64 scalar); never a key of a model's own state.
 BASIS_KEY = "_dimat.basis"

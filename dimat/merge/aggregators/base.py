@@ -20,7 +20,7 @@ from torch import nn
 
 from dimat.topology.membership import check_weights
 
-StateDict = dict[str, torch.Tensor]
+from dimat.typing import StateDict
 
 
 @dataclass

@@ -38,4 +38,13 @@ class MeanAggregator(BaseAggregator):
         return weighted_average(own, others, weights)
 
 
-__all__ = ["MeanAggregator", "weighted_average"]
+def is_plain_mean(aggregator: object | None) -> bool:
+    """Whether ``aggregator`` is the weighted mean: ``None`` (the one spelling callers use) or a :class:`MeanAggregator`.
+
+    The plain mean of states as sent depends only on the row of weights, so it may be shared
+    between peers (``dimat.federation.shared_merge``).
+    """
+    return aggregator is None or aggregator is weighted_average or isinstance(aggregator, MeanAggregator)
+
+
+__all__ = ["MeanAggregator", "is_plain_mean", "weighted_average"]

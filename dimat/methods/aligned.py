@@ -1,0 +1,144 @@
+"""Align, then average: the merge that DIMAT, weight matching, averaging and gossip share.
+
+``AlignedAverage`` merges what a peer received the way the DIMAT paper does, with this project's
+consensus basis (:mod:`dimat.merge.basis`):
+
+1. renormalise the peer's row of mixing weights over the senders that arrived (the one rule,
+   :func:`dimat.topology.membership.renormalise`);
+2. align each neighbour into the peer's basis (``alignment``: activation matching on the data
+   merging sees, weight matching, or none) unless it is already in that basis;
+3. combine with the aggregator (the weighted mean, or a defence), BatchNorm statistics by
+   ``merge.bn_stats``;
+4. relabel the result into the lowest basis of the neighbourhood (the function is unchanged) and
+   keep or restart the optimizer's momentum (``merge.keep_momentum``), permuting whatever lives
+   in the old unit order: the optimizer state and this method's per-peer state.
+
+Subclasses fix ``alignment`` (and gossip its BatchNorm and momentum policy); a drift-correcting
+method extends :meth:`AlignedAverage.merge` and inherits all of the above.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from dimat.align.api import find_permutations, spec_for
+from dimat.align.permute import invert
+from dimat.config import MergeSettings
+from dimat.merge.aggregators import AggregationContext, get_aggregator, is_plain_mean
+from dimat.merge.api import merge_states
+from dimat.merge.basis import plan_rebase, split_basis
+from dimat.merge.scratch import working_copy
+from dimat.methods.base import Method, split_extras
+from dimat.peer import Peer
+from dimat.typing import StateDict
+from dimat.seeds import AGGREGATION, derive_seed
+from dimat.topology.membership import renormalise
+
+
+def is_plain_average(aggregator: object | None, alignment: str | None, same_basis: list[bool] | None,
+                     into: int | None) -> bool:
+    """Whether a merge is the plain mean of the states as sent (no matching, no relabel, no defence).
+
+    Only such a merge depends on nothing but the row of weights, so peers may share it
+    (:class:`dimat.federation.shared_merge.SharedMerges`).
+    """
+    no_alignment = alignment is None or (same_basis is not None and all(same_basis))
+    return is_plain_mean(aggregator) and into is None and no_alignment
+
+
+class AlignedAverage(Method):
+    """Align neighbours (``alignment``), combine with the aggregator, keep one basis."""
+
+    #: how neighbours are aligned: "activation" (DIMAT), "weight" (weight matching) or None (averaging)
+    alignment: ClassVar[str | None] = None
+
+    def __init__(self, settings: MergeSettings) -> None:
+        super().__init__(settings)
+        #: the combining rule; None is the weighted mean (as ``AveragedModel(avg_fn=None)`` is SWA)
+        self.aggregator = None if settings.aggregator == "mean" else get_aggregator(
+            settings.aggregator, **settings.aggregator_kwargs)
+        # consensus_basis auto: on unless a defence aggregates (dimat.merge.basis says why)
+        self.consensus_basis = (self.aggregator is None if settings.consensus_basis is None
+                                else settings.consensus_basis)
+
+    @property
+    def bn_stats(self) -> str:
+        return self.settings.bn_stats
+
+    @property
+    def reset_optimizer(self) -> bool:
+        return not self.settings.keep_momentum
+
+    def merge(self, peer: Peer, received: Mapping[int, Mapping[str, torch.Tensor]], weights: Mapping[int, float],
+              *, shared: Any | None = None) -> StateDict:
+        """Align, combine and load; with no sender to merge nothing changes (not even the optimizer).
+
+        Returns the merged model state. ``received`` payloads may carry extras (a subclass reads
+        them with :func:`dimat.methods.base.split_extras`); they are dropped here.
+        """
+        w = renormalise(weights, received, self_id=peer.id)
+        senders = sorted(j for j in w if j != peer.id)
+        split = [split_basis(split_extras(received[j])[0], label=f"peer {peer.id}: state from peer {j}")
+                 for j in senders]
+        if not split:
+            return peer.state()
+        states, tags = [s for s, _ in split], [t for _, t in split]
+        same, into, new_basis = None, None, peer.basis
+        batches = peer.alignment_batches()
+        rebase_first = self.consensus_basis and self.alignment is not None and self.settings.rebase == "before"
+        if rebase_first:
+            self._join_lowest_basis(peer, states, tags, batches)
+            keep = [k for k, t in enumerate(tags) if t == peer.basis]  # the others join later
+            senders, states = [senders[k] for k in keep], [states[k] for k in keep]
+            w = renormalise(weights, senders, self_id=peer.id)
+            if not senders:
+                return peer.state()
+            same, new_basis = [True] * len(states), peer.basis
+        elif self.consensus_basis and self.alignment is not None:
+            same, into, new_basis = plan_rebase(peer.basis, tags)
+        context = None
+        if getattr(self.aggregator, "needs_context", False):
+            # a defence that looks at predictions (safety-mask refinement) gets own model and data
+            context = AggregationContext(model=peer.model, data=batches, device=peer.device,
+                                         seed=derive_seed(peer.seed, AGGREGATION, peer.id, peer.steps_done))
+        relabel: dict[str, torch.Tensor] = {}
+        # rebase=before has relabelled the own model: it is no longer the state the others received
+        if shared is not None and not rebase_first and is_plain_average(self.aggregator, self.alignment, same, into):
+            merged = shared.merge(peer.model, peer.id, dict(zip(senders, states)), w, bn_stats=self.bn_stats,
+                                  data=batches)
+        else:
+            merged = merge_states(
+                peer.model, states, [w.get(peer.id, 0.0)] + [w[j] for j in senders], batches,
+                alignment=self.alignment, bn_stats=self.bn_stats, aggregator=self.aggregator, context=context,
+                same_basis=same, into=into, relabel=relabel,
+            )
+        peer.load_state(merged, reset_optimizer=self.reset_optimizer)
+        if relabel:
+            if not self.reset_optimizer:
+                peer.permute_optimizer_state(relabel)  # kept momentum follows its units into the new basis
+            self.permute(peer, relabel)
+        peer.basis = new_basis
+        return merged
+
+    def _join_lowest_basis(self, peer: Peer, states: list, tags: list, batches: list) -> None:
+        """``merge.rebase=before``: relabel the own model into the lowest-tagged neighbour's basis.
+
+        One matching (the neighbour's model onto own, on the data merging sees), applied inversely to
+        the own model, its momentum and this method's state: the function is unchanged. Every model
+        thus enters the common basis through the permutation its own peer found, so merged models
+        agree across peers; with ``after`` each peer re-matches every neighbour and the results disagree.
+        """
+        lower = [(t, k) for k, t in enumerate(tags) if t is not None and t < peer.basis]
+        if not lower:
+            return
+        tag, k = min(lower)
+        spec, batches = spec_for(peer.model, batches)
+        other = working_copy(peer.model, 0)  # the merge's pooled copy; free again once matching returns
+        other.load_state_dict(states[k])
+        found = find_permutations(peer.model, [other], batches, self.alignment, spec)[0]
+        self.relabel(peer, {g: invert(p) for g, p in found.items()})
+        peer.basis = tag
+
+
+__all__ = ["AlignedAverage"]

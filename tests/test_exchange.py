@@ -287,7 +287,7 @@ def test_a_corrupt_compressed_payload_is_refused_and_the_model_left_untouched(ex
     for e in range(1, exchanges + 1):
         before = {k: v.clone() for k, v in fed.peers[1].state().items()}
         out = RoundOutput.empty(fed.peers)
-        exchange_and_merge(fed, transport, fed.topology_at(1), e, out, method="dimat", bn_stats="average", reset_optimizer=False)
+        exchange_and_merge(fed, transport, fed.topology_at(1), e, out)
     assert out.refused[1][0].startswith(f"state from peer 0 for round {exchanges}: {reason}"), out.refused
     assert out.heard[1] == [] and out.missing[1] == [0]
     assert all(torch.equal(v, before[k]) for k, v in fed.peers[1].state().items())  # nobody to merge with: untouched
@@ -301,8 +301,7 @@ def test_payload_bytes_are_what_the_transport_counts() -> None:
 
     full = state_bytes(fed.peers[0].shared_state())
     out = RoundOutput.empty(fed.peers)
-    exchange_and_merge(fed, InProcTransport(), fed.topology_at(1), 1, out, method="average", bn_stats="average",
-                       reset_optimizer=False)
+    exchange_and_merge(fed, InProcTransport(), fed.topology_at(1), 1, out)
     assert 0.25 * full < out.bytes_sent[0] < 0.27 * full  # int8 codes + a scale per tensor + raw int64 entries
 
 

@@ -1,7 +1,8 @@
 """Every topology kind in ``configs/topology/`` on gRPC and torchrun against ``dimat simulate``.
 
 The README's claim: both transports reproduce the simulation's per-round, per-peer metrics. Here
-it is checked for every topology config (and gossip, whose exchanges are numbered within rounds),
+it is checked for every topology config (and gossip, whose exchanges are numbered within rounds,
+and a user's method from outside dimat that sends extra tensors),
 4 peers, 2 rounds of a tiny MLP on digits: test/train/validation figures within 1e-6 abs + 1e-5
 rel, the same neighbours heard and the same ``bytes_sent`` (each peer's own payload, so uneven
 topologies such as star say the same on every transport). gRPC runs as 4 real ``dimat peer``
@@ -47,6 +48,9 @@ CASES: dict[str, list[str]] = {
     "ring_dimat_every_step": ["topology=ring", "merge.every_steps=1"],  # dimat, 3 exchanges per round
     "random_matching_gossip": ["topology=random_matching", "seed=4", "merge=gossip", "merge.gossip_every=1"],
     # the default recipe with BatchNorm: every-step merging, momentum kept, BN statistics mixed as moments
+    # a method defined outside dimat (tests/test_methods.py) that sends an extra tensor per parameter
+    "ring_custom_method": ["topology=ring", "merge=custom", "merge.class=tests.test_methods:SharedMomentum",
+                           "merge.keep_momentum=true"],
     "fully_connected_default_recipe": ["topology=fully_connected", "data=mnist1d", "model=cnn1d", "model.channels=[4,8,8]",
                                        "merge.every_steps=1", "merge.keep_momentum=true", "merge.bn_stats=mixture"],
 }

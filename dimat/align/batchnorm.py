@@ -1,10 +1,11 @@
 """BatchNorm statistics: recomputed on data after a merge (REPAIR style), or mixed as moments across peers."""
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 from .inputs import iter_inputs
 
@@ -17,21 +18,25 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def reset_bn_stats(model: nn.Module, data: Iterable, max_batches: int | None = None) -> nn.Module:
-    """Recompute every BatchNorm's running mean/var over ``data`` as an exact average (momentum None)."""
-    bns = [m for m in model.modules() if isinstance(m, _BN)]
-    if not bns:
+    """Recompute every BatchNorm's running mean/var over ``data`` as an exact average.
+
+    ``torch.optim.swa_utils.update_bn`` does the work (cumulative average, momenta restored); this
+    adds the inputs of any ``data`` form dimat accepts, ``max_batches``, and an error for no data.
+    """
+    if not has_batchnorm(model):
         return model
-    saved = [(m.momentum, m.track_running_stats) for m in bns]
-    was_training = model.training
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    try:
-        _forward_in_train_mode(model, data, max_batches, "recompute")
-    finally:
-        for m, (mom, _) in zip(bns, saved):
-            m.momentum = mom
-        model.train(was_training)
+    device = next(model.parameters()).device
+    seen = 0
+
+    def inputs() -> Iterator[torch.Tensor]:
+        nonlocal seen
+        for x in iter_inputs(data, max_batches, device):
+            seen += 1
+            yield x
+
+    update_bn(inputs(), model)
+    if seen == 0:
+        raise ValueError("data is empty: cannot recompute BatchNorm statistics")
     return model
 
 

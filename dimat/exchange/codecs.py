@@ -30,10 +30,10 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
+from dimat.typing import work_dtype
+
 #: ``exchange.compress`` values
 CODECS = ("none", "fp16", "bf16", "int8", "int4", "topk", "randk")
-#: codecs whose message is a sparse update (meaningful only against a reference)
-SPARSE = ("topk", "randk")
 
 Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]  # part suffix -> (shape, dtype)
 Parts = dict[str, torch.Tensor]
@@ -53,11 +53,6 @@ class CodecSettings:
     ratio: float = 1.0  # topk/randk: fraction of entries sent
 
 
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The arithmetic dtype: float64 stays float64, every other float is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _work(x: torch.Tensor) -> torch.Tensor:
     return x.to(work_dtype(x.dtype))
 
@@ -66,7 +61,6 @@ class Codec:
     """One floating tensor <-> its parts. Subclasses set :attr:`name` and implement the three methods."""
 
     name = "?"
-    sparse = False
 
     def __init__(self, s: CodecSettings) -> None:
         self.s = s
@@ -190,7 +184,6 @@ class Quantise(Codec):
 class Sparse(Codec):
     """topk / randk: ``k = ceil(ratio * n)`` (index, value) pairs; values in float32 (float64 for float64)."""
 
-    sparse = True
 
     def __init__(self, s: CodecSettings, random: bool) -> None:
         super().__init__(s)
@@ -269,6 +262,8 @@ _BUILDERS: dict[str, Callable[[CodecSettings], Codec]] = {
     "randk": lambda s: Sparse(s, random=True),
 }
 assert tuple(_BUILDERS) == CODECS
+#: codecs whose message is a sparse update (meaningful only against a reference): the ``Sparse`` ones
+SPARSE = tuple(n for n, build in _BUILDERS.items() if isinstance(build(CodecSettings(n)), Sparse))
 
 
 def get_codec(s: CodecSettings) -> Codec:

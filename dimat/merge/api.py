@@ -55,7 +55,8 @@ def merge_states(reference: nn.Module, states: Sequence[Mapping[str, torch.Tenso
                  data: Iterable | None = None, *, alignment: str | None, bn_stats: str,
                  aggregator: str | Aggregator | None = None, max_batches: int | None = None,
                  context: object | None = None, same_basis: Sequence[bool] | None = None,
-                 into: int | None = None, relabel: dict[str, torch.Tensor] | None = None) -> StateDict:
+                 into: int | None = None, relabel: dict[str, torch.Tensor] | None = None,
+                 alignments: dict[int, dict[str, torch.Tensor]] | None = None) -> StateDict:
     """Merge neighbour ``states`` into ``reference`` (the peer's own model; ``weights[0]`` is its own).
 
     ``alignment`` and ``bn_stats`` have no default here: the caller's method or config decides
@@ -68,7 +69,9 @@ def merge_states(reference: nn.Module, states: Sequence[Mapping[str, torch.Tenso
     case, so a defence also screens statistics). Returns a new state dict; ``reference`` is untouched.
     ``same_basis[k]`` marks neighbour ``k`` as already in the reference's basis (not re-matched);
     ``into`` relabels the result into neighbour ``into``'s basis (see :mod:`dimat.merge.basis`);
-    the permutation it applied is put into ``relabel`` when given.
+    the permutation it applied is put into ``relabel`` when given, and the permutation that aligned
+    neighbour ``k`` into ``alignments[k]`` (so a caller can move what else that neighbour sent in its
+    unit order, such as a method's extras).
     """
     check_alignment(alignment)
     weights = check_weights(weights, len(states) + 1, sums_to_one=True)
@@ -99,6 +102,8 @@ def merge_states(reference: nn.Module, states: Sequence[Mapping[str, torch.Tenso
         found = find_permutations(reference, others, data, alignment, spec, max_batches)
         for k, p in zip(todo, found):
             perms[k] = p
+            if alignments is not None:
+                alignments[k] = p
             aligned[k] = permute_state(states[k], spec, p)
 
     combine = _resolve_aggregator(aggregator)

@@ -5,7 +5,13 @@ average merge the built-ins share; ``registry`` names them and loads a user's (`
 """
 from .base import EXTRA_PREFIX, Method, split_extras
 from .aligned import AlignedAverage
+from .average import Average
+from .centralized import Centralized
+from .dimat import Dimat
+from .gossip import Gossip
+from .isolated import Isolated
+from .weight_matching import WeightMatching
 from .registry import available_methods, build_method, method_class, register_method
 
-__all__ = ["EXTRA_PREFIX", "AlignedAverage", "Method", "available_methods", "build_method", "method_class",
-           "register_method", "split_extras"]
+__all__ = ["EXTRA_PREFIX", "AlignedAverage", "Average", "Centralized", "Dimat", "Gossip", "Isolated", "Method",
+           "WeightMatching", "available_methods", "build_method", "method_class", "register_method", "split_extras"]

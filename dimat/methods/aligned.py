@@ -23,7 +23,8 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from dimat.align.api import find_permutations, spec_for
-from dimat.align.permute import invert
+from dimat.align.permute import invert, permute_state
+from dimat.align.spec import get_spec
 from dimat.config import MergeSettings
 from dimat.merge.aggregators import AggregationContext, get_aggregator, is_plain_mean
 from dimat.merge.api import merge_states
@@ -103,6 +104,7 @@ class AlignedAverage(Method):
             context = AggregationContext(model=peer.model, data=batches, device=peer.device,
                                          seed=derive_seed(peer.seed, AGGREGATION, peer.id, peer.steps_done))
         relabel: dict[str, torch.Tensor] = {}
+        alignments: dict[int, dict[str, torch.Tensor]] = {}
         # rebase=before has relabelled the own model: it is no longer the state the others received
         if shared is not None and not rebase_first and is_plain_average(self.aggregator, self.alignment, same, into):
             merged = shared.merge(peer.model, peer.id, dict(zip(senders, states)), w, bn_stats=self.bn_stats,
@@ -111,7 +113,7 @@ class AlignedAverage(Method):
             merged = merge_states(
                 peer.model, states, [w.get(peer.id, 0.0)] + [w[j] for j in senders], batches,
                 alignment=self.alignment, bn_stats=self.bn_stats, aggregator=self.aggregator, context=context,
-                same_basis=same, into=into, relabel=relabel,
+                same_basis=same, into=into, relabel=relabel, alignments=alignments,
             )
         peer.load_state(merged, reset_optimizer=self.reset_optimizer)
         if relabel:
@@ -119,7 +121,28 @@ class AlignedAverage(Method):
                 peer.permute_optimizer_state(relabel)  # kept momentum follows its units into the new basis
             self.permute(peer, relabel)
         peer.basis = new_basis
+        #: how each sender's units were mapped into the peer's (new) basis by this merge
+        self.last_alignment = {j: (alignments.get(k, {}), relabel) for k, j in enumerate(senders)}
         return merged
+
+    def received_extras(self, peer: Peer, received: Mapping[int, Mapping[str, torch.Tensor]]
+                        ) -> dict[int, StateDict]:
+        """The extras each sender of the last :meth:`merge` sent, moved into ``peer``'s basis.
+
+        A neighbour's extras that are shaped like a parameter are permuted as its weights were
+        (its alignment, then the relabelling into the consensus basis); others pass unchanged.
+        """
+        out: dict[int, StateDict] = {}
+        spec = get_spec(peer.model) if self.alignment is not None else None
+        params = dict(peer.model.named_parameters())
+        for j, (aligned, relabel) in getattr(self, "last_alignment", {}).items():
+            extras = split_extras(received[j])[1]
+            for perms in (aligned, relabel):
+                if perms and spec is not None:
+                    movable = {k: v for k, v in extras.items() if k in params and v.shape == params[k].shape}
+                    extras.update(permute_state(movable, spec, perms, partial=True))
+            out[j] = extras
+        return out
 
     def _join_lowest_basis(self, peer: Peer, states: list, tags: list, batches: list) -> None:
         """``merge.rebase=before``: relabel the own model into the lowest-tagged neighbour's basis.

@@ -12,7 +12,7 @@ This module names no aggregator: the built-ins (``mean``, ``robust``, ``safety``
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 import torch
@@ -20,7 +20,7 @@ from torch import nn
 
 from dimat.topology.membership import check_weights
 
-from dimat.typing import StateDict
+from dimat.typing import StateDict, work_dtype
 
 
 @dataclass
@@ -36,7 +36,6 @@ class AggregationContext:
     data: Iterable[Any] | None = None
     device: str | torch.device = "cpu"
     seed: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class Aggregator(Protocol):
@@ -125,15 +124,10 @@ def float_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
     return [k for k, v in state.items() if torch.is_floating_point(v)]
 
 
-def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    # half precision would make medians and norms of small deltas too coarse
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def stack_deltas(own: Mapping[str, torch.Tensor], others: Sequence[Mapping[str, torch.Tensor]], key: str) -> torch.Tensor:
     """``(1 + k, *shape)``: own's zero delta followed by each neighbour's ``theta_j - theta_own``."""
     base = own[key]
-    dt = compute_dtype(base)
+    dt = work_dtype(base.dtype)
     b = base.detach().to(dt)
     rows = [torch.zeros_like(b)] + [o[key].detach().to(device=b.device, dtype=dt) - b for o in others]
     return torch.stack(rows)

@@ -235,3 +235,126 @@ def test_what_the_tracer_cannot_see_through_is_named_in_one_error():
         derive_spec(WithMHA(), torch.randn(2, 3, 8))
     with pytest.raises(TraceError, match="flatten.*not supported"):
         derive_spec(Flattening(), torch.randn(2, 1, 6))
+
+
+# ---------------------------------------------------------------- cases that were silently wrong
+class LayerNorm2d(nn.LayerNorm):
+    """timm's: an nn.LayerNorm whose own forward normalises the channels, dim 1."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvNormNet(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.norm = LayerNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 1)
+        self.act = nn.GELU()
+        self.fc = nn.Linear(c, 4)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv2(self.norm(self.conv(x)))).mean((2, 3)))
+
+
+class TokenMixer(nn.Module):
+    """MLP-Mixer: the token-mixing hidden units sit beside the channels, which are permuted themselves."""
+
+    def __init__(self, tokens=6, c=8, hidden=12):
+        super().__init__()
+        self.inp = nn.Linear(5, c)
+        self.fc1 = nn.Linear(tokens, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, tokens)
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x):  # x: (N, tokens, 5)
+        h = self.inp(x)
+        h = h + self.fc2(self.act(self.fc1(h.transpose(1, 2)))).transpose(1, 2)
+        return self.head(h.mean(1))
+
+
+class InPlaceBlock(nn.Module):
+    """torchvision's BasicBlock habits: ReLU(inplace=True) after a hooked BatchNorm, `out += identity`."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(c)
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(c, 3)
+
+    def forward(self, x):
+        identity = self.relu(self.bn0(self.stem(x)))
+        out = self.bn(self.conv(identity))
+        out += identity
+        out = self.relu(out)
+        return self.fc(out.mean((2, 3)))
+
+
+def _recovered(model, data):
+    spec = derive_spec(model, data[0])
+    perms = random_permutations(spec, torch.Generator().manual_seed(4))
+    scrambled = apply_permutation(model, perms, spec).eval()
+    with torch.no_grad():
+        assert (scrambled(data[0]) - model(data[0])).abs().max() <= 1e-5
+    (found,) = find_permutations(model, [scrambled], data, spec=spec)
+    return spec, [g.name for g in spec.groups if not torch.equal(found[g.name], invert(perms[g.name]))]
+
+
+def test_layernorm_subclass_with_its_own_forward_is_traced_through():
+    torch.manual_seed(0)
+    model = ConvNormNet(c=8).eval()
+    for p in (model.norm.weight, model.norm.bias):
+        p.data = torch.randn(8)
+    # a width equal to the channels: classified as a LayerNorm over the last axis, the spec was accepted
+    data = [torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    spec, wrong = _recovered(model, data)
+    conv_units = next(g for g in spec.groups if ("conv.weight", 0) in g.axes)
+    assert {("norm.weight", 0), ("norm.bias", 0), ("conv2.weight", 1)} <= set(conv_units.axes)
+    assert not wrong
+
+
+def test_token_mixing_units_are_matched_over_the_permuted_channels():
+    torch.manual_seed(0)
+    model = TokenMixer().eval()
+    data = [torch.randn(64, 6, 5, generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    spec, wrong = _recovered(model, data)
+    hidden = next(g for g in spec.groups if ("fc1.weight", 0) in g.axes)
+    assert hidden.hook_reads == (("act", 2, (1,)),)  # the channel axis beside them is averaged over
+    assert not wrong
+
+
+def test_hooks_read_a_copy_before_in_place_ops():
+    torch.manual_seed(0)
+    model = InPlaceBlock()
+    distinguish_bn(model, 0)
+    # channels the in-place ReLU silences on every sample: what bn0 computed still tells them
+    # apart, what is left in its output tensor after the ReLU does not
+    model.bn0.bias.data[:4] = -10.0
+    model.bn.bias.data[:4] = -10.0
+    model.eval()
+    data = [torch.randn(64, 3, 6, 6, generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    _, wrong = _recovered(model, data)
+    assert not wrong
+
+
+def test_a_wrong_spec_is_caught_naming_its_group():
+    from dimat.align.structure import PermutationGroup, PermutationSpec
+    from dimat.align.tracing.verify import verify_spec
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)).eval()
+    x = torch.randn(2, 4)
+    spec = derive_spec(model, x)
+    verify_spec(model, spec, x)  # the traced spec passes
+    # drop the next layer's input axis from the first group: permuting it now changes the function
+    g0 = spec.groups[0]
+    broken = PermutationSpec((PermutationGroup(g0.name, g0.size, tuple(a for a in g0.axes if a != ("2.weight", 1)),
+                                               g0.hooks, g0.hook_dims), *spec.groups[1:]))
+    with pytest.raises(TraceError, match=rf"wrong for group '{g0.name}'.*verify=False"):
+        verify_spec(model, broken, x)

@@ -14,11 +14,16 @@ from .inputs import iter_inputs
 from .spec import PermutationSpec
 
 
-def units_first(a: torch.Tensor, dim: int = 1) -> torch.Tensor:
+def units_first(a: torch.Tensor, dim: int = 1, pool: tuple[int, ...] = ()) -> torch.Tensor:
     """(N, C, *spatial) -> (C, N * prod(spatial)): every position is a sample of each unit.
 
-    ``dim`` is where the units are (1 for channels, -1 for a transformer's (N, T, D) features).
+    Args:
+        a: one hook's output.
+        dim: where the units are (1 for channels, -1 for a transformer's (N, T, D) features).
+        pool: axes averaged over first (their order is permuted, so they are no aligned samples).
     """
+    if pool:
+        a = a.mean(dim=tuple(pool), keepdim=True)
     if a.dim() == 2 and dim in (1, -1):
         return a.T
     return a.movedim(dim, 0).reshape(a.shape[dim], -1)
@@ -32,8 +37,8 @@ class BatchMoments:
     with Chan et al.'s pairwise update.
     """
 
-    def __init__(self, a: torch.Tensor, dim: int = 1) -> None:
-        units = units_first(a.detach().float(), dim)
+    def __init__(self, a: torch.Tensor, dim: int = 1, pool: tuple[int, ...] = ()) -> None:
+        units = units_first(a.detach().float(), dim, pool)
         if units.data_ptr() == a.data_ptr():
             units = units.clone()
         self.n = units.shape[1]
@@ -99,7 +104,9 @@ def _capture(model: nn.Module, names: Sequence[str], store: dict[str, torch.Tens
             raise ValueError(f"permutation spec hooks module '{name}', which {type(model).__name__} does not have")
 
         def hook(_m, _inp, out, name=name):
-            store[name] = out.detach()
+            # a copy: an in-place op after the module (ReLU(inplace=True), `out += identity`)
+            # would otherwise change what the statistics read
+            store[name] = out.detach().clone()
         handles.append(modules[name].register_forward_hook(hook))
     try:
         yield
@@ -116,8 +123,8 @@ def collect_cross_stats(reference: nn.Module, others: Sequence[nn.Module], data:
 
     The reference's activations are computed once per batch and shared by all others.
     """
-    points = sorted({p for g in spec.matched for p in g.hook_points})
-    hook_names = sorted({h for h, _ in points})
+    points = sorted({p for g in spec.matched for p in g.hook_reads})
+    hook_names = sorted({h for h, _, _ in points})
     missing = [g.name for g in spec.matched if not g.hooks]
     if missing:
         raise ValueError(f"activation matching needs hook modules for every group; none declared for {missing}")
@@ -138,11 +145,11 @@ def collect_cross_stats(reference: nn.Module, others: Sequence[nn.Module], data:
                 batches += 1
                 for m in models:
                     m(x)
-                ref = {p: BatchMoments(stores[0][p[0]], p[1]) for p in points}
+                ref = {p: BatchMoments(stores[0][p[0]], p[1], p[2]) for p in points}
                 for k, _ in enumerate(others):
-                    other = {p: BatchMoments(stores[k + 1][p[0]], p[1]) for p in points}
+                    other = {p: BatchMoments(stores[k + 1][p[0]], p[1], p[2]) for p in points}
                     for g in spec.matched:
-                        for s, p in zip(stats[k][g.name], g.hook_points):
+                        for s, p in zip(stats[k][g.name], g.hook_reads):
                             s.update(ref[p], other[p])
                     del other
                 del ref

@@ -3,7 +3,9 @@
 A *group* is a set of hidden units (neurons, channels) that may be permuted together without
 changing the network's function. It lists every (state-dict key, axis) it acts on — weights,
 biases, BatchNorm affine parameters and running statistics — and the modules whose outputs carry
-its units (on dim 1, or on ``hook_dims``), which is where activation matching looks.
+its units (on dim 1, or on ``hook_dims``), which is where activation matching looks. Every other
+position of a hook's output is a sample, except axes named in ``hook_pool``, which are averaged
+over first: axes whose order is itself permuted (and so differs between two models).
 
 Two structured kinds of group:
 
@@ -34,6 +36,7 @@ class PermutationGroup:
     heads: int = 1
     head_group: str | None = None
     parts: tuple[tuple[str | None, int], ...] = ()
+    hook_pool: tuple[tuple[int, ...], ...] = ()  # per hook, other axes averaged over (); () means none
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -43,6 +46,10 @@ class PermutationGroup:
         if len(dims) != len(self.hooks):
             raise ValueError(f"permutation group '{self.name}': {len(self.hooks)} hooks but {len(dims)} hook_dims")
         set_(self, "hook_dims", dims)
+        pool = tuple(tuple(int(d) for d in p) for p in self.hook_pool) or ((),) * len(self.hooks)
+        if len(pool) != len(self.hooks):
+            raise ValueError(f"permutation group '{self.name}': {len(self.hooks)} hooks but {len(pool)} hook_pool entries")
+        set_(self, "hook_pool", pool)
         set_(self, "parts", tuple((None if g is None else str(g), int(n)) for g, n in self.parts))
         if self.heads < 1 or self.size % self.heads:
             raise ValueError(f"permutation group '{self.name}': {self.heads} heads do not divide its {self.size} units")
@@ -58,6 +65,11 @@ class PermutationGroup:
     @property
     def hook_points(self) -> tuple[tuple[str, int], ...]:
         return tuple(zip(self.hooks, self.hook_dims))
+
+    @property
+    def hook_reads(self) -> tuple[tuple[str, int, tuple[int, ...]], ...]:
+        """Per hook: (module, unit axis, axes averaged over before every position counts as a sample)."""
+        return tuple(zip(self.hooks, self.hook_dims, self.hook_pool))
 
 
 @dataclass(frozen=True)

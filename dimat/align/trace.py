@@ -35,14 +35,22 @@ from .tracing.ops import _tensors
 from .tracing.resolve import build_spec, close
 from .tracing.tracer import Tracer
 from .tracing.variables import TraceError
+from .tracing.verify import verify_spec
 
 
 @torch.no_grad()
-def derive_spec(model: nn.Module, example_input: Any) -> PermutationSpec:
+def derive_spec(model: nn.Module, example_input: Any, *, verify: bool = True) -> PermutationSpec:
     """The permutation structure of ``model``, found by running it once on ``example_input``.
 
-    ``example_input`` is a tensor (a batch; two samples are enough), or an ``(input, label)`` pair.
-    Raises :class:`TraceError` (a ValueError) naming the first operations it cannot see through.
+    Args:
+        model: any ``nn.Module``; its ``forward`` is run (in eval mode) under the tracer.
+        example_input: a tensor (a batch; two samples are enough), or an ``(input, label)`` pair.
+        verify: plant a random permutation of every group on the example input and check the
+            output unchanged (two more forward passes); a mismatch raises naming the group.
+
+    Raises:
+        TraceError: (a ValueError) naming the first operations it cannot see through, or the
+            group a planted permutation showed to be wrong.
     """
     if isinstance(example_input, (tuple, list)) and example_input and isinstance(example_input[0], torch.Tensor):
         example_input = example_input[0]
@@ -73,7 +81,10 @@ def derive_spec(model: nn.Module, example_input: Any) -> PermutationSpec:
                          f"{'; '.join(seen[:3])}{more} is not something the tracer can see through; "
                          "declare permutation_spec() on the model, or write that step with supported layers")
     close(tr)
-    return build_spec(tr)
+    spec = build_spec(tr)
+    if verify:
+        verify_spec(model, spec, x)
+    return spec
 
 
 __all__ = ["TraceError", "derive_spec"]

@@ -80,10 +80,27 @@ class ModuleHandlers:
             self.set(out, self.reshape(x, out, where))
 
 
+_LEAF_SET = frozenset(_LEAVES)
+
+
+def is_leaf(m: nn.Module) -> bool:
+    """A known module whose ``forward`` is that class's own.
+
+    A subclass that overrides ``forward`` (timm's ``LayerNorm2d`` is an ``nn.LayerNorm`` that
+    normalises dim 1) is traced through instead: classifying it by ``isinstance`` would read its
+    parameters on the wrong axis.
+    """
+    for cls in type(m).__mro__:
+        if cls in _LEAF_SET:
+            return type(m).forward is cls.forward
+    return False
+
+
 def install_hooks(tracer: "Tracer", model: nn.Module) -> list:
+    """Forward hooks that keep the module stack and hand each outermost known leaf to ``module_call``."""
     handles = []
     for name, m in model.named_modules():
-        leaf = isinstance(m, _LEAVES)
+        leaf = is_leaf(m)
 
         def pre(_m, _args, name=name, leaf=leaf):
             tracer.stack.append(name)

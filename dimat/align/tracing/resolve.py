@@ -1,6 +1,7 @@
 """From joined axis variables to a PermutationSpec: closure over reshapes and concatenations, groups, hooks."""
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
@@ -63,8 +64,14 @@ def close(tr: Tracer) -> None:
                 changed |= v.fix(whole, v.fixed[v.find(parts[0])])
 
 
-def hook_points(tr: Tracer, root: int) -> list[tuple[str, int]]:
-    """Module outputs carrying ``root`` that reach a weighted layer through shape-only ops."""
+def hook_points(tr: Tracer, root: int) -> list[tuple[str, int, tuple[int, ...]]]:
+    """Module outputs carrying ``root`` that reach a weighted layer through shape-only ops.
+
+    Each is ``(module, unit axis, pooled axes)``: the pooled axes are other axes of that output
+    that may be permuted themselves (MLP-Mixer's token-mixing hidden units sit beside the
+    channels). Their order differs between two models, so they cannot serve as aligned samples;
+    activation matching averages over them (a mean is blind to their order).
+    """
     v = tr.v
     found, fallback = [], []
     for name, vid, shape_only in tr.module_values:
@@ -74,7 +81,8 @@ def hook_points(tr: Tracer, root: int) -> list[tuple[str, int]]:
         hit = [k for k, d in enumerate(dims) if v.find(d) == root]
         if not hit:
             continue
-        fallback.append((name, hit[0]))
+        pooled = tuple(k for k, d in enumerate(dims) if k != hit[0] and v.size[d] > 1 and not v.is_fixed(d))
+        fallback.append((name, hit[0], pooled))
         seen, todo, mixes = {vid}, [vid], False
         while todo and not mixes:
             cur = todo.pop()
@@ -88,7 +96,7 @@ def hook_points(tr: Tracer, root: int) -> list[tuple[str, int]]:
                             seen.add(o)
                             todo.append(o)
         if mixes and not shape_only:
-            found.append((name, hit[0]))
+            found.append((name, hit[0], pooled))
     return found or fallback
 
 
@@ -143,13 +151,14 @@ def build_spec(tr: Tracer) -> PermutationSpec:
         if not hooks:
             raise TraceError(f"no module output carries the units of '{names[r]}' (axes {axes[r][:3]}); "
                              "compute them inside a module so activation matching can observe them")
-        groups.append(PermutationGroup(names[r], v.size[r], tuple(axes.get(r, ())), tuple(h for h, _ in hooks),
-                                       tuple(d for _, d in hooks), heads=heads, head_group=head_group))
+        groups.append(PermutationGroup(names[r], v.size[r], tuple(axes.get(r, ())), tuple(h for h, _, _ in hooks),
+                                       tuple(d for _, d, _ in hooks), heads=heads, head_group=head_group,
+                                       hook_pool=tuple(p for _, _, p in hooks)))
     hg_names: dict[str, str] = {}
     out = []
     for g in groups:
         if g.head_group is not None:
             hg = hg_names.setdefault(g.head_group, f"heads:{g.name}")
-            g = PermutationGroup(g.name, g.size, g.axes, g.hooks, g.hook_dims, g.heads, hg)
+            g = dataclasses.replace(g, head_group=hg)
         out.append(g)
     return PermutationSpec(tuple(out + derived))

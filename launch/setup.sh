@@ -31,7 +31,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   extras=dev
   # the third-party models the alignment tests build (timm, transformers, torchvision 0.28.0) are
   # pinned to torch 2.13.0; beside any other torch they are left out and those tests skip
-  if "$VENV/bin/python" -c "import torch, sys; sys.exit(not torch.__version__.startswith('2.13.'))"; then
+  if "$VENV/bin/python" -c "import torch, sys; sys.exit(not torch.__version__.startswith('2.13.'))" 2>/dev/null; then
     extras=dev,test-models
   fi
   pip_install -e ".[$extras]"

@@ -7,35 +7,10 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .spec import PermutationSpec, complete, get_spec
+from .perms import StateDict, permute_state
+from .spec import PermutationSpec, get_spec
 
-StateDict = dict[str, torch.Tensor]
-
-
-def permute_state(state: Mapping[str, torch.Tensor], spec: PermutationSpec,
-                  perms: Mapping[str, torch.Tensor], *, partial: bool = False) -> StateDict:
-    """Return a new state dict with ``new[key].index_select(axis, perm)`` for every group axis.
-
-    ``perms[g][i]`` is the unit of ``state`` that goes to position ``i``. A derived group's
-    permutation is put together from its parts' (see :func:`dimat.align.spec.complete`).
-    ``partial=True`` permutes the entries ``state`` has and skips the spec's other keys (e.g.
-    optimizer buffers of parameters).
-    """
-    out = dict(state)
-    perms = complete(spec, perms)
-    for g in spec.groups:
-        perm = perms.get(g.name)
-        if perm is None:
-            continue
-        perm = torch.as_tensor(perm, dtype=torch.long)
-        if perm.numel() != g.size:
-            raise ValueError(f"permutation for group '{g.name}' has {perm.numel()} entries, expected {g.size}")
-        for key, axis in g.axes:
-            if partial and key not in out:
-                continue
-            t = out[key]
-            out[key] = t.index_select(axis, perm.to(t.device))
-    return out
+__all__ = ["StateDict", "permute_state", "apply_permutation", "invert"]
 
 
 def apply_permutation(model: nn.Module, perms: Mapping[str, torch.Tensor],

@@ -5,11 +5,11 @@ The structure itself (groups, headed and derived groups, specs) is defined in
 """
 from __future__ import annotations
 
-from typing import Mapping
 
 import torch
 from torch import nn
 
+from .perms import block_permutation, complete, identity_permutations, random_permutations
 from .structure import PermutationGroup, PermutationSpec
 
 __all__ = ["PermutationGroup", "PermutationSpec", "get_spec", "block_permutation", "complete",
@@ -39,44 +39,6 @@ def get_spec(model: nn.Module, example_input: torch.Tensor | None = None) -> Per
         raise ValueError(f"{type(model).__name__}.permutation_spec() returned {type(spec).__name__}, not a PermutationSpec")
     return spec
 
-
-def block_permutation(head_perm: torch.Tensor, inner: list[torch.Tensor]) -> torch.Tensor:
-    """A permutation of ``len(head_perm)`` blocks: block ``i`` takes block ``head_perm[i]``, reordered by ``inner[i]``."""
-    d = len(inner[0]) if inner else 0
-    return torch.cat([int(h) * d + inner[i] for i, h in enumerate(head_perm.tolist())]) if d else torch.arange(0)
-
-
-def complete(spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``perms`` with every derived group's permutation put together from its parts'."""
-    out = dict(perms)
-    for g in spec.groups:
-        if not g.derived or any(p is not None and p not in out for p, _ in g.parts):
-            continue
-        pieces, offset = [], 0
-        for part, n in g.parts:
-            p = torch.arange(n) if part is None else torch.as_tensor(out[part], dtype=torch.long).cpu()
-            pieces.append(p + offset)
-            offset += n
-        out[g.name] = torch.cat(pieces)
-    return out
-
-
-def random_permutations(spec: PermutationSpec, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """A random permutation per group (whole heads moved by one draw per head group), derived groups completed."""
-    out: dict[str, torch.Tensor] = {}
-    head_perm = {name: torch.randperm(gs[0].heads, generator=generator) for name, gs in spec.head_groups().items()}
-    for g in spec.matched:
-        if g.heads > 1:
-            d = g.size // g.heads
-            out[g.name] = block_permutation(head_perm[g.head_group],
-                                            [torch.randperm(d, generator=generator) for _ in range(g.heads)])
-        else:
-            out[g.name] = torch.randperm(g.size, generator=generator)
-    return complete(spec, out)
-
-
-def identity_permutations(spec: PermutationSpec) -> dict[str, torch.Tensor]:
-    return {g.name: torch.arange(g.size) for g in spec.groups}
 
 
 class SpecBuilder:

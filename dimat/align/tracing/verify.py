@@ -12,8 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..permute import permute_state
-from ..spec import random_permutations
+from ..perms import permute_state, random_permutations
 from ..structure import PermutationSpec
 from .ops import _tensors
 from .variables import TraceError

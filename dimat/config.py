@@ -175,6 +175,8 @@ class MergeSettings:
     aggregator_kwargs: dict[str, Any]
     #: merge every this many local steps within a round (None: once per round, after local training)
     every_steps: int | None
+    #: exactly this many exchanges per round, spread evenly over its local steps (None: every_steps decides)
+    merges_per_round: int | None
     #: consensus SGD (merge=gossip): local steps between averagings
     gossip_every: int
     #: size of the explicit public proxy set (0: off): labelled training samples every peer may use
@@ -350,10 +352,14 @@ def _merge_settings(r: _Reader) -> MergeSettings:
         aggregator=r.text("aggregator"),  # type: ignore[arg-type]
         aggregator_kwargs=dict(kwargs or {}),
         every_steps=r.number("every_steps", int, 1, optional=True),
+        merges_per_round=r.number("merges_per_round", int, 1, optional=True),
         gossip_every=r.number("gossip_every", int, 1),
         proxy_samples=r.number("proxy_samples", int, 0),
         options={k: v for k, v in r.data.items() if k not in r.used},
     )
+    if out.every_steps is not None and out.merges_per_round is not None:
+        raise ConfigError(f"merge.every_steps={out.every_steps} and merge.merges_per_round={out.merges_per_round}: "
+                          "set one of them (the other to null)")
     return out
 
 
@@ -451,7 +457,8 @@ def _exchange_settings(r: _Reader) -> ExchangeSettings:
         raise ConfigError("exchange.error_feedback=true with exchange.delta=true: the reference already carries "
                           "what was not sent (set one of them)")
     if out.choco_step is not None and not out.delta:
-        raise ConfigError("exchange.choco_step is CHOCO-gossip: it needs exchange.delta=true (and merge=gossip)")
+        raise ConfigError("exchange.choco_step is CHOCO-gossip: it needs merge=gossip and exchange.delta=true "
+                          "(got exchange.delta=false)")
     return out
 
 

@@ -156,7 +156,8 @@ def test_a_bug_in_a_builder_is_a_traceback_not_a_config_error() -> None:
 def test_default_method_is_the_configs() -> None:
     """Defaults have one source: a method built outside a run takes configs/ (bn_stats mixture today)."""
     run_default = build_federation(compose(TINY)).method
-    assert default_method("dimat").settings == run_default.settings
+    assert default_method("dimat", every_steps=None).settings == run_default.settings
+    assert default_method("dimat").settings.bn_stats == "mixture" == compose([])["merge"]["bn_stats"]
 
 
 def _code_block(path: Path) -> str:

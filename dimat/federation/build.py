@@ -228,7 +228,8 @@ def build_federation(cfg: Any, local_ids: Sequence[int] | None = None) -> Federa
     run = RunConfig.from_config(cfg)
     method = configured("merge", build_method, run.merge)
     if run.exchange.choco_step is not None and not method.choco:
-        raise ConfigError(f"exchange.choco_step is CHOCO-gossip: it needs merge=gossip (got merge={method.name})")
+        raise ConfigError("exchange.choco_step is CHOCO-gossip: it needs merge=gossip and exchange.delta=true "
+                          f"(got merge={method.name})")
     check_model_name(run)  # before the (slower) data loading
     bundle = load_data(run)
     x_train, y_train = as_tensors(bundle.train)

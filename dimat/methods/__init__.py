@@ -10,8 +10,9 @@ from .centralized import Centralized
 from .dimat import Dimat
 from .gossip import Gossip
 from .isolated import Isolated
+from .scaffold import Scaffold
 from .weight_matching import WeightMatching
 from .registry import available_methods, build_method, method_class, register_method
 
-__all__ = ["EXTRA_PREFIX", "AlignedAverage", "Average", "Centralized", "Dimat", "Gossip", "Isolated", "Method",
+__all__ = ["EXTRA_PREFIX", "AlignedAverage", "Average", "Centralized", "Dimat", "Gossip", "Isolated", "Method", "Scaffold",
            "WeightMatching", "available_methods", "build_method", "method_class", "register_method", "split_extras"]

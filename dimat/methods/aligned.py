@@ -23,14 +23,13 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from dimat.align.api import find_permutations, spec_for
-from dimat.align.permute import invert, permute_state
-from dimat.align.spec import get_spec
+from dimat.align.permute import invert
 from dimat.config import MergeSettings
 from dimat.merge.aggregators import AggregationContext, get_aggregator, is_plain_mean
 from dimat.merge.api import merge_states
 from dimat.merge.basis import plan_rebase, split_basis
 from dimat.merge.scratch import working_copy
-from dimat.methods.base import Method, split_extras
+from dimat.methods.base import Method, permute_like_params, split_extras
 from dimat.peer import Peer
 from dimat.typing import StateDict
 from dimat.seeds import AGGREGATION, derive_seed
@@ -133,14 +132,11 @@ class AlignedAverage(Method):
         (its alignment, then the relabelling into the consensus basis); others pass unchanged.
         """
         out: dict[int, StateDict] = {}
-        spec = get_spec(peer.model) if self.alignment is not None else None
-        params = dict(peer.model.named_parameters())
         for j, (aligned, relabel) in getattr(self, "last_alignment", {}).items():
             extras = split_extras(received[j])[1]
             for perms in (aligned, relabel):
-                if perms and spec is not None:
-                    movable = {k: v for k, v in extras.items() if k in params and v.shape == params[k].shape}
-                    extras.update(permute_state(movable, spec, perms, partial=True))
+                if perms:
+                    extras.update(permute_like_params(peer, extras, perms))
             out[j] = extras
         return out
 

@@ -35,6 +35,11 @@ from dimat.typing import StateDict
 EXTRA_PREFIX = "_dimat.extra."
 
 
+def param_of(key: str) -> str:
+    """The parameter a per-peer state key belongs to: ``"d/fc.weight"`` -> ``"fc.weight"`` (a tag before ``/``)."""
+    return key.rsplit("/", 1)[-1]
+
+
 def split_extras(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, StateDict]:
     """``(model state with its basis tag, extras without their prefix)`` of a received payload."""
     model = {k: v for k, v in state.items() if not k.startswith(EXTRA_PREFIX)}
@@ -77,8 +82,10 @@ class Method:
 
         Computed from the partition sizes, which every process knows, so all agree without talking.
         The default: one, after local training; with ``merge.every_steps`` one every that many steps
-        of the median peer.
+        of the median peer; with ``merge.merges_per_round``, that many.
         """
+        if self.settings.merges_per_round is not None:
+            return int(self.settings.merges_per_round)
         return _every(self.settings.every_steps, steps_per_round)
 
     # ------------------------------------------------------------ local hooks
@@ -142,11 +149,7 @@ class Method:
         state = self.peer_state.get(peer.id)
         if not state or not perms:
             return
-        spec = get_spec(peer.model)
-        params = dict(peer.model.named_parameters())
-        for key, buf in list(state.items()):
-            if key in params and buf.shape == params[key].shape:
-                state[key] = permute_state({key: buf}, spec, perms, partial=True)[key]
+        state.update(permute_like_params(peer, state, perms))
 
     def relabel(self, peer: Peer, perms: Mapping[str, torch.Tensor]) -> None:
         """Relabel ``peer``'s units (model, optimizer state and this method's state) by ``perms``."""
@@ -161,6 +164,19 @@ class Method:
         """Inverse of :meth:`checkpoint`."""
         if saved:
             self.peer_state[peer.id] = {k: v.clone() for k, v in saved.items()}
+
+
+def permute_like_params(peer: Peer, tensors: Mapping[str, torch.Tensor], perms: Mapping[str, torch.Tensor]
+                        ) -> StateDict:
+    """The entries of ``tensors`` named and shaped like a parameter of ``peer`` (``name`` or ``tag/name``),
+    relabelled by ``perms`` as that parameter would be; other entries are left out."""
+    params = dict(peer.model.named_parameters())
+    movable = {k: v for k, v in tensors.items()
+               if param_of(k) in params and v.shape == params[param_of(k)].shape}
+    if not movable or not perms:
+        return movable
+    spec = get_spec(peer.model)
+    return {k: permute_state({param_of(k): v}, spec, perms, partial=True)[param_of(k)] for k, v in movable.items()}
 
 
 def _every(every: int | None, steps_per_round: Sequence[int]) -> int:

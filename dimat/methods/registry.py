@@ -8,11 +8,12 @@ from dimat.methods.centralized import Centralized
 from dimat.methods.dimat import Dimat
 from dimat.methods.gossip import Gossip
 from dimat.methods.isolated import Isolated
+from dimat.methods.scaffold import Scaffold
 from dimat.methods.weight_matching import WeightMatching
 from dimat.plugins import import_object
 
 _METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Dimat, WeightMatching, Average, Gossip, Isolated, Centralized)
+    cls.name: cls for cls in (Dimat, WeightMatching, Average, Gossip, Isolated, Centralized, Scaffold)
 }
 
 #: ``merge.method`` of a user's class (``merge.class=pkg.mod:Class``)

@@ -51,6 +51,8 @@ CASES: dict[str, list[str]] = {
     # a method defined outside dimat (tests/test_methods.py) that sends an extra tensor per parameter
     "ring_custom_method": ["topology=ring", "merge=custom", "merge.class=tests.test_methods:SharedMomentum",
                            "merge.keep_momentum=true"],
+    # drift correction with its variates sent beside the weights (2 merges a round)
+    "ring_scaffold_sent": ["topology=ring", "merge=scaffold", "merge.variates=sent"],
     "fully_connected_default_recipe": ["topology=fully_connected", "data=mnist1d", "model=cnn1d", "model.channels=[4,8,8]",
                                        "merge.every_steps=1", "merge.keep_momentum=true", "merge.bn_stats=mixture"],
 }

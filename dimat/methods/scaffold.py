@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import torch
 
-from dimat.config import MergeSettings
+from dimat.config import ConfigError, MergeSettings
 from dimat.merge.basis import split_basis
 from dimat.methods.aligned import AlignedAverage
 from dimat.methods.base import split_extras
@@ -67,7 +67,7 @@ class Scaffold(AlignedAverage):
     # ------------------------------------------------------------ local hooks
     def setup(self, peer: Peer) -> None:
         if peer.config.optimizer.lower() != "sgd":
-            raise ValueError(f"merge=scaffold corrects SGD steps (train.optimizer={peer.config.optimizer})")
+            raise ConfigError(f"merge=scaffold corrects SGD steps (train.optimizer={peer.config.optimizer})")
         state: dict[str, torch.Tensor] = {"steps": torch.tensor(0), "merges": torch.tensor(0)}
         for n, q in self._params(peer):
             state[f"d/{n}"] = torch.zeros_like(q)

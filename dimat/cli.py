@@ -82,6 +82,8 @@ def run_simulation(cfg: Any, run_dir: Path, overrides: Sequence[str]) -> None:
         return
     line = (f"dimat: final test accuracy mean {acc:.4f} (min {summary['final_min_acc']:.4f}, "
             f"max {summary['final_max_acc']:.4f})")
+    ratio = summary.get("bytes_vs_one_merge")
+    line += f"; sent {summary['total_bytes_sent'] / 1e6:,.1f} MB" + (f" ({ratio:.2g}x one merge per round)" if ratio else "")
     if reference is not None and reference["final_mean_acc"]:
         ref = reference["final_mean_acc"]
         line += (f"; {cfg.baseline} on the same budget {ref:.4f} "

@@ -270,7 +270,8 @@ def build_federation(cfg: Any, local_ids: Sequence[int] | None = None) -> Federa
     any_peer = next(iter(peers.values()), None)
     info = {"num_classes": bundle.num_classes, "input_shape": list(bundle.input_shape),
             "train_size": int(len(y_train)), "test_size": int(len(test[1])),
-            "model_bytes": state_nbytes(method.payload(any_peer)) if any_peer is not None else 0}
+            # one model state with its tag: the unit of "one merge" (a method's extras are not in it)
+            "model_bytes": state_nbytes(any_peer.shared_state()) if any_peer is not None else 0}
     # results made with data every peer sees are marked as such (summary.json, the closing line)
     info["shared_data"] = (None if proxy is None else
                            f"public proxy set: {len(proxy_idx)} training samples used by every peer for merging")

@@ -181,7 +181,17 @@ def summary_of(fed: Federation, rounds: list[dict[str, Any]], wall_s: float) -> 
     return make_summary(
         title=f"{fed.method.name} · {run.model.name} · {run.data.name} · {fed.num_peers} peer(s) · {run.topology.name}",
         method=fed.method.name, num_peers=fed.num_peers, local_peers=sorted(fed.peers), rounds_planned=run.rounds,
-        rounds=rounds, wall_s=wall_s, model_bytes=int(fed.info.get("model_bytes", 0)), info=fed.info)
+        rounds=rounds, wall_s=wall_s, model_bytes=int(fed.info.get("model_bytes", 0)),
+        one_merge_bytes=one_merge_bytes(fed, [int(r["round"]) for r in rounds if int(r["round"]) > 0]), info=fed.info)
+
+
+def one_merge_bytes(fed: Federation, rounds: list[int]) -> int:
+    """Bytes one uncompressed merge per round sends over the whole federation in ``rounds``: every
+    directed edge of each round's graph carries the model state once (0 for a method that never exchanges)."""
+    if fed.schedule is None:
+        return 0
+    edges = sum(len(list(fed.topology_at(r).out_neighbours(p))) for r in rounds for p in range(fed.num_peers))
+    return int(fed.info.get("model_bytes", 0)) * edges
 
 
 def run_rounds(

@@ -136,8 +136,12 @@ class RunLog:
 
 def make_summary(*, title: str, method: str, num_peers: int, local_peers: Sequence[int], rounds_planned: int,
                  rounds: Sequence[Mapping[str, Any]], wall_s: float, model_bytes: int,
-                 info: Mapping[str, Any]) -> dict[str, Any]:
-    """Final figures of a run (what summary.json holds)."""
+                 one_merge_bytes: int, info: Mapping[str, Any]) -> dict[str, Any]:
+    """Final figures of a run (what summary.json holds).
+
+    ``one_merge_bytes``: what one uncompressed merge per round over the same graph would have sent
+    in the rounds done (the budget unit ``total_bytes_sent`` is compared with).
+    """
     last = rounds[-1] if rounds else None
     return {
         "title": title,
@@ -153,6 +157,9 @@ def make_summary(*, title: str, method: str, num_peers: int, local_peers: Sequen
         "best_mean_acc": max((r["mean_acc"] for r in rounds if r.get("mean_acc") is not None), default=None),
         "total_bytes_sent": int(sum(r["bytes_sent"] for r in rounds)),
         "model_bytes": model_bytes,
+        "one_merge_bytes": one_merge_bytes,
+        "bytes_vs_one_merge": (round(sum(r["bytes_sent"] for r in rounds) / one_merge_bytes, 3)
+                               if one_merge_bytes else None),
         "wall_time_s_this_session": wall_s,
         "data": dict(info),
         "rounds": list(rounds),

@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup simulate test bench
+.PHONY: setup simulate test test-fast bench
 setup:
 	@bash launch/setup.sh
 
@@ -11,3 +11,7 @@ simulate: setup
 
 test: setup
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# the unit layer: no subprocesses, no real servers (tests/conftest.py guards it); about a minute
+test-fast: setup
+	DIMAT_TEST_LAYER=unit $(BIN)/python -m pytest -q -m "not integration and not slow" $(ARGS)

@@ -71,3 +71,10 @@ def test_the_checker_sees_an_upward_import() -> None:
     source = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from dimat.entry import compose\n"
               "def f():\n    from dimat.federation import rounds\n    from ..config import RunConfig\n")
     assert _imports(ROOT / "dimat" / "merge" / "probe.py", source) == [(5, "dimat.federation"), (6, "dimat.config")]
+
+
+def test_no_module_is_over_600_lines() -> None:
+    """Small modules that each own one concept: a module past 600 lines owns more than one."""
+    long = {str(p.relative_to(ROOT)): n for p in (ROOT / "dimat").rglob("*.py")
+            if "_generated" not in p.parts and (n := len(p.read_text().splitlines())) > 600}
+    assert not long, long

@@ -131,6 +131,7 @@ def _peer_run(finished_run: Path, tmp_path: Path) -> Path:
     return run
 
 
+@pytest.mark.integration
 def test_peer_resume_over_a_bad_progress_file_is_one_line(finished_run, tmp_path, capsys):
     run = _peer_run(finished_run, tmp_path)
     prog = run / "checkpoints" / "progress_peer_0.json"
@@ -140,6 +141,7 @@ def test_peer_resume_over_a_bad_progress_file_is_one_line(finished_run, tmp_path
     assert line.startswith(f"dimat: error: {prog}: not a readable progress file"), line
 
 
+@pytest.mark.integration
 def test_peer_resume_over_a_truncated_checkpoint_is_one_line(finished_run, tmp_path, capsys):
     run = _peer_run(finished_run, tmp_path)
     ck = run / "checkpoints" / "peer_000" / "round_0001.pt"
@@ -172,6 +174,7 @@ def test_bad_peers_file_is_one_line_at_once(tmp_path, capsys, body, problem):
 # --------------------------------------------------------------------------- certificates
 
 
+@pytest.mark.integration
 def test_bad_certificate_files_are_one_line(tmp_path, capsys):
     certs = tmp_path / "certs"
     subprocess.run(["bash", str(ROOT / "launch" / "make_certs.sh"), str(certs), "2"], check=True, capture_output=True)

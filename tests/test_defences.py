@@ -85,6 +85,7 @@ def test_the_registry_mean_is_the_default_merge_mean() -> None:
     assert all(torch.equal(out[k], v) for k, v in default.items())
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("module", ["base", "robust", "safety", "registry"])
 def test_each_aggregator_module_imports_alone(module: str, repo_root) -> None:
     # a fresh interpreter: an import cycle between the contract, the registry and a plugin shows here

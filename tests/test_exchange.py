@@ -338,6 +338,7 @@ def _records(paths: list[Path]) -> dict:
     return {(r["round"], r["peer"]): r for p in paths for r in map(json.loads, p.read_text().splitlines()) if r}
 
 
+@pytest.mark.integration
 def test_three_transports_give_the_same_metrics_for_a_compressed_config(tmp_path: Path) -> None:
     from dimat.entry import compose
     from dimat.federation import simulate

@@ -44,6 +44,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.integration
 def test_two_round_cli_run_writes_every_output_and_resumes(tmp_path: Path) -> None:
     run = tmp_path / "run"
     res = _cli(*FAST, "rounds=2", "tensorboard=true", f"run_dir={run}", cwd=tmp_path)
@@ -99,8 +100,10 @@ def test_same_seed_same_metrics_and_other_seed_differs(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_runs(tmp_path: Path, method: str) -> None:
+    # scaffold's correction is scaled for momentum that runs on across merges (its recipe keeps it)
+    own = ["merge.keep_momentum=true"] if method == "scaffold" else []
     summary = simulate(compose("rounds=1", f"merge={method}", "merge.gossip_every=4", "partition=iid", "init=shared",
-                               "train.lr=0.05"),
+                               "train.lr=0.05", *own),
                        tmp_path / method)
     recs = read_metrics(tmp_path / method / "metrics.jsonl")
     n = 1 if method == "centralized" else 5
@@ -170,6 +173,7 @@ def test_topology_errors_are_one_line(tmp_path: Path, capsys) -> None:
         assert len(err) == 1 and err[0].startswith("dimat: error:"), (overrides, err)
 
 
+@pytest.mark.integration
 def test_cli_bad_config_subprocess_has_no_traceback(tmp_path: Path) -> None:
     res = _cli("model=nope", cwd=tmp_path)
     assert res.returncode == 2
@@ -177,6 +181,7 @@ def test_cli_bad_config_subprocess_has_no_traceback(tmp_path: Path) -> None:
     assert "unknown model 'nope'" in res.stderr
 
 
+@pytest.mark.integration
 def test_multirun_sweep_runs_each_method(tmp_path: Path) -> None:
     res = _cli("-m", "merge=dimat,average", "rounds=1", "local_epochs=0.25", *FAST[:2], "progress=false",
                f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)

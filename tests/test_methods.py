@@ -166,6 +166,7 @@ def _code_block(path: Path) -> str:
     return blocks[0]
 
 
+@pytest.mark.integration
 def test_the_docs_method_runs_from_a_file_of_its_own(tmp_path: Path) -> None:
     code = _code_block(ROOT / "docs" / "methods.md")
     assert len(code.strip().splitlines()) <= 40

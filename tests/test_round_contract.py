@@ -93,6 +93,7 @@ def _grpc_run(tmp_path: Path, *overrides: str) -> Path:
     return run_dir
 
 
+@pytest.mark.integration
 def test_grpc_gossip_numbers_exchanges_and_counts_half_precision_bytes(tmp_path: Path) -> None:
     # gossip packed its sub-exchanges into round * 1_000_000 + k (refused as too far ahead); bytes were
     # counted before half precision; a gRPC peer's consensus distance was always 0

@@ -9,9 +9,9 @@ from typing import Mapping
 
 import torch
 
-from .structure import PermutationSpec
+from dimat.typing import StateDict
 
-StateDict = dict[str, torch.Tensor]
+from .structure import PermutationSpec
 
 
 def block_permutation(head_perm: torch.Tensor, inner: list[torch.Tensor]) -> torch.Tensor:

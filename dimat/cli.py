@@ -60,7 +60,9 @@ def run_simulation(cfg: Any, run_dir: Path, overrides: Sequence[str]) -> None:
     """
     from omegaconf import OmegaConf
 
+    from dimat.config import RunConfig
     from dimat.federation import simulate
+    from dimat.methods import method_class
 
     with user_errors():
         if bool(cfg.get("resume", False)):
@@ -70,9 +72,9 @@ def run_simulation(cfg: Any, run_dir: Path, overrides: Sequence[str]) -> None:
         baseline = cfg.get("baseline")
         if baseline and cfg.merge.method != baseline:
             ref_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-            # the baseline method with the shared merge options only (a custom method's own keys are not its)
-            shared_keys = set(compose([])["merge"])
-            ref_cfg.merge = {k: v for k, v in ref_cfg.merge.items() if k in shared_keys}
+            # the baseline method with the shared merge options only (the run's method's own keys are not its)
+            own = {"class", *method_class(RunConfig.from_config(cfg).merge).options}
+            ref_cfg.merge = {k: v for k, v in ref_cfg.merge.items() if k not in own}
             ref_cfg.merge.method, ref_cfg.resume, ref_cfg.attack.malicious = baseline, False, []
             print(f"dimat: baseline: {baseline} on the same budget", flush=True)
             reference = simulate(ref_cfg, run_dir / str(baseline), progress=False)

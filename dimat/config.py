@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from dimat.exchange.codecs import CODECS, SPARSE
 from dimat.merge.api import BN_STATS
+from dimat.train.schedule import SCHEDULES
 from dimat.transport.settings import TransportSettings
 
 # keys an earlier release had, and what replaced them (an old command line or saved config gets the way forward)
@@ -134,6 +135,8 @@ class TrainConfig:
     absent_logit_scale: float
     #: FedProx: + prox_mu / 2 * ||theta - theta_round_start||^2 (0 = off)
     prox_mu: float
+    #: the learning rate over the rounds: constant | cosine (dimat.train.schedule)
+    lr_schedule: str
 
 
 @dataclass(frozen=True)
@@ -375,6 +378,7 @@ def _train_settings(r: _Reader, align_batches: int) -> TrainConfig:
         eval_batch_size=r.number("eval_batch_size", int, 1),
         absent_logit_scale=r.number("absent_logit_scale", float, 0, 1),
         prox_mu=r.number("prox_mu", float, 0),
+        lr_schedule=r.text("lr_schedule", SCHEDULES),  # type: ignore[arg-type]
     )
     r.no_others()
     return tc

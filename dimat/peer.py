@@ -184,6 +184,16 @@ class Peer:
         self.steps_done += int(steps)
         return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1), "steps": int(steps)}
 
+    def set_lr(self, lr: float) -> None:
+        """Use learning rate ``lr`` from the next step on (a round's rate, ``dimat.train.schedule``)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(lr)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next step uses."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
     def start_round(self) -> None:
         """Local training of a round begins (the proximal term's anchor is the model now)."""
         self.objective.start_round(self._params)

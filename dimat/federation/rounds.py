@@ -30,6 +30,7 @@ from dimat.metrics import consensus_distance, write_text_atomic
 from dimat.metrics.run_log import RoundResult, RunLog, make_summary, round_result
 from dimat.runtime import set_threads
 from dimat.topology.membership import renormalise
+from dimat.train.schedule import round_lr
 from dimat.transport import Transport, build_transport
 
 
@@ -92,7 +93,10 @@ def train_round(fed: Federation, transport: Transport, round_idx: int) -> RoundO
         fed.attack.before_training(fed.peers)
     g = fed.exchanges_per_round()
     totals = {pid: fed.local_steps(p) for pid, p in fed.peers.items()}
+    train = fed.config.train
+    lr = round_lr(train.lr, train.lr_schedule, round_idx, fed.config.rounds)
     for p in fed.peers.values():
+        p.set_lr(lr)
         fed.method.start_round(p)
     if g == 0:
         out.train = train_steps(fed, totals)

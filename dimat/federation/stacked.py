@@ -215,7 +215,8 @@ class StackedPeers:
                 d = d.add(m, alpha=cfg.momentum) if nesterov else m
                 if sel is not None:
                     self.momentum[n][sel] = m
-            p.add_(d, alpha=-cfg.lr)
+            # every peer of a round shares the round's rate (train.lr_schedule): the first one's is theirs
+            p.add_(d, alpha=-self.peers[0].lr)
             if sel is not None:
                 self.params[n][sel] = p
 

@@ -99,7 +99,7 @@ class Scaffold(AlignedAverage):
     def _per_step(self, peer: Peer) -> float:
         """``(1 - beta) / (K lr)``: turns a displacement over ``K`` momentum steps into a gradient."""
         steps = max(int(self.peer_state[peer.id]["steps"]), 1)
-        return (1.0 - peer.config.momentum) / (steps * peer.config.lr)
+        return (1.0 - peer.config.momentum) / (steps * peer.lr)  # the round's rate (train.lr_schedule)
 
     # -------------------------------------------------------------------- how
     def merge(self, peer: Peer, received: Mapping[int, Mapping[str, torch.Tensor]], weights: Mapping[int, float],

@@ -101,12 +101,12 @@ def _last_consensus(run: Path) -> float:
 def test_ring_reaches_one_basis_and_consensus(tmp_path: Path) -> None:
     # 5 peers on a ring (diameter 2), different inits: after round 1 the tags are {0, 0, 1, 2, 0},
     # after round 2 every peer is in peer 0's basis; without tags every peer keeps its own.
-    simulate(compose("rounds=1"), tmp_path / "r1")
+    simulate(compose("rounds=1", "merge=dimat"), tmp_path / "r1")
     tags = {p: torch.load(tmp_path / "r1" / "checkpoints" / f"peer_{p:03d}" / "round_0001.pt",
                           weights_only=True)["basis"] for p in range(5)}
     assert tags == {0: 0, 1: 0, 2: 1, 3: 2, 4: 0}
-    simulate(compose("rounds=4"), tmp_path / "on")
-    simulate(compose("rounds=4", "merge.consensus_basis=false"), tmp_path / "off")
+    simulate(compose("rounds=4", "merge=dimat"), tmp_path / "on")
+    simulate(compose("rounds=4", "merge=dimat", "merge.consensus_basis=false"), tmp_path / "off")
     for p in range(5):
         on = torch.load(tmp_path / "on" / "checkpoints" / f"peer_{p:03d}" / "round_0004.pt", weights_only=True)
         off = torch.load(tmp_path / "off" / "checkpoints" / f"peer_{p:03d}" / "round_0004.pt", weights_only=True)

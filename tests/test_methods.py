@@ -99,7 +99,7 @@ def test_peer_is_a_trainer_with_at_most_eight_arguments() -> None:
 def test_a_custom_method_runs_and_its_extras_are_sent_and_checkpointed(tmp_path: Path) -> None:
     args = [*TINY, "merge=custom", f"merge.class={__name__}:SharedMomentum", f"run_dir={tmp_path / 'c'}"]
     summary = simulate(compose(args), tmp_path / "c", progress=False)
-    plain = simulate(compose([*TINY, f"run_dir={tmp_path / 'd'}"]), tmp_path / "d", progress=False)
+    plain = simulate(compose([*TINY, "merge=dimat", f"run_dir={tmp_path / 'd'}"]), tmp_path / "d", progress=False)
     assert summary["final_mean_acc"] is not None and summary["method"] == "shared_momentum"
     # the momentum (one tensor per parameter) doubles the parameters' share of every message
     sent = summary["rounds"][-1]["bytes_sent"]
@@ -127,7 +127,7 @@ def test_configured_methods_and_bad_ones_are_one_line() -> None:
         (["merge=custom", "merge.class=no_such_module:X"], "cannot import 'no_such_module'"),
         (["merge=custom", "merge.class=collections:OrderedDict"], "not a subclass of dimat.methods.Method"),
         (["+merge.class=tests.test_methods:SharedMomentum"], "merge.class is for merge=custom"),
-        (["+merge.my_option=3"], "unknown merge option\\(s\\) for merge.method=dimat: my_option"),
+        (["merge=dimat", "+merge.my_option=3"], "unknown merge option\\(s\\) for merge.method=dimat: my_option"),
     ]
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message):
@@ -156,7 +156,7 @@ def test_a_bug_in_a_builder_is_a_traceback_not_a_config_error() -> None:
 def test_default_method_is_the_configs() -> None:
     """Defaults have one source: a method built outside a run takes configs/ (bn_stats mixture today)."""
     run_default = build_federation(compose(TINY)).method
-    assert default_method("dimat", every_steps=None).settings == run_default.settings
+    assert run_default.name == "scaffold" and default_method("scaffold").settings == run_default.settings
     assert default_method("dimat").settings.bn_stats == "mixture" == compose([])["merge"]["bn_stats"]
 
 

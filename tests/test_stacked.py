@@ -112,7 +112,7 @@ def test_a_vectorised_run_equals_the_per_peer_run(tmp_path) -> None:
     feds = {}
     for v in (False, True):
         fed = build_federation(compose("num_peers=4", "rounds=2", "checkpoint.enabled=false", "partition=iid",
-                                       "eval.peers=2", f"vectorise={str(v).lower()}"))
+                                       "eval.peers=2", "merge=dimat", f"vectorise={str(v).lower()}"))
         assert (fed.stacked is not None) == v and fed.info.get("executor", "stacked") == "stacked"
         run_rounds(fed, InProcTransport(), tmp_path / str(v), progress=False)
         feds[v] = fed

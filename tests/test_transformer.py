@@ -12,7 +12,7 @@ from dimat.federation import read_metrics, simulate
 TEXT = ["data=text", "data.max_docs=6", "data.stride=8", "data.context=16"]
 MODEL = ["model=transformer", "model.dim=16", "model.depth=1", "model.heads=2"]
 TINY = ["local_epochs=1",
-        "train.batch_size=64", "train.optimizer=adam", "train.lr=0.01", "train.weight_decay=0",
+        "train.batch_size=64", "merge=dimat", "train.optimizer=adam", "train.lr=0.01", "train.weight_decay=0",
         "merge.align_batches=2", "progress=false", "threads=1", "num_peers=2", "topology=fully_connected"]
 
 

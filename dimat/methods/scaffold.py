@@ -67,7 +67,8 @@ class Scaffold(AlignedAverage):
     # ------------------------------------------------------------ local hooks
     def setup(self, peer: Peer) -> None:
         if peer.config.optimizer.lower() != "sgd":
-            raise ConfigError(f"merge=scaffold corrects SGD steps (train.optimizer={peer.config.optimizer})")
+            raise ConfigError(f"merge=scaffold corrects SGD steps (train.optimizer={peer.config.optimizer}): "
+                              "use train.optimizer=sgd, or merge=dimat")
         state: dict[str, torch.Tensor] = {"steps": torch.tensor(0), "merges": torch.tensor(0)}
         for n, q in self._params(peer):
             state[f"d/{n}"] = torch.zeros_like(q)

@@ -162,7 +162,7 @@ def _only(res, q, drop):
 
     got = {p: st for p, st in res.received[q].items() if (p, q) not in drop}
     missing = sorted(set(res.missing[q]) | {p for p in res.received[q] if (p, q) in drop})
-    return ExchangeResult({q: got}, {q: missing}, {q: res.refused[q]}, {q: res.bytes_sent.get(q, 0)}, 0)
+    return ExchangeResult({q: got}, {q: missing}, {q: res.refused[q]}, {q: res.bytes_sent.get(q, 0)})
 
 
 @pytest.mark.parametrize("codec", ["int8", "topk"])

@@ -61,8 +61,9 @@ def _health_ms(address: str, timeout: float = 1.0, creds=None) -> float:
 class StalledStreams:
     """``n`` PushWeights streams over ``channels`` connections that send nothing, reopened when the server ends them."""
 
-    def __init__(self, address: str, n: int, channels: int = 4, first=None, seconds: float = 60.0):
+    def __init__(self, address: str, n: int, channels: int = 4, first=None, seconds: float = 60.0, metadata=()):
         self.stop = threading.Event()
+        self.metadata = tuple(metadata)
         # a connection each (gRPC shares one between identical channels of a process otherwise)
         self.chs = [grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
                     for _ in range(channels)]
@@ -76,7 +77,7 @@ class StalledStreams:
 
     def _gen(self):
         if self.first is not None:
-            yield self.first
+            yield self.first() if callable(self.first) else self.first
         self.stop.wait(max(0.0, self.end - time.monotonic()))  # stall: nothing more, until told to stop
 
     def _hold(self, ch):
@@ -86,7 +87,7 @@ class StalledStreams:
                 return
             self.opened += 1
             try:
-                push(self._gen(), timeout=max(0.1, self.end - time.monotonic()))
+                push(self._gen(), timeout=max(0.1, self.end - time.monotonic()), metadata=self.metadata)
             except grpc.RpcError as exc:
                 self.codes.append(exc.code())
             if not self.stop.is_set():
@@ -133,6 +134,82 @@ def test_stalled_streams_do_not_take_a_peer_offline():
         _close(ts)
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in attack.codes  # the excess was refused at once, not queued
     assert receiver.slots.used == 0 and not receiver.slots.by_caller  # every slot came back
+
+
+# --------------------------------------------------------------------------- issue 23: stalls cannot outlast an honest push
+
+
+def _header(round_idx=0, sender=0, transfer_id=0):
+    """A valid header for :func:`_state` (what a stalled insider sends before sending nothing)."""
+    return pb2.WeightChunk(round=round_idx, sender=sender, header=pb2.PayloadHeader(transfer_id=transfer_id,
+        tensors=[pb2.TensorSpec(name=k, dtype="float32", shape=list(v.shape), offset=o, nbytes=v.numel() * 4)
+                 for (k, v), o in zip(_state().items(), (0, 2048))], total_bytes=2048 + 128))
+
+
+def _until(cond, what, limit=30.0):
+    end = time.monotonic() + limit
+    while not cond():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("insider", [True, False])
+def test_stalled_slots_are_reclaimed_for_an_admitted_push(insider):
+    """Streams that send nothing hold every slot an honest push needs: with the token, 50 pushes that
+    send sender 0's header and then nothing fill sender 0's 8 slots; without auth, 6 connections of 8
+    header-less streams fill all 48. Sender 0's real push still lands: the longest-idle silent stream
+    gives up its slot. The idle bound (60 s) is far beyond the push deadline (30 s), so only reclaiming
+    can let it in (before: 5 retries in about 1.5 s, then RESOURCE_EXHAUSTED)."""
+    token = "tok" if insider else None
+    ts = [GrpcTransport(i, {i: "127.0.0.1:0"}, deadline=30.0, heartbeat_interval=None, token=token,
+                        stream_idle_timeout=60.0) for i in range(2)]
+    sender, receiver = ts
+    book = {t.peer_id: t.address for t in ts}
+    for t in ts:
+        t.set_peers(book)
+    receiver.set_schema(_state())
+    receiver.begin_round(0, [0])
+    md = (("authorization", "Bearer tok"),) if insider else ()
+    if insider:
+        tids = iter(range(1, 10 ** 6))  # a transfer of its own per stream, as a real client would send
+        attack = StalledStreams(receiver.address, 50, channels=7, first=lambda: _header(transfer_id=next(tids)),
+                                seconds=60.0, metadata=md)
+        _until(lambda: receiver.slots.by_caller.get("sender:0") == 8, "the insider to hold sender 0's 8 slots")
+    else:
+        attack = StalledStreams(receiver.address, 64, channels=6, seconds=60.0)
+        _until(lambda: receiver.slots.used == receiver.slots.total, "the attacker to hold all 48 slots")
+    try:
+        sender.send(1, 0, _state(3), deadline=30.0)
+        got = receiver.receive(0, [0], timeout=5.0)[0]
+        assert torch.equal(got["fc1.weight"], _state(3)["fc1.weight"])
+        assert receiver.slots.reclaimed >= 1
+    finally:
+        attack.close()
+        _close(ts)
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in attack.codes  # the reclaimed ones were told so
+    assert receiver.slots.used == 0 and not receiver.slots.by_caller and not receiver.slots.held
+
+
+def test_without_the_token_a_connection_gets_no_slot():
+    """With a token configured, 40 stalled pushes without it are refused UNAUTHENTICATED before any
+    handler runs: not one takes a slot, and an honest push is not even slowed by them."""
+    ts = [GrpcTransport(i, {i: "127.0.0.1:0"}, deadline=30.0, heartbeat_interval=None, token="tok") for i in range(2)]
+    sender, receiver = ts
+    book = {t.peer_id: t.address for t in ts}
+    for t in ts:
+        t.set_peers(book)
+    receiver.set_schema(_state())
+    receiver.begin_round(0, [0])
+    attack = StalledStreams(receiver.address, 40, channels=5, first=_header(), seconds=20.0)
+    try:
+        _until(lambda: attack.codes.count(grpc.StatusCode.UNAUTHENTICATED) >= 40, "40 refusals")
+        assert receiver.slots.used == 0 and receiver.slots.refused == 0
+        sender.send(1, 0, _state(4), deadline=30.0)
+        assert torch.equal(receiver.receive(0, [0], timeout=5.0)[0]["fc1.weight"], _state(4)["fc1.weight"])
+    finally:
+        attack.close()
+        _close(ts)
+    assert set(attack.codes) == {grpc.StatusCode.UNAUTHENTICATED}
 
 
 # --------------------------------------------------------------------------- finding 2: header arithmetic

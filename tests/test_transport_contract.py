@@ -114,16 +114,14 @@ def record(res, peers) -> dict:
         "missing": {q: res.missing.get(q, []) for q in peers},
         "refused": {q: dict(res.refused.get(q, {})) for q in peers},
         "bytes_sent": {p: res.bytes_sent.get(p, 0) for p in peers},
-        "wire_bytes": res.wire_bytes,
     }
 
 
 def merge(records: list[dict]) -> dict:
-    out: dict = {"received": {}, "missing": {}, "refused": {}, "bytes_sent": {}, "wire_bytes": {}}
+    out: dict = {"received": {}, "missing": {}, "refused": {}, "bytes_sent": {}}
     for rec in records:
         for k in ("received", "missing", "refused", "bytes_sent"):
             out[k].update(rec[k])
-        out["wire_bytes"].update({p: rec["wire_bytes"] for p in rec["bytes_sent"]})
     return out
 
 
@@ -134,9 +132,7 @@ def run_inproc() -> list[dict | str]:
     out: list[dict | str] = []
     for r, step in enumerate(STEPS):
         res = t.exchange(r, {p: step.state(p, r) for p in range(N)}, step.ins(), step.outs, timeout=step.timeout)
-        rec = merge([record(res, range(N))])
-        rec["wire_bytes"] = {p: res.wire_bytes for p in range(N)}  # one process: 0 for all
-        out.append(rec)
+        out.append(merge([record(res, range(N))]))
     t.close()
     return out
 
@@ -194,7 +190,6 @@ def run_gloo(tmp: Path) -> list[dict | str]:
                 "missing": {rank: meta["missing"]},
                 "refused": {rank: {int(k): v for k, v in meta["refused"].items()}},
                 "bytes_sent": {rank: meta["bytes_sent"]},
-                "wire_bytes": meta["wire_bytes"],
             })
         if all(isinstance(x, str) for x in recs):
             out.append(" | ".join(recs))
@@ -227,7 +222,6 @@ def gloo_rank(rank: int, world: int, port: int, out_dir: Path) -> None:
                   stem + ".safetensors")
         Path(stem + ".json").write_text(json.dumps({
             "missing": res.missing[p], "refused": res.refused[p], "bytes_sent": res.bytes_sent[p],
-            "wire_bytes": res.wire_bytes,
         }))
     t.close()
     dist.destroy_process_group()
@@ -285,8 +279,6 @@ def test_bytes_sent(results: dict, kind: str, r: int) -> None:
     for p in range(N):
         delivered = [q for q in step.outs[p] if p in ins[q]]
         assert got["bytes_sent"][p] == nbytes(step.state(p, r)) * len(delivered), p
-        # a process hosting one peer sends all of it; the in-process one sends nothing out
-        assert got["wire_bytes"][p] == (0 if kind == "inproc" else got["bytes_sent"][p]), p
 
 
 @pytest.mark.parametrize("r", [i for i, s in enumerate(STEPS) if s.name not in STRUCTURAL])

@@ -23,7 +23,7 @@ from dimat.exchange.feedback import Residual
 from dimat.exchange.payload import ACKS, META, Meta, compressible, pack, unpack, wire_schema
 from dimat.exchange.reference import CHUNK, DELTA, FULL, Incoming, Outgoing
 from dimat.transport.base import ExchangeResult, StateDict
-from dimat.transport.checks import StateRejected, check_state, refusal_message
+from dimat.transport.checks import Receipts, StateRejected, check_state
 from dimat.transport.schema import Schema
 from dimat.seeds import COMPRESSION, derive_seed
 
@@ -165,33 +165,28 @@ class Compressor:
         ``states`` are the local peers' own (uncompressed) shared states: a receiver checks what it
         decoded against its own model's schema, and CHOCO mixes with its own state.
         """
-        received: dict[int, dict[int, StateDict]] = {}
-        refused = {q: dict(v) for q, v in result.refused.items()}
-        missing = {q: set(v) for q, v in result.missing.items()}
+        receipts = Receipts(exchange_idx, result.received, result.refused)
+        expected = {q: set(v) for q, v in result.missing.items()}
         for q, got in result.received.items():
             own = states[q]
             model = Schema.from_state(own)
-            received[q] = {}
+            expected.setdefault(q, set()).update(got)
             for p, payload in sorted(got.items()):
                 try:
                     check_state(payload, self.wire_schema(model))  # the transports did; a direct caller may not have
                     state = self._decode_one(q, p, payload, model, own)
                 except (StateRejected, CodecError) as exc:
-                    reason = exc.reason if isinstance(exc, StateRejected) else str(exc)
                     self.incoming.pop((q, p), None)
-                    refused.setdefault(q, {})[p] = refusal_message(p, exchange_idx, reason)
-                    missing.setdefault(q, set()).add(p)
+                    receipts.refuse(q, p, exc.reason if isinstance(exc, StateRejected) else str(exc))
                     continue
                 if self.delta:
                     self._heard_acks(p, q, payload[ACKS])
-                if state is None:  # a delta this receiver cannot apply, or a chunked full state still arriving
-                    missing.setdefault(q, set()).add(p)
-                else:
-                    received[q][p] = state
+                if state is not None:  # None: a delta this receiver cannot apply, or a chunked full state still arriving
+                    receipts.keep(q, p, state)
         if self.choco is not None:
-            received = {q: {p: self._choco(q, st, states[q]) for p, st in got.items()} for q, got in received.items()}
-        return ExchangeResult(received, {q: sorted(v) for q, v in missing.items()}, refused,
-                              dict(result.bytes_sent), result.wire_bytes)
+            receipts.received = {q: {p: self._choco(q, st, states[q]) for p, st in got.items()}
+                                 for q, got in receipts.received.items()}
+        return receipts.result(expected, result.bytes_sent)
 
     def _decode_one(self, q: int, p: int, payload: StateDict, model: Schema, own: StateDict) -> StateDict | None:
         parts, raw = unpack(payload, model, self.codec)

@@ -29,15 +29,15 @@ class ExchangeResult:
     (compressed by :mod:`dimat.exchange` where configured: the transport moves payloads), summed over the out-neighbours it addressed,
     same-process edges included: the logical cost, equal across transports for the same states,
     topology and encoding. Framing (headers, hashes, protobuf) is not counted.
-    ``wire_bytes``: the payload bytes that actually left this process (same-process edges
-    excluded, framing excluded).
+
+    Transports and the compressor build it through :class:`dimat.transport.checks.Receipts`, the
+    one receive path (check, word a refusal, record it, derive ``missing``).
     """
 
     received: dict[int, dict[int, StateDict]]
     missing: dict[int, list[int]]
     refused: dict[int, dict[int, str]]
     bytes_sent: dict[int, int]
-    wire_bytes: int
 
 
 class Transport(Protocol):

@@ -8,6 +8,10 @@ state is refused with the same text whether it came over gRPC, gloo/NCCL or in-p
 gRPC calls the per-entry functions as the tensor table and chunks stream in (nothing is allocated
 for a table that fails, NaN is found chunk by chunk); InProc and TorchDist call
 :func:`check_state` on every delivered state.
+
+:class:`Receipts` is the one receive path: every transport and the compressor record each delivery
+of an exchange through it (check the state, word a refusal, record it, derive ``missing``), so the
+bookkeeping is written once.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from dimat.transport.base import TransportError
+from dimat.transport.base import ExchangeResult, StateDict, TransportError
 from dimat.transport.schema import HALF_DTYPES, Schema, dtype_label
 
 
@@ -129,7 +133,73 @@ def check_state(state: Mapping[str, torch.Tensor], schema: Schema, *, allow_half
         check_finite(name, t, label)
 
 
+def verdict(state: Mapping[str, torch.Tensor], schema: Schema, *, allow_half: bool = False) -> str | None:
+    """``None`` if ``state`` passes :func:`check_state` against ``schema``, else the refusal reason."""
+    try:
+        check_state(state, schema, allow_half=allow_half)
+    except StateRejected as exc:
+        return exc.reason
+    return None
+
+
+class Receipts:
+    """The receive bookkeeping of one exchange for the peers hosted in this process.
+
+    Every transport and the compressor record what reached a local receiver here: a state that
+    passed the checks (:meth:`deliver`, :meth:`keep`) or the reason it was refused (:meth:`refuse`,
+    worded by :func:`refusal_message`); :meth:`result` derives ``missing`` (expected senders whose
+    state was not kept) and builds the :class:`~dimat.transport.base.ExchangeResult`. So a refusal
+    reads, and is recorded, the same on every transport.
+
+    Args:
+        round_idx: the exchange number the refusal lines name.
+        receivers: the local receivers (each gets an entry, possibly empty, in the result).
+        refused: refusal lines already recorded upstream (``receiver -> sender -> line``), kept.
+    """
+
+    def __init__(self, round_idx: int, receivers: Iterable[int],
+                 refused: Mapping[int, Mapping[int, str]] | None = None) -> None:
+        self.round_idx = int(round_idx)
+        self.received: dict[int, dict[int, StateDict]] = {int(q): {} for q in receivers}
+        self.refused: dict[int, dict[int, str]] = {q: {} for q in self.received}
+        for q, lines in (refused or {}).items():
+            self.refused.setdefault(int(q), {}).update(lines)
+
+    def keep(self, receiver: int, sender: int, state: StateDict) -> None:
+        """Record ``state`` as received (it already passed the checks against ``receiver``'s schema)."""
+        self.received.setdefault(receiver, {})[sender] = state
+        self.refused.get(receiver, {}).pop(sender, None)
+
+    def refuse(self, receiver: int, sender: int, reason: str) -> None:
+        """Record that ``receiver`` refused ``sender``'s state for ``reason`` (the checks' wording)."""
+        self.received.get(receiver, {}).pop(sender, None)
+        self.refused.setdefault(receiver, {})[sender] = refusal_message(sender, self.round_idx, reason)
+
+    def record(self, receiver: int, sender: int, state: StateDict, reason: str | None) -> bool:
+        """Keep ``state`` when ``reason`` is None (a verdict computed once for several receivers), else refuse it."""
+        if reason is None:
+            self.keep(receiver, sender, state)
+            return True
+        self.refuse(receiver, sender, reason)
+        return False
+
+    def deliver(self, receiver: int, sender: int, state: StateDict, schema: Schema, *,
+                allow_half: bool = False) -> bool:
+        """Check ``state`` against ``receiver``'s ``schema``, then keep or refuse it; True if kept."""
+        return self.record(receiver, sender, state, verdict(state, schema, allow_half=allow_half))
+
+    def result(self, expected: Mapping[int, Iterable[int]], bytes_sent: Mapping[int, int]) -> ExchangeResult:
+        """The exchange's result: ``missing[q]`` is every sender ``expected[q]`` lists whose state was not kept.
+
+        Args:
+            expected: local receiver -> the senders it listened for (its in-neighbours).
+            bytes_sent: local sender -> payload bytes it sent (the transport's count).
+        """
+        missing = {q: sorted({int(i) for i in expected.get(q, ())} - set(got)) for q, got in self.received.items()}
+        return ExchangeResult(self.received, missing, self.refused, dict(bytes_sent))
+
+
 __all__ = [
     "MAX_ELEMENTS", "MAX_RANK", "bounded_numel", "StateRejected", "rejected", "refusal_message", "check_entry", "check_complete", "check_finite",
-    "check_state", "finite_problem", "non_finite",
+    "check_state", "finite_problem", "non_finite", "verdict", "Receipts",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 from dimat.transport.base import ExchangeResult, StateDict, TransportError
-from dimat.transport.checks import StateRejected, check_state, refusal_message
+from dimat.transport.checks import Receipts, verdict
 from dimat.transport.schema import Schema
 
 
@@ -49,13 +49,11 @@ class InProcTransport:
         A sender listed in ``in_neighbours[q]`` that did not address ``q`` (asymmetric lists) or
         is not hosted here is missing, as a missed deadline would be for a remote transport. A
         state that fails the receive checks is refused (in ``missing`` and ``refused``). A delivery
-        counts toward ``bytes_sent`` whether accepted or refused (the bytes moved); nothing leaves
-        the process, so ``wire_bytes`` is 0.
+        counts toward ``bytes_sent`` whether accepted or refused (the bytes moved).
         """
         if self._closed:
             raise TransportError("transport is closed")
-        received: dict[int, dict[int, StateDict]] = {q: {} for q in states}
-        refused: dict[int, dict[int, str]] = {q: {} for q in states}
+        receipts = Receipts(round_idx, states)
         bytes_sent: dict[int, int] = {p: 0 for p in out_neighbours}
         # receivers nearly always share one schema: check each sender's state once per schema. A
         # receiver's schema is interned once (an index), so the N^2 deliveries of a fully connected
@@ -70,7 +68,7 @@ class InProcTransport:
             state = states[sender]
             size = state_nbytes(state)  # once per sender: a fully connected exchange has N^2 deliveries
             for q in targets:
-                if q == sender or q not in received or sender not in listening[q]:
+                if q == sender or q not in listening or sender not in listening[q]:
                     continue
                 self.messages_sent += 1
                 bytes_sent[sender] += size
@@ -81,19 +79,12 @@ class InProcTransport:
                         distinct.append(own)
                 key = (sender, schema_of[q])
                 if key not in verdicts:
-                    try:
-                        check_state(state, distinct[key[1]])
-                        verdicts[key] = None
-                    except StateRejected as exc:
-                        verdicts[key] = exc.reason
+                    verdicts[key] = verdict(state, distinct[key[1]])
                 reason = verdicts[key]
-                if reason is not None:
-                    refused[q][sender] = refusal_message(sender, round_idx, reason)
-                    continue
-                received[q][sender] = state if self.share_states else {k: v.detach().clone() for k, v in state.items()}
+                copy = state if self.share_states or reason is not None else {k: v.detach().clone() for k, v in state.items()}
+                receipts.record(q, sender, copy, reason)
         self.bytes_sent += sum(bytes_sent.values())
-        missing = {q: sorted(set(int(i) for i in in_neighbours.get(q, ())) - set(received[q])) for q in states}
-        return ExchangeResult(received, missing, refused, bytes_sent, wire_bytes=0)
+        return receipts.result(in_neighbours, bytes_sent)
 
     def close(self) -> None:
         """Nothing to release; later exchanges are refused."""

@@ -34,14 +34,14 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 
 from dimat.transport.base import ExchangeResult, StateDict, TransportError
-from dimat.transport.checks import StateRejected, check_state, refusal_message
+from dimat.transport.checks import Receipts
 from dimat.transport.schema import Schema, schema_hash, state_schema
 
 __all__ = [
@@ -171,6 +171,17 @@ class _Layout:
                 t = buf[off : off + n]
                 flat[name] = (t.view(torch.bool) if dtype == torch.bool else t).view(shape)
         return {name: flat[name] for name in order}
+
+
+@dataclass
+class _Plan:
+    """One rank's view of an exchange before the preamble: its edges, its layout, or its local error."""
+
+    sends: list[tuple[int, int]] = field(default_factory=list)  # (sender, receiver), sender hosted here
+    recvs: list[tuple[int, int]] = field(default_factory=list)  # (sender, receiver), receiver hosted here
+    layout: _Layout | None = None
+    error: BaseException | None = None  # raised after the preamble, so every rank takes the same decision
+    code: int = 0  # 0 ok, 1 bad arguments, 2 local schema conflict
 
 
 def _edge_hash(sender: int, receiver: int) -> int:
@@ -338,46 +349,59 @@ class TorchDistTransport:
 
         Every delivered state passes :func:`~dimat.transport.checks.check_state` against the
         receiving peer's own state; a refused one (NaN/Inf, say) is dropped after it was received,
-        so no rank waits or desyncs. ``bytes_sent`` counts the layout's payload (raw tensor bytes,
-        no half precision here) once per edge a local sender delivered, same-rank edges included;
-        ``wire_bytes`` counts the cross-rank edges only (headers excluded; :attr:`last_bytes_sent`
-        still includes them, for benchmarks).
+        so no rank waits or desyncs. ``bytes_sent`` counts the layout's payload (raw tensor bytes)
+        once per edge a local sender delivered, same-rank edges included (:attr:`last_bytes_sent`
+        holds what this rank put on the wire, headers included, for benchmarks).
 
         Raises :class:`TransportError` on every rank when any rank's view is inconsistent
         (schema, round, neighbour maps), and ``ValueError`` on the rank whose arguments were bad.
         """
         if self._closed:
             raise TransportError("transport is closed")
-        local_error: BaseException | None = None
-        code = 0
-        sends: list[tuple[int, int]] = []
-        recvs: list[tuple[int, int]] = []
-        layout: _Layout | None = None
+        plan = self._plan(round_idx, states, in_neighbours, out_neighbours)
+        self._agree(round_idx, plan, self._preamble(round_idx, plan))
+        receivers = sorted({int(q) for q in in_neighbours} | {int(q) for q in states})
+        receipts = Receipts(round_idx, receivers)
+        bytes_sent: dict[int, int] = {int(p): 0 for p in out_neighbours}
+        # the receive checks use the receiving peer's own state (all local ones share the layout's)
+        own = {q: (Schema.from_state(states[q]) if q in states else plan.layout.schema)
+               for q in receivers if plan.layout is not None}
+        self._deliver_local(plan, states, receipts, own, bytes_sent)
+        self._exchange_remote(round_idx, plan, states, receipts, own, bytes_sent, timeout)
+        return receipts.result(in_neighbours, bytes_sent)
+
+    # the steps of one exchange, in order --------------------------------------------------------
+    def _plan(self, round_idx: int, states: Mapping[int, StateDict], in_neighbours: Mapping[int, Sequence[int]],
+              out_neighbours: Mapping[int, Sequence[int]]) -> "_Plan":
+        """This rank's edges and layout, or the local error every rank must learn of (not raised yet)."""
+        plan = _Plan()
         try:
-            sends, recvs = self._check_args(states, in_neighbours, out_neighbours)
-            layout = self._local_layout(states)
-            remote_recvs = [e for e in recvs if self.rank_of(e[0]) != self.rank]
-            if remote_recvs and layout is None:
+            plan.sends, plan.recvs = self._check_args(states, in_neighbours, out_neighbours)
+            plan.layout = self._local_layout(states)
+            remote_recvs = [e for e in plan.recvs if self.rank_of(e[0]) != self.rank]
+            if remote_recvs and plan.layout is None:
                 raise ValueError(
                     f"rank {self.rank} must receive {remote_recvs[:3]}... but holds no state to learn the schema from"
                 )
         except (ValueError, TypeError) as exc:
-            local_error, code = exc, 1
+            plan.error, plan.code = exc, 1
         except TransportError as exc:
-            local_error, code = exc, 2
+            plan.error, plan.code = exc, 2
+        return plan
 
-        send_sum = sum(_edge_hash(*e) for e in sends) % _EDGE_MOD
-        recv_sum = sum(_edge_hash(*e) for e in recvs) % _EDGE_MOD
+    def _preamble(self, round_idx: int, plan: "_Plan") -> list[list[int]]:
+        """One tiny ``all_gather`` of every rank's round, schema digest, edge hashes and error code."""
+        layout = plan.layout
         mine = torch.tensor(
             [
                 _MAGIC,
                 int(round_idx),
                 layout.hash if layout is not None else 0,
                 layout.nbytes if layout is not None else 0,
-                send_sum,
-                recv_sum,
-                code,
-                len(sends),
+                sum(_edge_hash(*e) for e in plan.sends) % _EDGE_MOD,
+                sum(_edge_hash(*e) for e in plan.recvs) % _EDGE_MOD,
+                plan.code,
+                len(plan.sends),
             ],
             dtype=torch.int64,
             device=self.device,
@@ -387,11 +411,13 @@ class TorchDistTransport:
             dist.all_gather(gathered, mine)
         except Exception as exc:  # a dead or stalled rank: the group is unusable from here
             raise TransportError(f"round {round_idx}: preamble all_gather failed on rank {self.rank}: {exc}") from exc
-        table = torch.stack(gathered).cpu().tolist()
+        return torch.stack(gathered).cpu().tolist()
 
-        # -- the same decision on every rank ---------------------------------------------------
-        if local_error is not None:
-            raise local_error
+    @staticmethod
+    def _agree(round_idx: int, plan: "_Plan", table: list[list[int]]) -> None:
+        """The same decision on every rank: raise here, everywhere, if any rank's view is inconsistent."""
+        if plan.error is not None:
+            raise plan.error
         bad = [r for r, row in enumerate(table) if row[6] != 0]
         if bad:
             raise TransportError(f"round {round_idx}: ranks {bad} rejected their exchange arguments (see their errors)")
@@ -412,88 +438,71 @@ class TorchDistTransport:
                 f"sent per rank {[row[7] for row in table]}); every rank must use the same topology for the round"
             )
 
-        # -- deliver ---------------------------------------------------------------------------
-        receivers = sorted({int(q) for q in in_neighbours} | {int(q) for q in states})
-        result: dict[int, dict[int, StateDict]] = {q: {} for q in receivers}
-        refused: dict[int, dict[int, str]] = {q: {} for q in receivers}
-        nbytes = layout.nbytes if layout is not None else 0
-        bytes_sent: dict[int, int] = {int(p): 0 for p in out_neighbours}
-        # the receive checks use the receiving peer's own state (all local ones share the layout's)
-        own = {q: (Schema.from_state(states[q]) if q in states else layout.schema) for q in receivers if layout is not None}
-
-        def accept(p: int, q: int, state: StateDict) -> None:
-            try:
-                check_state(state, own[q])
-            except StateRejected as exc:  # the bytes are already here: drop them, ranks stay in step
-                refused[q][p] = refusal_message(p, round_idx, exc.reason)
-                return
-            result[q][p] = state
-
-        for p, q in sends:
-            if self.rank_of(q) == self.rank and q in result:
+    def _deliver_local(self, plan: "_Plan", states: Mapping[int, StateDict], receipts: Receipts,
+                       own: Mapping[int, Schema], bytes_sent: dict[int, int]) -> None:
+        """Edges between peers of this rank: a CPU copy each, through the same receive checks."""
+        nbytes = plan.layout.nbytes if plan.layout is not None else 0
+        for p, q in plan.sends:
+            if self.rank_of(q) == self.rank and q in receipts.received:
                 bytes_sent[p] += nbytes
-                accept(p, q, {k: v.detach().to("cpu", copy=True) for k, v in states[p].items()})
+                receipts.deliver(q, p, {k: v.detach().to("cpu", copy=True) for k, v in states[p].items()}, own[q])
 
+    def _exchange_remote(self, round_idx: int, plan: "_Plan", states: Mapping[int, StateDict], receipts: Receipts,
+                         own: Mapping[int, Schema], bytes_sent: dict[int, int], timeout: float | None) -> None:
+        """Cross-rank edges: post every send and receive in ``(sender, receiver)`` order, wait, unpack, check."""
         remote = sorted(
-            [("s", p, q) for p, q in sends if self.rank_of(q) != self.rank]
-            + [("r", p, q) for p, q in recvs if self.rank_of(p) != self.rank],
+            [("s", p, q) for p, q in plan.sends if self.rank_of(q) != self.rank]
+            + [("r", p, q) for p, q in plan.recvs if self.rank_of(p) != self.rank],
             key=lambda m: (m[1], m[2]),
         )
-        wire = 0
-        if remote:
-            assert layout is not None
-            ops: list[dist.P2POp] = []
-            inbox: list[tuple[int, int, torch.Tensor, list[torch.Tensor]]] = []
-            packed: dict[int, list[torch.Tensor]] = {}
-            on_wire = 0
-            for kind, p, q in remote:
-                if kind == "s":
-                    peer_rank = self.rank_of(q)
-                    header = torch.tensor(
-                        [_MAGIC, int(round_idx), p, q, layout.hash, layout.nbytes], dtype=torch.int64, device=self.device
-                    )
-                    if p not in packed:  # pack each sender once, however many neighbours it has
-                        reuse = self._send_bufs.get((p, layout.hash))
-                        if reuse is None:
-                            reuse = self._send_bufs[(p, layout.hash)] = layout.empty(self.device)
-                        packed[p] = layout.pack(states[p], self.device, out=reuse)
-                    bufs = packed[p]
-                    for t in [header, *(b for b, m in zip(bufs, layout.wire_mask()) if m)]:
-                        ops.append(dist.P2POp(dist.isend, t, peer_rank))
-                    on_wire += layout.nbytes + _HDR_LEN * 8
-                    wire += layout.nbytes
-                    bytes_sent[p] += layout.nbytes
-                else:
-                    peer_rank = self.rank_of(p)
-                    header = torch.empty(_HDR_LEN, dtype=torch.int64, device=self.device)
-                    bufs = layout.empty(self.device)
-                    for t in [header, *(b for b, m in zip(bufs, layout.wire_mask()) if m)]:
-                        ops.append(dist.P2POp(dist.irecv, t, peer_rank))
-                    inbox.append((p, q, header, bufs))
-            try:
-                works = dist.batch_isend_irecv(ops)
-                for w in works:
-                    if timeout is None:
-                        w.wait()
-                    else:
-                        w.wait(timeout=datetime.timedelta(seconds=timeout))
-            except Exception as exc:
-                raise TransportError(f"round {round_idx}: point-to-point exchange failed on rank {self.rank}: {exc}") from exc
-            self.last_bytes_sent = on_wire
+        self.last_bytes_sent = 0
+        if not remote:
+            return
+        layout = plan.layout
+        assert layout is not None  # _plan refused remote receives without one; sends need a state
+        ops, posted = self._post(round_idx, layout, remote, states, bytes_sent)
+        wait = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+        try:
+            for w in dist.batch_isend_irecv(ops):
+                w.wait(**wait)
+        except Exception as exc:
+            raise TransportError(f"round {round_idx}: point-to-point exchange failed on rank {self.rank}: {exc}") from exc
+        self.last_bytes_sent = sum(layout.nbytes + _HDR_LEN * 8 for kind, _p, _q in remote if kind == "s")
+        order = [name for name in next(iter(states.values()))] if states else layout.schema.names
+        for p, q, header, bufs in posted:
+            got = header.cpu().tolist()
+            want = [_MAGIC, int(round_idx), p, q, layout.hash, layout.nbytes]
+            if got != want:
+                raise TransportError(
+                    f"round {round_idx}: rank {self.rank} expected header {want} for {p}->{q}, got {got}; message discarded"
+                )
+            receipts.deliver(q, p, layout.unpack(bufs, order), own[q])
 
-            order = [name for name in next(iter(states.values()))] if states else layout.schema.names
-            for p, q, header, bufs in inbox:
-                got = header.cpu().tolist()
-                want = [_MAGIC, int(round_idx), p, q, layout.hash, layout.nbytes]
-                if got != want:
-                    raise TransportError(
-                        f"round {round_idx}: rank {self.rank} expected header {want} for {p}->{q}, got {got}; message discarded"
-                    )
-                accept(p, q, layout.unpack(bufs, order))
-        else:
-            self.last_bytes_sent = 0
-        missing = {q: sorted({int(i) for i in in_neighbours.get(q, ())} - set(result[q])) for q in receivers}
-        return ExchangeResult(result, missing, refused, bytes_sent, wire)
+    def _post(self, round_idx: int, layout: _Layout, remote: Sequence[tuple[str, int, int]],
+              states: Mapping[int, StateDict], bytes_sent: dict[int, int],
+              ) -> tuple[list[dist.P2POp], list[tuple[int, int, torch.Tensor, list[torch.Tensor]]]]:
+        """The point-to-point ops of ``remote`` (a header then the buffers per edge) and the receive buffers."""
+        ops: list[dist.P2POp] = []
+        posted: list[tuple[int, int, torch.Tensor, list[torch.Tensor]]] = []
+        packed: dict[int, list[torch.Tensor]] = {}
+        mask = layout.wire_mask()
+        for kind, p, q in remote:
+            if kind == "s":
+                header = torch.tensor([_MAGIC, int(round_idx), p, q, layout.hash, layout.nbytes],
+                                      dtype=torch.int64, device=self.device)
+                if p not in packed:  # pack each sender once, however many neighbours it has
+                    reuse = self._send_bufs.get((p, layout.hash))
+                    if reuse is None:
+                        reuse = self._send_bufs[(p, layout.hash)] = layout.empty(self.device)
+                    packed[p] = layout.pack(states[p], self.device, out=reuse)
+                ops += [dist.P2POp(dist.isend, t, self.rank_of(q)) for t in [header, *(b for b, m in zip(packed[p], mask) if m)]]
+                bytes_sent[p] += layout.nbytes
+            else:
+                header = torch.empty(_HDR_LEN, dtype=torch.int64, device=self.device)
+                bufs = layout.empty(self.device)
+                ops += [dist.P2POp(dist.irecv, t, self.rank_of(p)) for t in [header, *(b for b, m in zip(bufs, mask) if m)]]
+                posted.append((p, q, header, bufs))
+        return ops, posted
 
     def close(self) -> None:
         """Destroy the process group if this transport created it (idempotent)."""

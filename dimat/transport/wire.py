@@ -290,6 +290,11 @@ class _OrderedHasher:
         self._payload = None
 
 
+class TransferAborted(TransportError):
+    """A write to or :meth:`IncomingPayload.finalize` of a transfer after :meth:`IncomingPayload.abort`
+    (superseded by a later transfer of the same sender and round, or dropped): not a verdict on the state."""
+
+
 class IncomingPayload:
     """Assembles one transfer (possibly several streams) into preallocated tensors and verifies it.
 
@@ -325,18 +330,22 @@ class IncomingPayload:
         self.num_streams = num_streams
         self.schema = schema
         self._starts = [e.offset for e in self.entries]
-        # one buffer per tensor, allocated only after the table passed every check
-        self.tensors: dict[str, torch.Tensor] = {
-            e.name: alloc_tensor(e.shape, WIRE_DTYPES[e.dtype]) for e in self.entries
-        }
-        self._views = [_byte_view(self.tensors[e.name]) if e.nbytes else np.empty(0, np.uint8) for e in self.entries]
+        self._hash_algorithm = hash_algorithm
         self._streams: dict[int, list] = {}  # index -> [start, end, pos, digest, closed]
         self._lock = threading.Lock()
-        self._hasher = _OrderedHasher(hash_algorithm, self)
+        # one buffer per tensor, allocated at the first byte of payload (not at the header: a stream
+        # that sends a header and then nothing costs no memory and no hashing thread)
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._views: list = []
+        self._flat: list[torch.Tensor] = []
+        self._hasher: _OrderedHasher | None = None
+        self._allocated = False
         self.failed: str | None = None
+        self.aborted = False  # a superseded or failed transfer: no write or finalize succeeds after it
+        self.received_bytes = 0  # payload bytes written so far
+        self._completed = False  # set once, by the close_stream that completed the payload
         # NaN/Inf are found chunk by chunk as bytes arrive (the chunk is still in cache, and the check
         # no longer delays the reply); elements split across two chunks are checked at finalize
-        self._flat = [self.tensors[e.name].reshape(-1) for e in self.entries]
         self._non_finite: str | None = None  # the refusal reason of the first NaN/Inf found
         self._straddlers: set[tuple[int, int]] = set()
 
@@ -372,6 +381,21 @@ class IncomingPayload:
             raise self._error(TransportError, f"tensor table covers {pos} bytes but total_bytes is {total}")
         checks.check_complete(seen, schema, self.label)
 
+    def _allocate(self) -> None:
+        """The buffers and the hasher, once (the table already passed every check)."""
+        if self._allocated:
+            return
+        with self._lock:
+            if self._allocated:
+                return
+            if self.aborted:  # no buffers (nor a hashing thread nobody would stop) after abort
+                raise self._error(TransferAborted, "transfer aborted (superseded by another transfer, or dropped)")
+            self.tensors = {e.name: alloc_tensor(e.shape, WIRE_DTYPES[e.dtype]) for e in self.entries}
+            self._views = [_byte_view(self.tensors[e.name]) if e.nbytes else np.empty(0, np.uint8) for e in self.entries]
+            self._flat = [self.tensors[e.name].reshape(-1) for e in self.entries]
+            self._hasher = _OrderedHasher(self._hash_algorithm, self)
+            self._allocated = True
+
     def same_table(self, tensors: Sequence[TensorEntry], total: int, num_streams: int) -> bool:
         return list(tensors) == self.entries and total == self.total_bytes and num_streams == self.num_streams
 
@@ -394,6 +418,8 @@ class IncomingPayload:
 
     def write(self, index: int, offset: int, data: bytes | memoryview) -> None:
         """Copy one chunk into the tensors; chunks of a stream must be contiguous and in order."""
+        if self.aborted:
+            raise self._error(TransferAborted, "transfer aborted (superseded by another transfer, or dropped)")
         st = self._streams.get(index)
         if st is None:
             raise self._error(TransportError, f"data for stream {index} before its header")
@@ -405,6 +431,7 @@ class IncomingPayload:
             raise self._error(TransportError, f"chunk at offset {offset} on stream {index}, expected {pos} (chunks out of order or lost)")
         if offset + n > end:
             raise self._error(TransportError, f"chunk [{offset}, {offset + n}) runs past the end of segment [{start}, {end})")
+        self._allocate()
         src = np.frombuffer(data, dtype=np.uint8)
         done = 0
         for view in self._pieces(offset, offset + n):
@@ -413,8 +440,9 @@ class IncomingPayload:
             done += k
         self._scan(offset, offset + n)
         st[2] = offset + n
+        self.received_bytes += n
         if n:
-            self._hasher.add(offset, offset + n)
+            self._hasher.add(offset, offset + n)  # type: ignore[union-attr]
 
     def _scan(self, start: int, end: int) -> None:
         """Check the floating elements that lie wholly in payload bytes ``[start, end)``."""
@@ -433,7 +461,9 @@ class IncomingPayload:
                     self._non_finite = checks.finite_problem(e.name, flat[a:b])
             i += 1
 
-    def close_stream(self, index: int, digest: bytes | None) -> None:
+    def close_stream(self, index: int, digest: bytes | None) -> bool:
+        """End stream ``index`` with its trailer ``digest``; True for exactly one call: the one that
+        completed the payload (so parallel streams finalize it once)."""
         st = self._streams.get(index)
         if st is None:
             raise self._error(TransportError, f"stream {index} ended before its header")
@@ -446,7 +476,11 @@ class IncomingPayload:
             )
         if digest is None:
             raise self._error(DataLossError, f"stream {index} ended without its trailer (hash)")
-        st[3], st[4] = bytes(digest), True
+        with self._lock:
+            st[3], st[4] = bytes(digest), True
+            done = not self._completed and len(self._streams) == self.num_streams and all(x[4] for x in self._streams.values())
+            self._completed = self._completed or done
+            return done
 
     def _names_in(self, start: int, end: int) -> list[str]:
         return [e.name for e in self.entries if e.offset < end and e.offset + e.nbytes > start] or (
@@ -460,10 +494,17 @@ class IncomingPayload:
             return len(self._streams) == self.num_streams and all(s[4] for s in self._streams.values())
 
     def abort(self) -> None:
-        self._hasher.abort()
+        """Stop this transfer for good: later writes and :meth:`finalize` raise, whatever already arrived."""
+        with self._lock:
+            self.aborted = True
+            hasher = self._hasher
+        if hasher is not None:
+            hasher.abort()
 
     def finalize(self) -> StateDict:
         """Verify coverage, hash and finiteness; return ``{name: tensor}`` in the schema's dtypes."""
+        if self.aborted:
+            raise self._error(TransferAborted, "transfer aborted (superseded by another transfer, or dropped)")
         if not self.complete:
             raise self._error(TransportError, f"finalize before all {self.num_streams} streams completed")
         covered = sum(s[1] - s[0] for s in self._streams.values())
@@ -471,7 +512,13 @@ class IncomingPayload:
             self.abort()
             raise self._error(DataLossError, f"streams cover {covered} of {self.total_bytes} bytes")
         digests = {s[3] for s in self._streams.values()}
-        got = self._hasher.finish(self.total_bytes)
+        self._allocate()  # a payload of zero bytes had no write
+        try:
+            got = self._hasher.finish(self.total_bytes)  # type: ignore[union-attr]
+        except DataLossError:
+            if self.aborted:  # aborted while it was being finalized: not a loss in transit
+                raise self._error(TransferAborted, "transfer aborted (superseded by another transfer, or dropped)") from None
+            raise
         if len(digests) != 1 or got not in digests:
             raise self._error(DataLossError, f"hash mismatch (payload corrupted in transit or tampered)")
         for i, k in sorted(self._straddlers):

@@ -21,6 +21,13 @@ from dimat.transport.wire import IncomingPayload, OutgoingPayload
 log = logging.getLogger("dimat.transport.grpc")
 
 
+#: seconds between looks at ``give_up`` while a push waits (a peer marked down stops it this soon)
+POLL_S = 0.1
+
+#: ``() -> reason or None``: why a call should stop now (its peer was marked down), else None
+GiveUp = Callable[[], "str | None"]
+
+
 class PushRefused(TransportError):
     """The receiver got the state and refused it by a receive check (delivered, not accepted)."""
 
@@ -52,6 +59,8 @@ class PeerClient:
         self._channels: dict[str, grpc.Channel] = {}
         self._stubs: dict[str, object] = {}
         self.lock = threading.Lock()
+        #: peer -> pushes to it in progress (tests and diagnostics wait on it)
+        self.pushing: dict[int, int] = {}
 
     def address(self, peer: int) -> str:
         addr = self.peers.get(peer)
@@ -87,8 +96,19 @@ class PeerClient:
             self._channels.clear()
             self._stubs.clear()
 
-    def call_with_retries(self, peer: int, what: str, fn: Callable[[float], object], deadline: float):
-        """Run ``fn(remaining_seconds)`` until success, a non-retryable status, or the deadline."""
+    def call_with_retries(self, peer: int, what: str, fn: Callable[[float], object], deadline: float, *,
+                          bounded: bool = True, give_up: GiveUp | None = None):
+        """Run ``fn(remaining_seconds)`` until success, a non-retryable status, or the deadline.
+
+        Args:
+            peer, what: who is called and what for (the error line names both).
+            fn: one attempt, given the seconds left.
+            deadline: seconds from now; retries (exponential backoff with jitter) never pass it.
+            bounded: also stop after ``retry.retries`` retries (join, fetch, heartbeat). A push passes
+                False: it is retried until it lands or its round's deadline passes, so a receiver
+                whose slots are taken for a while (stalled streams) still gets it.
+            give_up: called between attempts; a non-None reason (the peer went down) ends the call.
+        """
         end = time.monotonic() + deadline
         delay = self.retry.backoff
         attempt = 0
@@ -103,24 +123,41 @@ class PeerClient:
                 details = exc.details() if hasattr(exc, "details") else str(exc)
                 if code == grpc.StatusCode.ALREADY_EXISTS:
                     return None  # an earlier attempt got through; its reply was lost
-                retry = code in RETRYABLE and attempt < self.retry.retries and end - time.monotonic() > delay
+                retry = (code in RETRYABLE and (not bounded or attempt < self.retry.retries)
+                         and end - time.monotonic() > delay)
                 if not retry:
                     name = code.name if code is not None else "ERROR"
                     trailing = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
                     cls = PushRefused if trailing.get(REFUSED_METADATA) else TransportError
                     raise cls(f"peer {self.peer_id}: {what} to peer {peer} failed [{name}]: {details}") from None
-                attempt += 1
-                time.sleep(min(delay * (0.5 + random.random()), max(0.0, end - time.monotonic())))
-                delay = min(delay * 2, self.retry.backoff_max)
+            attempt += 1
+            # full jitter around the backoff, so senders refused together do not come back together
+            pause = min(delay * (0.5 + random.random()), max(0.0, end - time.monotonic()))
+            stop = time.monotonic() + pause
+            while True:
+                why = give_up() if give_up is not None else None
+                if why is not None:
+                    raise TransportError(f"peer {self.peer_id}: {what} to peer {peer} abandoned: {why}")
+                left = stop - time.monotonic()
+                if left <= 0:
+                    break
+                time.sleep(min(left, POLL_S))
+            delay = min(delay * 2, self.retry.backoff_max)
 
-    def push(self, peer: int, round_idx: int, payload: OutgoingPayload, deadline: float) -> None:
-        """Stream ``payload`` to ``peer`` for ``round_idx`` over parallel streams; raises TransportError."""
+    def push(self, peer: int, round_idx: int, payload: OutgoingPayload, deadline: float, *,
+             give_up: GiveUp | None = None) -> None:
+        """Stream ``payload`` to ``peer`` for ``round_idx`` over parallel streams; raises TransportError.
+
+        Retried until it lands or ``deadline`` passes; ``give_up`` (e.g. "the peer is marked down")
+        is asked while an attempt waits and between attempts, and cancels the push.
+        """
         self.channel(peer)
         push = self._channels[self.address(peer)].stream_unary(
             f"/{SERVICE_NAME}/PushWeights", request_serializer=None,  # pre-serialized (encode_data_chunk)
             response_deserializer=pb2.PushReply.FromString)
         md = token_metadata(self.token)
         n = max(1, min(self.num_streams, -(-payload.total_bytes // self.chunk_bytes) or 1))
+        what = f"push of round {round_idx}"
 
         def attempt(remaining: float):
             tid = random.getrandbits(63)
@@ -132,13 +169,31 @@ class PeerClient:
                 for k in range(n)
             ]
             try:
-                return [c.result() for c in calls]
-            except grpc.RpcError:
+                out = []
+                for c in calls:
+                    while True:
+                        try:
+                            out.append(c.result(timeout=POLL_S))
+                            break
+                        except grpc.FutureTimeoutError:
+                            why = give_up() if give_up is not None else None
+                            if why is not None:  # wait_for_ready would hold a dead peer's push to the deadline
+                                raise TransportError(f"peer {self.peer_id}: {what} to peer {peer} abandoned: {why}") from None
+                return out
+            except (grpc.RpcError, TransportError):
                 for c in calls:
                     c.cancel()
                 raise
 
-        self.call_with_retries(peer, f"push of round {round_idx}", attempt, deadline)
+        with self.lock:
+            self.pushing[peer] = self.pushing.get(peer, 0) + 1
+        try:
+            self.call_with_retries(peer, what, attempt, deadline, bounded=False, give_up=give_up)
+        finally:
+            with self.lock:
+                self.pushing[peer] -= 1
+                if not self.pushing[peer]:
+                    del self.pushing[peer]
 
     def fetch(self, peer: int, my_round: int, schema: Schema, *, accept_half: bool,
               max_payload_bytes: int | None, deadline: float) -> tuple[int, StateDict]:

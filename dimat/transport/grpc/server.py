@@ -22,15 +22,15 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import grpc
 
 from dimat.transport.base import DataLossError, StateDict, TransportError
-from dimat.transport.checks import StateRejected, refusal_message
+from dimat.transport.checks import StateRejected
 from dimat.transport.grpc.codec import decode_chunk, header_entries, stream_messages
 from dimat.transport.grpc.proto import REFUSED_METADATA, RETRYABLE, SERVICE_NAME, pb2, pb2_grpc
-from dimat.transport.wire import IncomingPayload
+from dimat.transport.wire import IncomingPayload, TransferAborted
 
 if TYPE_CHECKING:
     from dimat.transport.grpc.transport import GrpcTransport
@@ -46,15 +46,19 @@ class StreamTimeout(TransportError):
     """A stream stalled (no message within the idle timeout) or outlived its total bound."""
 
 
+class StreamReclaimed(StreamTimeout):
+    """A stream that had sent no payload data gave its slot to a stream that needed one."""
+
+
 class BoundedStream:
     """A request iterator read on a helper thread, at most ``depth`` messages ahead, with time bounds.
 
     gRPC reads the next message only when asked; pulling on another thread overlaps receiving the
     next chunk with copying and hashing this one (bounded: ``depth`` chunks of memory) and lets the
     servicer stop waiting: :meth:`next` raises :class:`StreamTimeout` when no message came within
-    ``idle`` seconds (the first one included) or the stream is older than ``total`` seconds. The
-    servicer then aborts the RPC, which ends the helper's blocked read. Time the servicer spends on a
-    message itself is not idle time.
+    ``idle`` seconds (the first one included) or the stream is older than ``total`` seconds, and
+    :class:`StreamReclaimed` after :meth:`reclaim`. The servicer then aborts the RPC, which ends the
+    helper's blocked read. Time the servicer spends on a message itself is not idle time.
     """
 
     def __init__(self, it: Iterator, *, idle: float, total: float, depth: int = 2) -> None:
@@ -63,12 +67,22 @@ class BoundedStream:
         self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._it = it
+        #: messages read from the client so far, and when the latest came (slot reclaiming reads them)
+        self.pulled = 0
+        self.last_at = time.monotonic()
         self._thread = threading.Thread(target=self._pump, name="dimat-stream", daemon=True)
         self._thread.start()
+
+    @property
+    def silent(self) -> bool:
+        """True while the client sent no payload data (nothing, or only its header)."""
+        return self.pulled <= 1
 
     def _pump(self) -> None:
         try:
             for item in self._it:
+                self.pulled += 1
+                self.last_at = time.monotonic()
                 while not self._stop.is_set():
                     try:
                         self._q.put(item, timeout=0.1)
@@ -80,6 +94,13 @@ class BoundedStream:
             self._q.put(_END)
         except BaseException as exc:  # re-raised in the consumer
             self._q.put(exc)
+
+    def reclaim(self, why: str) -> None:
+        """Make the consumer's next (or current) wait raise :class:`StreamReclaimed` (a silent stream's queue is empty)."""
+        try:
+            self._q.put_nowait(StreamReclaimed(why, reason=why))
+        except queue.Full:  # it holds data after all: it is not silent, and keeps going
+            pass
 
     def next(self):
         """The next message, ``None`` at the end of the stream; raises :class:`StreamTimeout`."""
@@ -111,14 +132,26 @@ class BoundedStream:
         self._stop.set()
 
 
+@dataclass(eq=False)
+class Slot:
+    """One admitted stream: the key it counts against and, for a push, its stream (None: not reclaimable)."""
+
+    key: str | None
+    stream: BoundedStream | None = None
+
+
 class StreamSlots:
     """Admission of streaming RPCs: at most ``total`` at once, at most ``per_caller`` per caller key.
 
     A push enters under its connection (or certificate) key, and once its header names the sender
     moves to that sender's key (:meth:`rekey`): the connection cap bounds streams that have not said
-    who they are, the sender cap those that have. The table holds one counter per key with a stream
-    open, so it never exceeds ``total`` keys. ``refused`` counts the streams turned away
-    (``RESOURCE_EXHAUSTED``; an honest sender retries with backoff).
+    who they are, the sender cap those that have. A cap that is full is first relieved by
+    *reclaiming* the longest-idle push that has sent no payload data (nothing, or a header and then
+    nothing) among the streams counted against it (the whole table for the total, that sender's
+    streams for a sender): a stalled stream holds a slot only until somebody needs it, so streams
+    that stall (whoever opens them) cannot keep an admitted sender's push out. The connection cap
+    is not relieved (those are the caller's own streams). ``refused`` counts the streams turned
+    away (``RESOURCE_EXHAUSTED``), ``reclaimed`` the silent ones cut off.
     """
 
     def __init__(self, total: int, per_caller: int) -> None:
@@ -126,35 +159,62 @@ class StreamSlots:
         self.lock = threading.Lock()
         self.used = 0
         self.by_caller: dict[str, int] = {}
+        self.held: list[Slot] = []
         self.refused = 0
+        self.reclaimed = 0
 
-    def enter(self, key: str) -> bool:
+    def enter(self, key: str) -> Slot | None:
+        """A slot under ``key`` (None when refused); a push sets :attr:`Slot.stream`, which makes it
+        reclaimable while it sends nothing (a fetch does not: it is this server that sends)."""
         with self.lock:
             n = self.by_caller.get(key, 0)
-            if n >= self.per_caller or self.used >= self.total:
+            if n >= self.per_caller or (self.used >= self.total and not self._reclaim(None)):
                 self.refused += 1
-                return False
+                return None
+            slot = Slot(key)
             self.by_caller[key] = n + 1
             self.used += 1
-            return True
+            self.held.append(slot)
+            return slot
 
-    def rekey(self, old: str, new: str) -> bool:
-        """Move one stream from ``old`` to ``new`` (False, nothing moved, when ``new`` is full)."""
+    def rekey(self, slot: Slot, new: str) -> bool:
+        """Move ``slot`` to ``new`` (False, nothing moved, when ``new`` is full of streams that sent data)."""
         with self.lock:
-            if old == new:
+            if slot.key is None:  # reclaimed meanwhile
+                return False
+            if slot.key == new:
                 return True
-            n = self.by_caller.get(new, 0)
-            if n >= self.per_caller:
+            if self.by_caller.get(new, 0) >= self.per_caller and not self._reclaim(new, spare=slot):
                 self.refused += 1
                 return False
-            self.by_caller[new] = n + 1
-            self._drop(old)
+            self.by_caller[new] = self.by_caller.get(new, 0) + 1
+            self._drop(slot.key)
+            slot.key = new
             return True
 
-    def leave(self, key: str) -> None:
+    def leave(self, slot: Slot) -> None:
         with self.lock:
-            self._drop(key)
-            self.used = max(0, self.used - 1)
+            if slot.key is None:  # its slot was reclaimed and already given back
+                return
+            self._forget(slot)
+
+    def _forget(self, slot: Slot) -> None:
+        self._drop(slot.key)  # type: ignore[arg-type]
+        slot.key = None
+        self.used = max(0, self.used - 1)
+        self.held.remove(slot)
+
+    def _reclaim(self, key: str | None, spare: Slot | None = None) -> bool:
+        """Cut off the longest-idle silent push under ``key`` (any key: None); True if one was (caller holds the lock)."""
+        silent = [s for s in self.held if s is not spare and s.stream is not None and s.stream.silent
+                  and (key is None or s.key == key)]
+        if not silent:
+            return False
+        victim = min(silent, key=lambda s: s.stream.last_at)  # type: ignore[union-attr]
+        self._forget(victim)
+        self.reclaimed += 1
+        victim.stream.reclaim("stream reclaimed: it sent no payload data while an admitted stream needed its slot")  # type: ignore[union-attr]
+        return True
 
     def _drop(self, key: str) -> None:
         n = self.by_caller.get(key, 0) - 1
@@ -181,14 +241,24 @@ def cert_names(context) -> list[str]:
 
 @dataclass
 class Inbox:
-    """Verified and refused states per (round, sender), plus the transfers still being assembled."""
+    """Verified and refused states per (round, sender), plus the transfers still being assembled.
+
+    Exactly one push commits per (round, sender): the first complete, verified one. Transfers of
+    one key are assembled side by side (none can cut another off; a stream's slot already bounds
+    how many there are, and a transfer allocates nothing before its first payload byte); when one
+    commits, the others are aborted and told ``ALREADY_EXISTS``. ``committed`` remembers the key
+    after the exchange took its state out of ``states``, so a later push for it (a slow duplicate,
+    a replay) gets ``ALREADY_EXISTS`` too and never reaches the inbox.
+    """
 
     cv: threading.Condition = field(default_factory=threading.Condition)
     states: dict[tuple[int, int], StateDict] = field(default_factory=dict)
-    #: (round, sender) -> refusal line (:func:`~dimat.transport.checks.refusal_message`); a later
+    #: (round, sender) -> the reason its push was refused (a receive check's wording); a later
     #: valid push for the same key replaces it
     refused: dict[tuple[int, int], str] = field(default_factory=dict)
-    pending: dict[tuple[int, int], tuple[int, IncomingPayload]] = field(default_factory=dict)
+    #: (round, sender) -> transfer id -> the transfer being assembled
+    pending: dict[tuple[int, int], dict[int, IncomingPayload]] = field(default_factory=dict)
+    committed: set[tuple[int, int]] = field(default_factory=set)
 
     def drop_before(self, round_idx: int) -> None:
         """Forget everything of rounds older than ``round_idx`` (caller holds ``cv``)."""
@@ -197,7 +267,54 @@ class Inbox:
         for key in [k for k in self.refused if k[0] < round_idx]:
             del self.refused[key]
         for key in [k for k in self.pending if k[0] < round_idx]:
-            self.pending.pop(key)[1].abort()
+            for payload in self.pending.pop(key).values():
+                payload.abort()
+        # older rounds' pushes are refused as stale at admission, so their commits need no memory
+        self.committed = {k for k in self.committed if k[0] >= round_idx}
+
+    def claim(self, key: tuple[int, int], transfer_id: int,
+              make: Callable[[], IncomingPayload]) -> tuple[IncomingPayload | None, bool]:
+        """The transfer a stream of ``key`` belongs to and whether it joined an existing one.
+
+        The pending transfer with ``transfer_id``, else a new one from ``make`` (which checks the
+        header and may raise); ``(None, False)`` once ``key`` committed. Caller holds ``cv``.
+        """
+        if key in self.committed:
+            return None, False
+        transfers = self.pending.get(key, {})
+        if transfer_id in transfers:
+            return transfers[transfer_id], True
+        payload = make()
+        self.pending.setdefault(key, {})[transfer_id] = payload
+        return payload, False
+
+    def commit(self, key: tuple[int, int], payload: IncomingPayload, state: StateDict) -> bool:
+        """Make ``state`` the one state of ``key``; False when another transfer committed first (or the
+        round was left). The other transfers of ``key`` are aborted. Caller holds ``cv``."""
+        transfers = self.pending.get(key, {})
+        if key in self.committed or payload not in transfers.values():
+            return False
+        for other in self.pending.pop(key).values():
+            if other is not payload:
+                other.abort()
+        self.refused.pop(key, None)
+        self.states[key] = state
+        self.committed.add(key)
+        self.cv.notify_all()
+        return True
+
+    def fail(self, key: tuple[int, int], payload: IncomingPayload | None, reason: str | None) -> None:
+        """``payload`` (a transfer of ``key``, or None for a stream refused at its header) failed: forget
+        it and, given a ``reason`` (a verdict on the state, not a stall), record the refusal unless
+        ``key`` committed or another transfer of it is still under way. Caller holds ``cv``."""
+        transfers = self.pending.get(key, {})
+        for tid in [tid for tid, p in transfers.items() if p is payload]:
+            del transfers[tid]
+        if not transfers:
+            self.pending.pop(key, None)
+        if reason is not None and key not in self.committed and not transfers:
+            self.refused[key] = reason
+            self.cv.notify_all()
 
 
 class Servicer(pb2_grpc.PeerServicer):
@@ -271,14 +388,14 @@ class Servicer(pb2_grpc.PeerServicer):
                 return f"cert:{names[0]}"
         return f"conn:{context.peer()}"
 
-    def open_stream(self, context, what: str) -> str:
-        """Take a stream slot for the caller (or abort ``RESOURCE_EXHAUSTED``); returns its key."""
-        key = self.caller_key(context)
-        if not self.t.slots.enter(key):
+    def open_stream(self, context, what: str) -> Slot:
+        """Take a stream slot for the caller (or abort ``RESOURCE_EXHAUSTED``)."""
+        slot = self.t.slots.enter(self.caller_key(context))
+        if slot is None:
             self.reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"peer {self.t.peer_id}: {what}: too many concurrent streams "
                         f"(at most {self.t.slots.total}, {self.t.slots.per_caller} per caller); retry")
-        return key
+        return slot  # type: ignore[return-value]
 
     def bounded(self, request_iterator) -> BoundedStream:
         t = self.t
@@ -287,18 +404,21 @@ class Servicer(pb2_grpc.PeerServicer):
 
     # ---- weights ----
     def PushWeights(self, request_iterator, context):  # noqa: N802 (generated service API)
-        held = [self.open_stream(context, "push")]  # the slot's key: the connection, then the sender
-        stream = self.bounded(request_iterator)
+        slot = self.open_stream(context, "push")  # counted by connection, then by sender
+        stream = self.bounded(request_iterator)  # after the slot: a refused flood starts no reader threads
+        slot.stream = stream  # reclaimable from here on, while it sends nothing
         try:
-            return self._push(stream, context, held)
+            return self._push(stream, context, slot)
         finally:
             stream.close()
-            self.t.slots.leave(held[0])
+            self.t.slots.leave(slot)
 
-    def _push(self, stream: BoundedStream, context, held: list[str]):
+    def _push(self, stream: BoundedStream, context, slot: Slot):
         t = self.t
         try:
             first = stream.next()
+        except StreamReclaimed as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"peer {t.peer_id}: push before its header: {exc}; retry")
         except StreamTimeout as exc:
             self.reject(context, grpc.StatusCode.DEADLINE_EXCEEDED, f"peer {t.peer_id}: push before its header: {exc}")
         if first is None:
@@ -311,11 +431,9 @@ class Servicer(pb2_grpc.PeerServicer):
         code, why = self.admit(round_idx, sender, context)
         if code is not None:
             self.reject(context, code, f"{where}: {why}")
-        sender_key = f"sender:{sender}"
-        if not t.slots.rekey(held[0], sender_key):
+        if not t.slots.rekey(slot, f"sender:{sender}"):
             self.reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"{where}: too many concurrent streams from peer {sender} (at most {t.slots.per_caller}); retry")
-        held[0] = sender_key
         return self._receive(stream, context, first, round_idx, sender, key, where)
 
     def _receive(self, stream: BoundedStream, context, first, round_idx: int, sender: int, key, where: str):
@@ -323,25 +441,33 @@ class Servicer(pb2_grpc.PeerServicer):
         inbox = t.inbox
         h = first.header
         payload = None
+
+        def new_payload() -> IncomingPayload:
+            return IncomingPayload(header_entries(h), h.total_bytes, h.hash_algorithm, h.num_streams, t.schema,
+                                   allow_half=t.accept_half, max_total_bytes=t.max_payload_bytes, label=where)
+
         try:
-            with inbox.cv:
-                if key in inbox.states:
+            with inbox.cv:  # the round and the schema change together under cv (GrpcTransport.begin_round)
+                try:
+                    got, joining = inbox.claim(key, h.transfer_id, new_payload)
+                except StateRejected as exc:
+                    if round_idx <= t.current_round:
+                        raise
+                    # a round the receiver has not entered: its model for that round is not known yet
+                    # (the schema may change between rounds), so this is no verdict; the sender retries
+                    context.abort(grpc.StatusCode.UNAVAILABLE,
+                                  f"{where}: does not fit the receiver's model of round {t.current_round} "
+                                  f"({exc.reason}); retry once it enters round {round_idx}")
+                if got is None:
                     context.abort(grpc.StatusCode.ALREADY_EXISTS, f"{where}: already received")
-                cur = inbox.pending.get(key)
-                if cur is not None and cur[0] == h.transfer_id:
-                    payload = cur[1]
-                    if not payload.same_table(header_entries(h), h.total_bytes, max(1, h.num_streams)):
-                        raise TransportError(f"{where}: stream {h.stream_index} announces a different tensor table",
-                                             reason=f"stream {h.stream_index} announces a different tensor table")
-                else:
-                    if cur is not None:  # a retry supersedes a broken earlier transfer
-                        cur[1].abort()
-                    payload = IncomingPayload(
-                        header_entries(h), h.total_bytes, h.hash_algorithm, h.num_streams, t.schema,
-                        allow_half=t.accept_half, max_total_bytes=t.max_payload_bytes, label=where,
-                    )
-                    inbox.pending[key] = (h.transfer_id, payload)
-                payload.open_stream(h.stream_index, *segment_of(h))
+                # a stream that joins a transfer with a bad table or segment is refused alone: it does
+                # not fail the transfer it names (whose other streams may be fine)
+                payload = None if joining else got
+                if not got.same_table(header_entries(h), h.total_bytes, max(1, h.num_streams)):
+                    raise TransportError(f"{where}: stream {h.stream_index} announces a different tensor table",
+                                         reason=f"stream {h.stream_index} announces a different tensor table")
+                got.open_stream(h.stream_index, *segment_of(h))
+                payload = got
             digest = None
             for msg in stream:
                 if msg.round != round_idx or msg.sender != sender:
@@ -357,31 +483,33 @@ class Servicer(pb2_grpc.PeerServicer):
                 else:
                     raise TransportError(f"{where}: unexpected {kind} message inside the stream",
                                          reason=f"unexpected {kind} message inside the stream")
-            payload.close_stream(h.stream_index, digest)
-            done = payload.complete
+            done = payload.close_stream(h.stream_index, digest)
             if done:
                 state = payload.finalize()
                 with inbox.cv:
-                    inbox.pending.pop(key, None)
-                    inbox.refused.pop(key, None)
-                    inbox.states[key] = state
-                    inbox.cv.notify_all()
+                    committed = inbox.commit(key, payload, state)
+                if not committed:  # another push of this key committed first (it stays), or the round was left
+                    raise TransferAborted(f"{where}: not the first complete push", reason="not the first complete push")
             a, b = segment_of(h)
-            return pb2.PushReply(round=round_idx, sender=t.peer_id, bytes_received=b - a,
-                                 complete=done)
+            return pb2.PushReply(round=round_idx, sender=t.peer_id, bytes_received=b - a, complete=done)
+        except TransferAborted:
+            # another transfer of this key committed first (or its round was left): never a refusal
+            with inbox.cv:
+                inbox.fail(key, payload, None)
+                committed = key in inbox.committed
+            if committed:
+                context.abort(grpc.StatusCode.ALREADY_EXISTS, f"{where}: already received")
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{where}: dropped (the receiver left round {round_idx})")
         except TransportError as exc:
             timed_out = isinstance(exc, StreamTimeout)
             with inbox.cv:
-                cur = inbox.pending.get(key)
-                if cur is not None and cur[1] is payload:
-                    del inbox.pending[key]
-                # the receiving exchange reports it and stops waiting; a stall is not a verdict on the
-                # state (the sender may retry), so it is only logged
-                if key not in inbox.states and not timed_out:
-                    inbox.refused[key] = refusal_message(sender, round_idx, exc.reason)
-                    inbox.cv.notify_all()
+                # the receiving exchange reports a refusal and stops waiting; a stall is not a verdict
+                # on the state (the sender may retry), so it is only logged
+                inbox.fail(key, payload, None if timed_out else exc.reason)
             if payload is not None:
                 payload.abort()
+            if isinstance(exc, StreamReclaimed):
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{where}: {exc}; retry")
             if timed_out:
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
             else:
@@ -398,7 +526,7 @@ class Servicer(pb2_grpc.PeerServicer):
         latest = t.latest
         if latest is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"peer {t.peer_id} has no state yet")
-        key = self.open_stream(context, f"fetch from peer {request.sender}")
+        slot = self.open_stream(context, f"fetch from peer {request.sender}")
         # a reader that stops reading blocks the writes: cancel the call at the total bound
         timer = threading.Timer(t.deadline + 1.0, context.cancel)
         timer.daemon = True
@@ -409,7 +537,7 @@ class Servicer(pb2_grpc.PeerServicer):
                                        chunk_bytes=t.chunk_bytes)
         finally:
             timer.cancel()
-            t.slots.leave(key)
+            t.slots.leave(slot)
 
     # ---- membership ----
     def _member_call(self, what: str, request, context) -> int:

@@ -15,7 +15,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dimat.transport.base import ExchangeResult, StateDict, TransportError
-from dimat.transport.checks import StateRejected, check_state, refusal_message
+from dimat.transport.checks import Receipts
 from dimat.transport.grpc.client import PeerClient, PushRefused, RetryPolicy
 from dimat.transport.grpc.membership import Member, Membership
 from dimat.transport.grpc.proto import SERVICE_NAME, channel_options
@@ -173,10 +173,10 @@ class GrpcTransport:
         self.max_message_bytes = max_message_bytes or max(chunk_bytes + (1 << 20), 16 << 20)
         self._allowed_policy = allowed_senders
         self._allowed_by_round: dict[int, frozenset[int]] = {}
+        self.inbox = Inbox()
         self.schema: Schema | None = None
         if schema is not None:
             self.set_schema(schema)
-        self.inbox = Inbox()
         self.current_round = -1
         #: the latest state sent, served to peers that fetch it (rejoin)
         self.latest: tuple[int, OutgoingPayload] | None = None
@@ -225,7 +225,8 @@ class GrpcTransport:
     # ------------------------------------------------------------------ configuration
     def set_schema(self, schema: Schema | Mapping[str, torch.Tensor]) -> None:
         """What pushes must look like: the names, shapes and dtypes of the local model."""
-        self.schema = schema if isinstance(schema, Schema) else Schema.from_state(schema)
+        with self.inbox.cv:  # the servicer reads it under cv together with the round
+            self.schema = schema if isinstance(schema, Schema) else Schema.from_state(schema)
 
     def set_peers(self, peers: Mapping[int, str]) -> None:
         """Update neighbour addresses (a restarted peer may come back on another port)."""
@@ -271,8 +272,13 @@ class GrpcTransport:
         return self.client.heartbeat(peer, max(self.current_round, 0), timeout)
 
     def join(self, peer: int, timeout: float = 10.0) -> tuple[int, dict[int, str]]:
-        """Announce this peer to ``peer``; returns its round and the members it knows ``{id: address}``."""
-        return self.client.join(peer, max(self.current_round, 0), self.address, timeout)
+        """Announce this peer to ``peer``; returns its round and the members it knows ``{id: address}``.
+
+        The round it reports is remembered (as a heartbeat's is): a receive does not wait for a
+        neighbour that is already past the round."""
+        their_round, members = self.client.join(peer, max(self.current_round, 0), self.address, timeout)
+        self.membership.seen(peer, their_round, None)
+        return their_round, members
 
     def leave(self, peers: Iterable[int], timeout: float = 2.0) -> None:
         """Tell ``peers`` this peer is leaving (best effort)."""
@@ -318,6 +324,9 @@ class GrpcTransport:
         """The latest round ``peer`` reported (heartbeats, joins); -1 if unknown."""
         return self.membership.known_round(peer)
 
+    def _down(self, peer: int) -> str:
+        return f"peer {peer} is down ({self.membership.missed.get(peer, 0)} missed heartbeats)"
+
     def down_peers(self) -> list[int]:
         return sorted(p for p in self.peers if p != self.peer_id and not self.is_up(p))
 
@@ -346,12 +355,17 @@ class GrpcTransport:
         """Wait until every sender's state for ``round_idx`` arrived or the timeout passed; pop what arrived."""
         return self._collect(round_idx, senders, timeout)[0]
 
-    def begin_round(self, round_idx: int, in_neighbours: Iterable[int]) -> None:
-        """Enter ``round_idx``: fix the accepted senders for it and drop buffers of older rounds."""
+    def begin_round(self, round_idx: int, in_neighbours: Iterable[int],
+                    schema: Schema | Mapping[str, torch.Tensor] | None = None) -> None:
+        """Enter ``round_idx``: fix the accepted senders for it, drop buffers of older rounds and,
+        given ``schema``, make it what pushes must fit, in one step under the inbox lock (a push is
+        never checked against one round's schema and another round's number)."""
         self._allowed_by_round[round_idx] = frozenset(int(i) for i in in_neighbours)
         for r in [r for r in self._allowed_by_round if r < round_idx - 1]:
             del self._allowed_by_round[r]
         with self.inbox.cv:
+            if schema is not None:
+                self.set_schema(schema)
             self.current_round = max(self.current_round, round_idx)
             self.inbox.drop_before(round_idx)
 
@@ -370,7 +384,7 @@ class GrpcTransport:
         when ``half`` is set) once per out-neighbour whose push *completed*, accepted or refused by
         the receiver's checks (it was delivered, as InProc and torchdist count it); a push that
         failed otherwise (peer down, deadline, unreachable, data loss, admission denied) is not
-        counted. Every push leaves the process, so ``wire_bytes`` equals this peer's ``bytes_sent``.
+        counted.
         """
         if set(states) != {self.peer_id}:
             raise ValueError(f"GrpcTransport hosts peer {self.peer_id} only; got states for {sorted(states)}")
@@ -380,26 +394,29 @@ class GrpcTransport:
         deadline = self.deadline if timeout is None else timeout
         state = states[self.peer_id]
         schema = Schema.from_state(state)
-        if self.schema is None or self.schema != schema:
-            self.set_schema(schema)
         ins = [int(i) for i in in_neighbours.get(self.peer_id, ())]
         outs = [int(i) for i in out_neighbours.get(self.peer_id, ())]
-        self.begin_round(round_idx, ins)
+        self.begin_round(round_idx, ins, schema)
         payload = OutgoingPayload(state, half=self.half, hash_algorithm=self.hash_algorithm)
         self.latest = (round_idx, payload)
         failed: dict[int, str] = {}
         for j in outs:
             if not self.is_up(j):
-                failed[j] = f"peer {j} is down ({self.membership.missed.get(j, 0)} missed heartbeats); not sent"
-        sends = {j: self._pool.submit(self.client.push, j, round_idx, payload, deadline) for j in outs if j not in failed}
+                failed[j] = f"{self._down(j)}; not sent"
+        # a push to a peer that is marked down while it waits (wait_for_ready, retries) stops then,
+        # instead of holding the round to its deadline
+        sends = {j: self._pool.submit(self.client.push, j, round_idx, payload, deadline,
+                                      give_up=lambda j=j: None if self.is_up(j) else self._down(j))
+                 for j in outs if j not in failed}
         received, refused = self._collect(round_idx, ins, deadline)
-        for j in [j for j, st in received.items() if Schema.from_state(st) != schema]:
-            # it arrived before this exchange replaced the schema: check it against the one it must fit
-            try:
-                check_state(received[j], schema)
-            except StateRejected as exc:
-                del received[j]
-                refused[j] = refusal_message(j, round_idx, exc.reason)
+        receipts = Receipts(round_idx, [self.peer_id])
+        for j, st in received.items():
+            if Schema.from_state(st) == schema:  # checked on arrival against this very schema
+                receipts.keep(self.peer_id, j, st)
+            else:  # it arrived before this exchange replaced the schema: check it against the one it must fit
+                receipts.deliver(self.peer_id, j, st, schema)
+        for j, reason in refused.items():
+            receipts.refuse(self.peer_id, j, reason)
         delivered = 0
         for j, f in sends.items():
             try:
@@ -412,19 +429,13 @@ class GrpcTransport:
             except (TransportError, futures.TimeoutError) as exc:
                 failed[j] = str(exc) or "timed out"
                 log.warning("%s", failed[j])
-        missing = [i for i in ins if i not in received]
-        self.last_report = ExchangeReport(round_idx, sorted(received), missing, failed, time.monotonic() - t0, refused)
+        result = receipts.result({self.peer_id: ins}, {self.peer_id: payload.total_bytes * delivered})
+        self.last_report = ExchangeReport(round_idx, sorted(result.received[self.peer_id]), result.missing[self.peer_id],
+                                          failed, time.monotonic() - t0, result.refused[self.peer_id])
         if self.report_path:
             with open(self.report_path, "a") as fh:
                 fh.write(json.dumps({"peer": self.peer_id, **dataclasses.asdict(self.last_report)}) + "\n")
-        sent = payload.total_bytes * delivered
-        return ExchangeResult(
-            received={self.peer_id: received},
-            missing={self.peer_id: sorted(missing)},
-            refused={self.peer_id: refused},
-            bytes_sent={self.peer_id: sent},
-            wire_bytes=sent,
-        )
+        return result
 
     def close(self, grace: float | None = 0.5) -> None:
         if self._closed:

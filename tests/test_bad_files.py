@@ -186,3 +186,26 @@ def test_bad_certificate_files_are_one_line(tmp_path, capsys):
     shutil.copy(certs / "peer-1.pem", certs / "peer-0.pem")  # a certificate whose key is another one
     line = _error_line(capsys, args)
     assert line.startswith(f"dimat: error: {certs / 'peer-0.key'}: not a PEM private key, or not the key of"), line
+
+
+# --------------------------------------------------------------------------- topology matrix files
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage_header", "object_array", "not_numbers"])
+def test_bad_topology_matrix_file_is_one_line(tmp_path, capsys, damage):
+    """A truncated or corrupt ``topology.path`` matrix is one line naming the file (was an EOFError traceback)."""
+    import numpy as np
+
+    good = tmp_path / "good.npy"
+    np.save(good, np.full((2, 2), 0.5))
+    path = tmp_path / ("w.txt" if damage == "not_numbers" else "w.npy")
+    if damage == "truncated":
+        path.write_bytes(good.read_bytes()[:-9])
+    elif damage == "garbage_header":
+        path.write_bytes(b"\x93NUMPY\x01\x00\xff\xff" + b"\xfe" * 40)
+    elif damage == "object_array":
+        np.save(path, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    else:
+        path.write_text("a b\nc d\n")
+    line = _error_line(capsys, ["simulate", *FAST, "topology=matrix", f"topology.path={path}", f"run_dir={tmp_path / 'run'}"])
+    assert f"{path}: cannot read a weight matrix from it, truncated or corrupt (" in line, line

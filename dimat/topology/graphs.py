@@ -25,6 +25,7 @@ from typing import Callable, Iterable
 import networkx as nx
 import numpy as np
 
+from dimat.files import BadFileError, describe
 from dimat.topology.core import RULES, Topology, is_connected, mixing_matrix, validate
 
 
@@ -184,21 +185,33 @@ def from_edges(
 
 
 def load_matrix(path: str | os.PathLike) -> np.ndarray:
-    """Read a weight matrix from ``.npy`` (no pickles), ``.csv`` or whitespace/comma ``.txt``."""
+    """Read a weight matrix from ``.npy`` (no pickles), ``.csv`` or whitespace/comma ``.txt``.
+
+    Args:
+        path: the file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        BadFileError: the file cannot be read as a matrix (truncated, corrupt, not numbers, a
+            pickled object): one line ``<file>: <problem>``.
+        ValueError: the suffix is none of the three.
+    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"weight-matrix file not found: {p}")
     suffix = p.suffix.lower()
+    if suffix not in (".npy", ".csv", ".txt"):
+        raise ValueError(f"weight-matrix file {p} must end in .npy, .csv or .txt")
     try:
         if suffix == ".npy":
+            # a truncated file raises EOFError or ValueError, a corrupt header ValueError or
+            # UnicodeDecodeError, an object array (pickle) ValueError: all of them name this file
             return np.load(p, allow_pickle=False)
-        if suffix in (".csv", ".txt"):
-            text = p.read_text()
-            delimiter = "," if "," in text else None
-            return np.loadtxt(p, delimiter=delimiter, dtype=np.float64, ndmin=2)
-    except ValueError as exc:
-        raise ValueError(f"cannot read weight matrix from {p}: {exc}") from None
-    raise ValueError(f"weight-matrix file {p} must end in .npy, .csv or .txt")
+        text = p.read_text()
+        delimiter = "," if "," in text else None
+        return np.loadtxt(p, delimiter=delimiter, dtype=np.float64, ndmin=2)
+    except (EOFError, OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BadFileError(p, f"cannot read a weight matrix from it, truncated or corrupt ({describe(exc)})") from None
 
 
 def from_matrix(W: np.ndarray | str | os.PathLike, rule: str | None = None) -> Topology:

@@ -22,6 +22,7 @@ the topology of their own round (:func:`allowed_senders_of`).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -275,6 +276,17 @@ def rejoin(fed: Any, transport: Any, neighbours: Sequence[int], run_dir: str | P
         return True
     if last is None and R == 0:
         return False
+    total = fed.config.rounds
+    if R >= total:
+        # the neighbours are in (or past) the last round: a jump to their state would leave this
+        # peer's rounds last+1..total without a record, and nobody is left to exchange with, so it
+        # completes those rounds itself from its own checkpoint (its exchanges find them gone)
+        first = 1 if last is None else last + 1
+        echo(f"[peer {pid}] rejoin: neighbours finished the run (round {R} of {total}); completing rounds "
+             f"{first}..{total} without them from " + ("the start" if last is None else f"own checkpoint (round {last})"))
+        _log_rejoin(run_dir, tag, {"peer": pid, "own_round": last, "neighbour_round": R, "fetched_from": None,
+                                   "fetched_round": None, "completed_alone_from": first - 1})
+        return last is not None
     if last is not None:
         ck.restore(last, fed.peers, fed.method)  # optimizer, data order and RNG continue from our own state
     exchange, state = transport.fetch_state(src)
@@ -291,12 +303,15 @@ def rejoin(fed: Any, transport: Any, neighbours: Sequence[int], run_dir: str | P
     ck.save(rnd, fed.peers, fed.method)
     echo(f"[peer {pid}] rejoin: behind (own round {last}, neighbours at {R}); "
          f"fetched round {rnd} state from peer {src}, continuing at round {rnd + 1}")
-    with open(Path(run_dir) / tag / "rejoins.jsonl", "a") as fh:
-        import json
-
-        fh.write(json.dumps({"peer": pid, "own_round": last, "neighbour_round": R, "fetched_from": src,
-                             "fetched_round": rnd, "time": time.time()}) + "\n")
+    _log_rejoin(run_dir, tag, {"peer": pid, "own_round": last, "neighbour_round": R, "fetched_from": src,
+                               "fetched_round": rnd})
     return True
+
+
+def _log_rejoin(run_dir: str | Path, tag: str, record: dict[str, Any]) -> None:
+    """Append one rejoin to ``RUN/<tag>/rejoins.jsonl`` (with the time)."""
+    with open(Path(run_dir) / tag / "rejoins.jsonl", "a") as fh:
+        fh.write(json.dumps({**record, "time": time.time()}) + "\n")
 
 
 def peer_main(args: Sequence[str]) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from dimat.config import RunConfig
 from dimat.entry import compose
 from dimat.federation import Checkpointer, build_federation, run_rounds
@@ -17,6 +19,8 @@ from dimat.grpc_peer import rejoin
 from dimat.transport import build_transport
 from dimat.transport.grpc import GrpcTransport
 from dimat.transport.wire import OutgoingPayload
+
+pytestmark = pytest.mark.integration  # real gRPC servers
 
 ROUNDS = 3
 OVERRIDES = ["data=digits", "model=mlp", "model.hidden=[16]", f"rounds={ROUNDS}", "local_epochs=0.25", "num_peers=2",

@@ -19,7 +19,8 @@ from dimat.transport.checks import Receipts
 from dimat.transport.grpc.client import PeerClient, PushRefused, RetryPolicy
 from dimat.transport.grpc.membership import Member, Membership
 from dimat.transport.grpc.proto import SERVICE_NAME, channel_options
-from dimat.transport.grpc.server import Inbox, Servicer, StreamSlots, service_handler
+from dimat.transport.grpc.server import Inbox, Servicer, service_handler
+from dimat.transport.grpc.streams import StreamSlots
 from dimat.transport.schema import Schema
 from dimat.transport.security import TlsConfig, TokenAuthInterceptor, warn_if_exposed
 from dimat.transport.wire import DEFAULT_CHUNK_BYTES, DEFAULT_HASH, OutgoingPayload

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import ipaddress
 import json
 import os
 import random
@@ -29,12 +30,20 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dimat.grpc_peer import load_peers_file
+from dimat.transport.grpc import pb2, pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("grpc_local", ROOT / "launch" / "grpc_local.py")
 grpc_local = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(grpc_local)
+
+LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
+MAX_ITERATIONS = 100_000  # per attacker loop, besides the time bound
 
 DEFAULTS = ["experiment=mnist1d_fast", "progress=false", "local_epochs=0.5", "transport.timeout=20",
             "transport.heartbeat_interval=0.5", "transport.max_missed_heartbeats=3", "checkpoint.keep_last=2"]
@@ -73,14 +82,24 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def loopback_only(addresses: dict[int, str]) -> None:
+    """Refuse to attack anything but this machine: every address must be in 127.0.0.0/8."""
+    for k, a in addresses.items():
+        host = a.rpartition(":")[0].strip("[]")
+        try:
+            ok = ipaddress.ip_address(host) in LOOPBACK
+        except ValueError:
+            ok = False
+        if not ok:
+            raise SystemExit(f"soak --hostile attacks loopback addresses only (127.0.0.0/8); peer {k} is at {a}")
+
+
 class Attacker:
-    """Hostile clients against every peer address, until :meth:`stop` (every loop bounded by ``seconds``)."""
+    """Hostile clients against every peer address, until :meth:`stop` (every loop bounded by ``seconds``
+    and by an iteration count; only addresses in 127.0.0.0/8 are accepted)."""
 
     def __init__(self, addresses: dict[int, str], stalled: int, seconds: float, seed: int = 0, rounds: int = 0) -> None:
-        import grpc
-
-        from dimat.transport.grpc import pb2, pb2_grpc
-
+        loopback_only(addresses)
         self.grpc, self.pb2, self.pb2_grpc = grpc, pb2, pb2_grpc
         self.addresses, self.stalled, self.end = addresses, stalled, time.monotonic() + seconds
         self.rng = random.Random(seed)
@@ -100,6 +119,10 @@ class Attacker:
     def _alive(self) -> bool:
         return not self.halt.is_set() and time.monotonic() < self.end
 
+    def _loop(self) -> range:
+        """The iterations any one loop may run at most (besides its time bound)."""
+        return range(MAX_ITERATIONS)
+
     def _stall(self, address: str, i: int) -> None:
         grpc = self.grpc
         ch = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)] if i % 16 == 0 else [])
@@ -109,7 +132,9 @@ class Attacker:
             return
             yield
 
-        while self._alive():
+        for _ in self._loop():
+            if not self._alive():
+                break
             try:
                 self.pb2_grpc.PeerStub(ch).PushWeights(nothing(), timeout=60)
             except grpc.RpcError as exc:
@@ -121,7 +146,9 @@ class Attacker:
         grpc, pb2 = self.grpc, self.pb2
         bomb = pb2.WeightChunk(round=self.bomb_round, sender=0, header=pb2.PayloadHeader(
             tensors=[pb2.TensorSpec(name="x", dtype="float32", shape=[2 ** 62] * 32768, offset=0, nbytes=4)], total_bytes=4))
-        while self._alive():
+        for _ in self._loop():
+            if not self._alive():
+                break
             for address in self.addresses.values():
                 ch = grpc.insecure_channel(address)
                 stub = self.pb2_grpc.PeerStub(ch)
@@ -141,11 +168,10 @@ class Attacker:
             self.halt.wait(2.0)
 
     def _health(self) -> None:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        grpc = self.grpc
         chans = {k: grpc.insecure_channel(a) for k, a in self.addresses.items()}
-        while self._alive():
+        for _ in self._loop():
+            if not self._alive():
+                break
             for k, ch in chans.items():
                 t0 = time.monotonic()
                 try:
@@ -173,6 +199,7 @@ def main() -> int:
     ap.add_argument("--mean-kill-s", type=float, default=15.0)
     ap.add_argument("--min-uptime-s", type=float, default=20.0,
                     help="a peer is only killed after running this long (startup included)")
+    ap.add_argument("--max-kills", type=int, default=None, help="stop killing after this many kills")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run-dir", default=None)
     ap.add_argument("--timeout", type=float, default=4 * 3600)
@@ -189,8 +216,6 @@ def main() -> int:
     t0 = time.monotonic()
     try:
         if ns.hostile:
-            from dimat.grpc_peer import load_peers_file
-
             attacker = Attacker(load_peers_file(fed.peers_file), ns.stalled, ns.timeout, seed=ns.seed, rounds=ns.rounds)
             attacker.start()
         started: dict[int, float] = {}
@@ -212,6 +237,8 @@ def main() -> int:
                 break
             # chaos while a federation remains: never the last peer still running
             victims = [k for k in running if now - started[k] >= ns.min_uptime_s] if len(running) >= 2 else []
+            if ns.max_kills is not None and kills >= ns.max_kills:
+                victims = []
             if now >= next_kill and victims and not pending:
                 k = rng.choice(victims)
                 fed.kill(k)

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "topologies_worker.py"
 N = 4
 MODEL = ["data=digits", "model=mlp", "model.hidden=[16]"]  # unless a case names its own data and model
-COMMON = ["rounds=2", "local_epochs=0.25", f"num_peers={N}",
+COMMON = ["merge=dimat", "rounds=2", "local_epochs=0.25", f"num_peers={N}",  # a case's own merge= comes later and wins
           "progress=false", "threads=1", "checkpoint.enabled=false",
           # the paper's protocol (one merge per round) unless a case says otherwise
           "merge.every_steps=null", "merge.keep_momentum=false", "merge.bn_stats=own", "baseline=null"]

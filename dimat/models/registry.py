@@ -1,11 +1,12 @@
 """Model registry: ``build_model(name, **kwargs)``."""
 from __future__ import annotations
 
-import importlib
 import inspect
 from typing import Callable
 
 from torch import nn
+
+from dimat.plugins import import_object
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -25,23 +26,7 @@ def available_models() -> list[str]:
 
 def import_model_class(path: str) -> Callable[..., nn.Module]:
     """``"package.module:ClassName"`` (or ``package.module.ClassName``) -> the class (or factory)."""
-    mod_name, sep, attr = str(path).partition(":")
-    if not sep:
-        mod_name, _, attr = str(path).rpartition(".")
-    if not mod_name or not attr:
-        raise ValueError(f"model class {path!r} is not of the form 'package.module:ClassName'")
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise ValueError(f"model class {path!r}: cannot import {mod_name!r} ({exc})") from exc
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"model class {path!r}: {mod_name!r} has no {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"model class {path!r} is not callable")
-    return obj
+    return import_object(path, "model class")
 
 
 def build_imported(path: str, **kwargs) -> nn.Module:

@@ -222,7 +222,7 @@ def test_what_the_tracer_cannot_see_through_is_named_in_one_error():
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), Einsum(), nn.Linear(6, 2))
     with pytest.raises(TraceError, match=r"op 'einsum' in module '2' \(Einsum\)"):
         derive_spec(model, torch.randn(2, 4))
-    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True, add_zero_attn=True)
 
     class WithMHA(nn.Module):
         def __init__(self):
@@ -231,7 +231,7 @@ def test_what_the_tracer_cannot_see_through_is_named_in_one_error():
 
         def forward(self, x):
             return self.attn(x, x, x)[0]
-    with pytest.raises(TraceError, match="multi_head_attention_forward.*module 'attn'"):
+    with pytest.raises(TraceError, match="multi_head_attention_forward.*module 'attn'.*add_zero_attn"):
         derive_spec(WithMHA(), torch.randn(2, 3, 8))
     with pytest.raises(TraceError, match="flatten.*not supported"):
         derive_spec(Flattening(), torch.randn(2, 1, 6))
@@ -326,7 +326,7 @@ def test_token_mixing_units_are_matched_over_the_permuted_channels():
     data = [torch.randn(64, 6, 5, generator=torch.Generator().manual_seed(s)) for s in range(2)]
     spec, wrong = _recovered(model, data)
     hidden = next(g for g in spec.groups if ("fc1.weight", 0) in g.axes)
-    assert hidden.hook_reads == (("act", 2, (1,)),)  # the channel axis beside them is averaged over
+    assert hidden.hook_reads == (("act", 2, (1,), None, 12),)  # the channel axis beside them is averaged over
     assert not wrong
 
 

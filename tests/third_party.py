@@ -112,6 +112,9 @@ def _timm_resnet() -> nn.Module:
     return ResNet(BasicBlock, [1, 1, 1, 1], channels=(8, 16, 24, 32), stem_width=8, num_classes=5)
 
 
+_LLAMA = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=32,
+              vocab_size=50, max_position_embeddings=16, bos_token_id=0, eos_token_id=0)
+
 # name -> (build, inputs(n, seed)); each aligns exactly (tests/test_third_party_models.py)
 ALIGNS: dict[str, tuple[Callable[[], nn.Module], Callable[[int, int], torch.Tensor]]] = {
     "torchvision.resnet": (lambda: import_torchvision().models.resnet.ResNet(
@@ -127,6 +130,28 @@ ALIGNS: dict[str, tuple[Callable[[], nn.Module], Callable[[int, int], torch.Tens
                images(16)),
     "hf.distilbert": (lambda: _hf("DistilBertForMaskedLM", "DistilBertConfig", dim=16, n_layers=2, n_heads=2,
                                   hidden_dim=32, vocab_size=50, max_position_embeddings=16), tokens(50)),
+    "torchvision.vit": (lambda: import_torchvision().models.VisionTransformer(
+        image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=5), images(16)),
+    "timm.vit": (lambda: _timm("vision_transformer.VisionTransformer", img_size=16, patch_size=4, embed_dim=16,
+                               depth=2, num_heads=2, num_classes=5), images(16)),
+    "hf.gpt2": (lambda: _hf("GPT2LMHeadModel", "GPT2Config", n_embd=16, n_layer=2, n_head=2, vocab_size=50,
+                            n_positions=16, bos_token_id=0, eos_token_id=0), tokens(50)),
+    "hf.bert": (lambda: _hf("BertForSequenceClassification", "BertConfig", hidden_size=16, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=32, vocab_size=50, max_position_embeddings=16,
+                            num_labels=3), tokens(50)),
+    # grouped-query attention (4 query heads on 2 key/value heads) and rotary embeddings
+    "hf.llama": (lambda: _hf("LlamaForCausalLM", "LlamaConfig", **_LLAMA), tokens(50)),
+    "hf.llama.eager": (lambda: _hf("LlamaForCausalLM", "LlamaConfig", attn_implementation="eager", **_LLAMA),
+                       tokens(50)),
+    # a relative position bias table per head, shared by every layer
+    "hf.t5_encoder": (lambda: _hf("T5EncoderModel", "T5Config", d_model=16, d_kv=8, d_ff=32, num_layers=2,
+                                  num_heads=2, vocab_size=50), tokens(50)),
+    "torch.transformer_encoder": (lambda: nn.Sequential(
+        nn.Linear(6, 16), nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True),
+                                                2, enable_nested_tensor=False), nn.Linear(16, 3)),
+        lambda n, seed: torch.randn(n, 5, 6, generator=torch.Generator().manual_seed(seed))),
+    "torch.rms_norm": (lambda: nn.Sequential(nn.Linear(6, 16), nn.RMSNorm(16), nn.GELU(), nn.Linear(16, 3)),
+                       lambda n, seed: torch.randn(n, 6, generator=torch.Generator().manual_seed(seed))),
 }
 
 

@@ -24,7 +24,7 @@ def solve_assignment(score: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(perm)
 
 
-def solve_heads(scores: list[torch.Tensor], heads: int) -> list[torch.Tensor]:
+def solve_heads(scores: list[torch.Tensor], heads: int, inner_free: list[bool] | None = None) -> list[torch.Tensor]:
     """Block-structured assignments sharing one head permutation, one per score matrix.
 
     Head ``a`` of the reference is paired with the other model's head ``b`` by the value of the
@@ -33,6 +33,7 @@ def solve_heads(scores: list[torch.Tensor], heads: int) -> list[torch.Tensor]:
     """
     inner: dict[tuple[int, int, int], torch.Tensor] = {}
     value = torch.zeros(heads, heads, dtype=torch.float64)
+    free = inner_free if inner_free is not None else [True] * len(scores)
     for k, s in enumerate(scores):
         s = s.detach().to(torch.float64).cpu()
         d = s.shape[0] // heads
@@ -40,7 +41,7 @@ def solve_heads(scores: list[torch.Tensor], heads: int) -> list[torch.Tensor]:
         for a in range(heads):
             for b in range(heads):
                 block = s[a * d:(a + 1) * d, b * d:(b + 1) * d]
-                p = solve_assignment(block)
+                p = solve_assignment(block) if free[k] else eye  # a fixed order inside a head: unit to unit
                 inner[k, a, b] = p
                 value[a, b] += block[eye, p].sum()
     head = solve_assignment(value)
@@ -56,7 +57,7 @@ def _solve_units(spec: PermutationSpec, score) -> dict[str, torch.Tensor]:
             continue
         if g.heads > 1:
             gs = heads[g.head_group]
-            for x, p in zip(gs, solve_heads([score(x) for x in gs], g.heads)):
+            for x, p in zip(gs, solve_heads([score(x) for x in gs], g.heads, [x.inner_free for x in gs])):
                 perms[x.name] = p
         else:
             perms[g.name] = solve_assignment(score(g))
@@ -95,7 +96,9 @@ def _group_score(name: str, spec: PermutationSpec, axes_map: dict[str, dict[int,
             if part == name:
                 segments += [(key, axis, offset) for key, axis in d.axes]
             offset += n
-    for key, axis, offset in segments:
+    repeated = [(key, axis, d.repeats, d.repeat_block) for d in spec.groups if d.repeat_of == name
+                for key, axis in d.axes]
+    for key, axis, offset in segments + [(k, ax, None) for k, ax, _, _ in repeated]:
         wa = a[key].detach().to(torch.float64)
         wb = b[key].detach().to(torch.float64)
         for other_axis, other_group in axes_map[key].items():
@@ -103,8 +106,11 @@ def _group_score(name: str, spec: PermutationSpec, axes_map: dict[str, dict[int,
                 wb = wb.index_select(other_axis, perms[other_group])
         if offset is not None:
             wa, wb = wa.narrow(axis, offset, g.size), wb.narrow(axis, offset, g.size)
-        wa = wa.movedim(axis, 0).reshape(g.size, -1)
-        wb = wb.movedim(axis, 0).reshape(g.size, -1)
+        reps, d = next(((r, b) for k, ax, r, b in repeated if (k, ax) == (key, axis)), (1, 1))
+        if reps > 1:  # (block, copy, unit) along the axis: each copy is a sample of the source's unit
+            wa, wb = (w.movedim(axis, 0).reshape(g.size // d, reps, d, -1).transpose(1, 2) for w in (wa, wb))
+        wa = wa.movedim(axis, 0).reshape(g.size, -1) if reps == 1 else wa.reshape(g.size, -1)
+        wb = wb.movedim(axis, 0).reshape(g.size, -1) if reps == 1 else wb.reshape(g.size, -1)
         total += wa @ wb.T
     return total
 
@@ -133,7 +139,7 @@ def weight_matching(reference: StateDict, other: StateDict, spec: PermutationSpe
             names = units[idx]
             scores = [_group_score(n, spec, axes_map, reference, other, perms) for n in names]
             if spec[names[0]].heads > 1:
-                new = solve_heads(scores, spec[names[0]].heads)
+                new = solve_heads(scores, spec[names[0]].heads, [spec[n].inner_free for n in names])
             else:
                 new = [solve_assignment(scores[0])]
             old_val = sum(s[torch.arange(len(p)), perms[n]].sum() for s, n, p in zip(scores, names, new))

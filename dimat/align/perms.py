@@ -20,10 +20,34 @@ def block_permutation(head_perm: torch.Tensor, inner: list[torch.Tensor]) -> tor
     return torch.cat([int(h) * d + inner[i] for i, h in enumerate(head_perm.tolist())]) if d else torch.arange(0)
 
 
+def head_order(perm: torch.Tensor, heads: int) -> torch.Tensor:
+    """The permutation of whole heads inside a block permutation of ``heads`` blocks."""
+    d = perm.numel() // heads
+    return perm.reshape(heads, d)[:, 0] // d
+
+
+def _repeated(perm: torch.Tensor, block: int, repeats: int) -> torch.Tensor:
+    """A permutation of blocks of ``block`` units, on ``repeats`` copies of each block, laid out (block, copy, unit)."""
+    blocks = perm.reshape(-1, block)
+    head = blocks[:, 0] // block
+    inner = blocks - (head * block)[:, None]
+    copy = torch.arange(repeats)
+    return ((head[:, None, None] * repeats + copy[None, :, None]) * block + inner[:, None, :]).reshape(-1)
+
+
 def complete(spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``perms`` with every derived group's permutation put together from its parts'."""
     out = dict(perms)
     for g in spec.groups:
+        if g.repeat_of is not None:
+            if g.repeat_of in out:
+                out[g.name] = _repeated(torch.as_tensor(out[g.repeat_of]).cpu(), g.repeat_block, g.repeats)
+            continue
+        if g.heads_of is not None:
+            member = next((m for m in spec.groups if m.heads > 1 and m.head_group == g.heads_of and m.name in out), None)
+            if member is not None:
+                out[g.name] = head_order(torch.as_tensor(out[member.name]).cpu(), member.heads)
+            continue
         if not g.derived or any(p is not None and p not in out for p, _ in g.parts):
             continue
         pieces, offset = [], 0
@@ -42,8 +66,9 @@ def random_permutations(spec: PermutationSpec, generator: torch.Generator | None
     for g in spec.matched:
         if g.heads > 1:
             d = g.size // g.heads
-            out[g.name] = block_permutation(head_perm[g.head_group],
-                                            [torch.randperm(d, generator=generator) for _ in range(g.heads)])
+            inner = [torch.randperm(d, generator=generator) if g.inner_free else torch.arange(d)
+                     for _ in range(g.heads)]
+            out[g.name] = block_permutation(head_perm[g.head_group], inner)
         else:
             out[g.name] = torch.randperm(g.size, generator=generator)
     return complete(spec, out)

@@ -7,15 +7,24 @@ its units (on dim 1, or on ``hook_dims``), which is where activation matching lo
 position of a hook's output is a sample, except axes named in ``hook_pool``, which are averaged
 over first: axes whose order is itself permuted (and so differs between two models).
 
-Two structured kinds of group:
+``hook_offsets`` says where the units start on that axis when they are a slice of it (the
+query units of a fused ``qkv`` projection); ``None`` means the axis is the group's units.
+
+Structured kinds of group:
 
 - *headed* (``heads > 1``): the units are ``heads`` equal blocks (attention heads) and a
-  permutation must move whole blocks, with any order of units inside each block. Groups naming
-  the same ``head_group`` (a head's query/key units and its value/output units) move their blocks
-  by one shared head permutation.
-- *derived* (``parts``): the axis is a concatenation of other groups' units (``torch.cat``); its
-  permutation is theirs side by side (``None`` marks a segment that is never permuted). It needs
-  no hooks and is never matched on its own.
+  permutation must move whole blocks, with any order of units inside each block, or with the
+  order inside kept where ``inner_free`` is False (rotary embeddings rotate pairs of units inside
+  a head). Groups naming the same ``head_group`` (a head's query/key units and its value/output
+  units) move their blocks by one shared head permutation.
+- *derived*: never matched on its own, needs no hooks; its permutation follows from others'.
+  ``parts``: the axis is a concatenation of other groups' units (``torch.cat``, or a fused
+  projection that ``split``/``chunk``/``unbind`` take apart); its permutation is theirs side by
+  side (``None`` marks a segment that is never permuted). ``repeat_of``: the units are
+  ``repeats`` copies of each head of a headed group, in (head, copy, unit) order (the query heads
+  of grouped-query attention share each key/value head); a permutation of that group moves all
+  copies with their head. ``heads_of``: the axis is one entry per head of a head group (a
+  per-head table such as a relative position bias); it takes that group's head permutation.
 """
 from __future__ import annotations
 
@@ -24,6 +33,16 @@ from typing import Mapping
 
 import torch
 from torch import nn
+
+
+# a hook named "<module>:in_proj" reads the query/key/value projections an nn.MultiheadAttention
+# computes inside its forward (no module outputs them), recomputed from its inputs and in_proj_weight
+IN_PROJ = ":in_proj"
+
+
+def hook_module(hook: str) -> str:
+    """The module a hook reads (a ``:in_proj`` hook reads its nn.MultiheadAttention)."""
+    return hook[:-len(IN_PROJ)] if hook.endswith(IN_PROJ) else hook
 
 
 @dataclass(frozen=True)
@@ -37,6 +56,12 @@ class PermutationGroup:
     head_group: str | None = None
     parts: tuple[tuple[str | None, int], ...] = ()
     hook_pool: tuple[tuple[int, ...], ...] = ()  # per hook, other axes averaged over (); () means none
+    hook_offsets: tuple[int | None, ...] = ()  # per hook, where the units start on its axis; () means the whole axis
+    inner_free: bool = True
+    repeat_of: str | None = None
+    repeats: int = 1
+    repeat_block: int = 1
+    heads_of: str | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -50,6 +75,12 @@ class PermutationGroup:
         if len(pool) != len(self.hooks):
             raise ValueError(f"permutation group '{self.name}': {len(self.hooks)} hooks but {len(pool)} hook_pool entries")
         set_(self, "hook_pool", pool)
+        offsets = tuple(None if o is None else int(o) for o in self.hook_offsets) or (None,) * len(self.hooks)
+        if len(offsets) != len(self.hooks):
+            raise ValueError(f"permutation group '{self.name}': {len(self.hooks)} hooks but {len(offsets)} hook_offsets")
+        set_(self, "hook_offsets", offsets)
+        if self.repeat_of is not None and (self.repeats < 1 or self.size % self.repeats):
+            raise ValueError(f"permutation group '{self.name}': {self.repeats} repeats do not divide its {self.size} units")
         set_(self, "parts", tuple((None if g is None else str(g), int(n)) for g, n in self.parts))
         if self.heads < 1 or self.size % self.heads:
             raise ValueError(f"permutation group '{self.name}': {self.heads} heads do not divide its {self.size} units")
@@ -60,16 +91,17 @@ class PermutationGroup:
 
     @property
     def derived(self) -> bool:
-        return bool(self.parts)
+        return bool(self.parts) or self.repeat_of is not None or self.heads_of is not None
 
     @property
     def hook_points(self) -> tuple[tuple[str, int], ...]:
         return tuple(zip(self.hooks, self.hook_dims))
 
     @property
-    def hook_reads(self) -> tuple[tuple[str, int, tuple[int, ...]], ...]:
-        """Per hook: (module, unit axis, axes averaged over before every position counts as a sample)."""
-        return tuple(zip(self.hooks, self.hook_dims, self.hook_pool))
+    def hook_reads(self) -> tuple[tuple[str, int, tuple[int, ...], int | None, int], ...]:
+        """Per hook: (module, unit axis, axes averaged over first, offset of the units or None, units)."""
+        return tuple((h, d, p, o, self.size) for h, d, p, o in
+                     zip(self.hooks, self.hook_dims, self.hook_pool, self.hook_offsets))
 
 
 @dataclass(frozen=True)
@@ -82,7 +114,15 @@ class PermutationSpec:
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate permutation group names in {names}")
         self._by_name.update({g.name: g for g in self.groups})
+        heads = {g.head_group: g for g in self.groups if g.heads > 1}
         for g in self.groups:
+            if g.repeat_of is not None:
+                src = self._by_name.get(g.repeat_of)
+                if src is None or src.derived or src.size * g.repeats != g.size:
+                    raise ValueError(f"derived group '{g.name}' repeats '{g.repeat_of}', which is no plain group "
+                                     f"of {g.size // g.repeats} units")
+            if g.heads_of is not None and (g.heads_of not in heads or heads[g.heads_of].heads != g.size):
+                raise ValueError(f"derived group '{g.name}' names head group '{g.heads_of}', which has no {g.size} heads")
             for part, n in g.parts:
                 if part is None:
                     continue
@@ -138,5 +178,5 @@ class PermutationSpec:
                 seen[(key, axis)] = g.name
             if modules is not None:
                 for h in g.hooks:
-                    if h not in modules:
+                    if hook_module(h) not in modules:
                         raise ValueError(f"permutation group '{g.name}' hooks module '{h}', which the model does not have")

@@ -32,7 +32,7 @@ from torch import nn
 from .structure import PermutationSpec
 from .tracing.modules import install_hooks
 from .tracing.ops import _tensors
-from .tracing.resolve import build_spec, close
+from .tracing.resolve import build_spec, close, unknown_ops
 from .tracing.tracer import Tracer
 from .tracing.variables import TraceError
 from .tracing.verify import verify_spec
@@ -75,11 +75,7 @@ def derive_spec(model: nn.Module, example_input: Any, *, verify: bool = True) ->
         for var in tr.dims(t):
             tr.v.fix(var, "the model output")
     if tr.unknown:
-        seen = list(dict.fromkeys(tr.unknown))
-        more = f" (and {len(seen) - 3} more)" if len(seen) > 3 else ""
-        raise TraceError(f"cannot derive the permutation structure of {type(model).__name__}: "
-                         f"{'; '.join(seen[:3])}{more} is not something the tracer can see through; "
-                         "declare permutation_spec() on the model, or write that step with supported layers")
+        raise unknown_ops(tr, tr.unknown)
     close(tr)
     spec = build_spec(tr)
     if verify:

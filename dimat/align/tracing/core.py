@@ -45,6 +45,8 @@ class TracerCore(TorchFunctionMode):
         self.factors: list[tuple[int, int, int, str]] = []   # (whole, outer, inner, where)
         self.concats: list[tuple[int, tuple[int, ...], str]] = []  # (whole, parts, where)
         self.unknown: list[str] = []
+        self.projections: dict[int, str] = {}  # fused in-projection axis -> its nn.MultiheadAttention
+        self.deferred: list[tuple[str, list[int]]] = []  # unknown ops: (where, axis variables of their inputs)
         self.input_ids: set[int] = set()
 
     # ---- naming
@@ -130,6 +132,29 @@ class TracerCore(TorchFunctionMode):
         inner = self.v.new(math.prod(sizes[1:]))
         self.factors.append((var, outer, inner, where))
         return [outer, *self.split(inner, sizes[1:], where)]
+
+    def outer_of(self, var: int) -> tuple[int, int] | None:
+        """``(whole, inner)`` of a factorisation whose outer factor is ``var``, if any."""
+        r = self.v.find(var)
+        for whole, outer, inner, _ in self.factors:
+            if self.v.find(outer) == r:
+                return whole, inner
+        return None
+
+    def copy_factors(self, root: int, copy: dict[int, int], where: str) -> int:
+        """A fresh variable like ``root``, with fresh copies of its factorisation; ``copy`` maps old roots to new."""
+        r = self.v.find(root)
+        if r in copy:
+            return copy[r]
+        new = self.v.new(self.v.size[r], self.v.fixed.get(r))
+        copy[r] = new
+        for whole, outer, inner, _ in list(self.factors):
+            if self.v.find(whole) == r:
+                o = self.copy_factors(outer, copy, where)
+                i = self.copy_factors(inner, copy, where)
+                self.factors.append((new, o, i, where))
+                break
+        return new
 
     def merge(self, vars_: list[int], where: str) -> int:
         if len(vars_) == 1:
@@ -228,7 +253,10 @@ class TracerCore(TorchFunctionMode):
         elif name in _REORDER:
             self._reorder(name, args, kwargs, out, where)
         else:
-            self.unknown.append(where)
+            # an op on index or mask tensors only (torch.all over a mask, gather of position ids)
+            # cannot move units: it is an error only if one of its inputs' axes may be permuted,
+            # which is known after the closure (resolve.check_deferred)
+            self.deferred.append((where, [var for t in ins for var in self.dims(t)]))
             for t in outs:
                 self.set(t, self.fresh(t, f"the result of {where}"))
 

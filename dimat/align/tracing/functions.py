@@ -1,9 +1,11 @@
 """Handlers of torch functions that join axes in their own way (cat, matmul, attention, norms, indexing)."""
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .ops import _norm_dim, _tensors
 
@@ -61,9 +63,36 @@ class FunctionHandlers:
     def _f_unbind(self, args, kwargs, out, where):
         x = args[0]
         dim = _norm_dim(int(kwargs.get("dim", args[1] if len(args) > 1 else 0)), x.dim())
-        self.v.fix(self.dims(x)[dim], f"the axis {where} takes apart")
-        for t in _tensors(out):
-            self.set(t, [v for k, v in enumerate(self.dims(x)) if k != dim])
+        dims = self.dims(x)
+        pieces = _tensors(out)
+        fused = self.fused_pieces(dims, dim, len(pieces), where)
+        if fused is not None:  # timm's qkv(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+            for t, d in zip(pieces, fused):
+                self.set(t, d)
+            return
+        self.v.fix(dims[dim], f"the axis {where} takes apart")
+        for t in pieces:
+            self.set(t, [v for k, v in enumerate(dims) if k != dim])
+
+    def fused_pieces(self, dims: list[int], dim: int, n: int, where: str) -> list[list[int]] | None:
+        """Taking apart the outer axis of a factorised axis (a fused projection's q, k, v).
+
+        When ``dims[dim]`` is the outer factor of ``whole = (n, rest)``, each piece gets its own
+        copy of ``rest`` (and of its factors among the other axes), and ``whole`` becomes their
+        concatenation: the pieces are different units, not one axis seen n times.
+        """
+        split = self.outer_of(dims[dim])
+        if split is None or self.v.size[dims[dim]] != n:
+            return None
+        whole, inner = split
+        inner_root = self.v.find(inner)
+        result, parts = [], []
+        for _ in range(n):
+            copy: dict[int, int] = {}
+            parts.append(self.copy_factors(inner_root, copy, where))
+            result.append([copy.get(self.v.find(v), v) for k, v in enumerate(dims) if k != dim])
+        self.concats.append((whole, tuple(parts), where))
+        return result
 
     def _f_expand(self, args, kwargs, out, where):
         x = args[0]
@@ -126,6 +155,29 @@ class FunctionHandlers:
             self.join(self.dims(b)[0], wd[0], where)
         self.set(out, xd[:-1] + [wd[0]])
 
+    def _f_addmm(self, args, kwargs, out, where):
+        """``beta * input + alpha * mat1 @ mat2`` (Hugging Face's ``Conv1D``: GPT-2's every projection)."""
+        inp, a, b = args[0], args[1], args[2]
+        ad, bd = self.dims(a), self.dims(b)
+        self.join(ad[-1], bd[0], where)
+        self._add_into([ad[0], bd[1]], inp, out, where)
+
+    def _f_baddbmm(self, args, kwargs, out, where):
+        inp, a, b = args[0], args[1], args[2]
+        ad, bd = self.dims(a), self.dims(b)
+        self.join(ad[-1], bd[-2], where)
+        batch = self._batch(a, b, out.dim() - 2, where)
+        self._add_into(batch + [ad[-2], bd[-1]], inp, out, where)
+
+    def _add_into(self, dims, inp, out, where):
+        """``out`` has ``dims``; ``inp`` is broadcast onto it and added."""
+        if isinstance(inp, torch.Tensor):
+            off = out.dim() - inp.dim()
+            for k, var in enumerate(self.dims(inp)):
+                if inp.shape[k] != 1 or out.shape[off + k] == 1:
+                    self.join(dims[off + k], var, where)
+        self.set(out, dims)
+
     def _f_matmul(self, args, kwargs, out, where):
         a, b = args[0], args[1]
         ad, bd = self.dims(a), self.dims(b)
@@ -170,7 +222,19 @@ class FunctionHandlers:
         qd, kd, vd = self.dims(q), self.dims(k), self.dims(v)
         self.join(qd[-1], kd[-1], where)
         self.join(kd[-2], vd[-2], where)
-        batch = self._batch(q, k, out.dim() - 2, where, v)
+        if kwargs.get("enable_gqa") and q.dim() >= 3 and q.shape[-3] != k.shape[-3]:
+            # grouped-query attention: query head h reads key/value head h // (Hq / Hkv), as if
+            # each key/value head were repeated (transformers' repeat_kv): (Hkv, copies) merged
+            self.join(kd[-3], vd[-3], where)
+            copies = self.v.new(q.shape[-3] // k.shape[-3])
+            self.join(qd[-3], self.merge([kd[-3], copies], where), where)
+            batch = self._batch(q, q, out.dim() - 2, where)
+            for t in (k, v):  # the batch axes before the heads
+                for a, b in zip(batch[:-1], self.dims(t)[:-3]):
+                    if self.v.size[b] > 1:
+                        self.join(a, b, where)
+        else:
+            batch = self._batch(q, k, out.dim() - 2, where, v)
         if isinstance(mask, torch.Tensor):
             md = self.dims(mask)
             target = batch + [qd[-2], kd[-2]]
@@ -195,6 +259,12 @@ class FunctionHandlers:
         w = kwargs.get("weight", args[2] if len(args) > 2 else None)
         b = kwargs.get("bias", args[3] if len(args) > 3 else None)
         self._norm_last(x, len(shape), [w, b], out, where)
+
+    def _f_rms_norm(self, args, kwargs, out, where):
+        x = args[0]
+        shape = args[1] if len(args) > 1 else kwargs["normalized_shape"]
+        w = kwargs.get("weight", args[2] if len(args) > 2 else None)
+        self._norm_last(x, len(shape), [w], out, where)
 
     def _norm_last(self, x, k, params, out, where):
         xd = self.dims(x)
@@ -221,3 +291,45 @@ class FunctionHandlers:
 
     def _f_interpolate(self, args, kwargs, out, where):
         self._spatial(args[0], out, where)
+
+    def _f_multi_head_attention_forward(self, args, kwargs, out, where):
+        """``nn.MultiheadAttention`` (and so ``nn.TransformerEncoder``, torchvision's ViT).
+
+        ``in_proj_weight`` stacks the query, key and value projections: its output axis is the
+        concatenation of their units, each split into heads; the query and key units of a head
+        are contracted together, and the output projection reads the value units.
+        """
+        a = inspect.signature(F.multi_head_attention_forward).bind(*args, **kwargs).arguments
+        if a.get("use_separate_proj_weight") or a.get("bias_k") is not None or a.get("add_zero_attn") \
+                or a.get("static_k") is not None or a.get("static_v") is not None:
+            self.unknown.append(f"{where} with separate projection weights, bias_k/bias_v, add_zero_attn or "
+                                "static keys")
+            for t in _tensors(out):
+                self.set(t, self.fresh(t, f"the result of {where}"))
+            return
+        q, k, v = a["query"], a["key"], a["value"]
+        heads = int(a["num_heads"])
+        w, b = a["in_proj_weight"], a.get("in_proj_bias")
+        wd = self.dims(w)
+        for t in (q, k, v):
+            self.join(self.dims(t)[-1], wd[1], where)
+        e = w.shape[0] // 3
+        parts = [self.v.new(e) for _ in range(3)]
+        (hq, dq), (hk, dk), (hv, dv) = (self.split(p, [heads, e // heads], where) for p in parts)
+        self.join(hq, hk, where)
+        self.join(hk, hv, where)
+        self.join(dq, dk, where)
+        self.concats.append((wd[0], tuple(parts), where))
+        if isinstance(b, torch.Tensor):
+            self.join(self.dims(b)[0], wd[0], where)
+        self.projections[self.v.find(wd[0])] = self.stack[-1] if self.stack else ""
+        od = self.dims(a["out_proj_weight"])
+        self.join(od[1], parts[2], where)
+        ob = a.get("out_proj_bias")
+        if isinstance(ob, torch.Tensor):
+            self.join(self.dims(ob)[0], od[0], where)
+        result = out[0] if isinstance(out, (tuple, list)) else out
+        qd = self.dims(q)
+        self.set(result, qd[:-1] + [od[0]])
+        for t in _tensors(out)[1:]:  # attention weights
+            self.set(t, self.fresh(t, f"the attention weights of {where}"))

@@ -10,7 +10,7 @@ _ELEMENTWISE = {
     "relu", "gelu", "silu", "sigmoid", "tanh", "dropout", "elu", "selu", "celu", "leaky_relu", "softplus",
     "mish", "hardswish", "hardsigmoid", "hardtanh", "relu6", "neg", "abs", "exp", "log", "sqrt", "rsqrt",
     "square", "clone", "contiguous", "float", "double", "half", "bfloat16", "detach", "long", "int", "bool",
-    "zeros_like", "ones_like", "empty_like", "sin", "cos", "erf", "clamp", "clamp_min", "clamp_max", "pow",
+    "zeros_like", "ones_like", "empty_like", "full_like", "sin", "cos", "erf", "clamp", "clamp_min", "clamp_max", "pow",
     "reciprocal", "sign", "add", "sub", "rsub", "mul", "div", "true_divide", "truediv", "rtruediv",
     "floordiv", "maximum", "minimum", "where", "masked_fill", "pos", "invert", "logical_not", "eq", "ne",
     "lt", "le", "gt", "ge", "and", "or", "xor", "logical_and", "logical_or", "alpha_dropout", "nan_to_num",

@@ -358,3 +358,35 @@ def test_a_wrong_spec_is_caught_naming_its_group():
                                                g0.hooks, g0.hook_dims), *spec.groups[1:]))
     with pytest.raises(TraceError, match=rf"wrong for group '{g0.name}'.*verify=False"):
         verify_spec(model, broken, x)
+
+
+class Masked(nn.Module):
+    """transformers' habits: torch.all over a mask, gather of position ids from a buffer."""
+
+    def __init__(self, op=None):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.register_buffer("positions", torch.arange(6).unsqueeze(0), persistent=False)
+        self.fc1 = nn.Linear(8, 12)
+        self.fc2 = nn.Linear(12, 3)
+        self.op = op
+
+    def forward(self, x):
+        mask = x >= 0
+        if not torch.all(mask):
+            raise ValueError("negative token ids")
+        pos = self.positions.gather(1, torch.zeros_like(self.positions))
+        h = torch.relu(self.fc1(self.emb(x.long()) + pos.unsqueeze(-1).float()))
+        if self.op is not None:
+            h = self.op(h)
+        return self.fc2(h).mean(1)
+
+
+def test_unknown_ops_on_index_or_mask_tensors_only_do_not_stop_the_trace():
+    torch.manual_seed(0)
+    x = torch.randint(0, 10, (2, 6))
+    spec = derive_spec(Masked(), x)
+    assert any(("fc1.weight", 0) in g.axes for g in spec.groups)
+    # the same unknown op on the permuted hidden units is named, with its module
+    with pytest.raises(TraceError, match=r"op 'cummax' in module '<root>' \(Masked\).*declare permutation_spec"):
+        derive_spec(Masked(op=lambda h: torch.cummax(h, dim=1).values), x)

@@ -29,3 +29,41 @@ def test_planted_permutation_is_recovered(name):
     found = weight_matching(model.state_dict(), scrambled.state_dict(), spec)
     wrong = [g.name for g in spec.groups if not torch.equal(found[g.name], invert(perms[g.name]))]
     assert not wrong, f"weight matching got {wrong} wrong"
+
+
+# ---------------------------------------------------------------- model=hf
+def _hf_model(seed=0, **kw):
+    pytest.importorskip("transformers")
+    from dimat.models import build_model
+    torch.manual_seed(seed)
+    return build_model("hf", num_classes=20, input_shape=(8,), **kw).eval()
+
+
+GPT2 = dict(n_embd=16, n_layer=1, n_head=2, n_positions=16)
+
+
+def test_hf_builder_makes_a_next_token_classifier_that_aligns():
+    model = _hf_model(source="GPT2Config", config=GPT2)
+    x = torch.randint(0, 20, (4, 8)).float()  # dimat's text windows hold float ids
+    assert model(x).shape == (4, 20)
+    spec = derive_spec(model, x)
+    perms = random_permutations(spec, torch.Generator().manual_seed(3))
+    scrambled = apply_permutation(model, perms, spec).eval()
+    data = [torch.randint(0, 20, (32, 8), generator=torch.Generator().manual_seed(s)).float() for s in range(2)]
+    (found,) = find_permutations(model, [scrambled], data, spec=spec)
+    assert all(torch.equal(found[g.name], invert(perms[g.name])) for g in spec.groups)
+
+
+def test_hf_builder_loads_a_local_folder_with_weights_and_builds_one_without(tmp_path):
+    model = _hf_model(source="gpt2", config=GPT2)  # a model type works as well as a config class
+    model.model.save_pretrained(tmp_path / "with")
+    loaded = _hf_model(source=str(tmp_path / "with"))
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    model.model.config.save_pretrained(tmp_path / "config_only")
+    fresh = _hf_model(seed=1, source=str(tmp_path / "config_only"))  # random weights from the same config
+    assert fresh.state_dict().keys() == model.state_dict().keys()
+    assert not torch.equal(fresh.state_dict()["model.transformer.h.0.mlp.c_fc.weight"],
+                           model.state_dict()["model.transformer.h.0.mlp.c_fc.weight"])
+    with pytest.raises(ValueError, match="neither a local folder, a transformers config class"):
+        _hf_model(source="NoSuchConfig")

@@ -16,37 +16,10 @@ from dimat.align import has_batchnorm, reset_bn_stats
 
 
 def import_torchvision():
-    """torchvision, importable beside a CPU-only torch.
-
-    PyPI's torchvision wheel for torch 2.13.0 is a CUDA build whose compiled ops cannot load
-    beside the CPU torch; its import then fails registering a fake kernel for ``torchvision::nms``
-    ('operator torchvision::nms does not exist'). The model constructors need none of the
-    compiled ops, so the two schemas that import registers against are defined here first.
-    """
-    try:
-        import torchvision  # noqa: F401
-        return torchvision
-    except RuntimeError as exc:
-        if "torchvision::nms" not in str(exc):
-            raise
-    except ImportError:
-        pytest.skip("torchvision is not installed")
-    return _with_shim()
-
-
-def _with_shim():
-    import sys
-    for mod in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[mod]
-    lib = torch.library.Library("torchvision", "FRAGMENT")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _KEEP.append(lib)  # a Library object unregisters its definitions when collected
-    import torchvision
-    return torchvision
-
-
-_KEEP: list = []
+    """torchvision, importable beside a CPU-only torch (see ``dimat.models.hf.importable_torchvision``)."""
+    from dimat.models.hf import importable_torchvision
+    importable_torchvision()
+    return pytest.importorskip("torchvision")
 
 
 def images(size: int) -> Callable[[int, int], torch.Tensor]:

@@ -12,7 +12,8 @@ MODELS = sorted(SMALL)
 
 
 def test_every_registered_model_is_covered():
-    assert set(available_models()) <= set(SMALL), "add new models to tests/helpers_models.py"
+    # model=hf declares no spec (it is traced) and needs transformers: tests/test_third_party_models.py
+    assert set(available_models()) - {"hf"} <= set(SMALL), "add new models to tests/helpers_models.py"
 
 
 @pytest.mark.parametrize("name", MODELS)

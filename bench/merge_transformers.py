@@ -8,8 +8,11 @@ held-out loss and accuracy of each endpoint and each merge.
 - ``transformer``: the character-level LM (``dimat.models.transformer``) on the ``text`` task
   (next character after 32 characters of Python standard-library docstrings, 70 classes).
 - ``vit``: the tiny ViT on scikit-learn's 8x8 digits (2x2 patches, 10 classes).
+- ``gpt2``: a Hugging Face GPT-2 (``model=hf``, built from ``GPT2Config``: fused ``c_attn``
+  projections in ``Conv1D`` layers) on the same ``text`` task; it declares no spec, so the DIMAT
+  merge traces it (``dimat.align.derive_spec``, verified by a planted permutation).
 
-Run: ``PYTHONPATH=. python bench/merge_transformers.py [--models transformer vit] [--seeds 0 1 2]
+Run: ``PYTHONPATH=. python bench/merge_transformers.py [--models transformer vit gpt2] [--seeds 0 1 2]
 [--steps 1500] [--json out.json]``. CPU: a few minutes per seed and model.
 """
 from __future__ import annotations
@@ -30,6 +33,9 @@ from dimat.models import build_model
 TASKS = {
     "transformer": dict(data=("text", dict(stride=4)), model=dict(dim=64, depth=2, heads=4), lr=3e-3),
     "vit": dict(data=("digits", {}), model=dict(patch=2, dim=64, depth=2, heads=4), lr=2e-3),
+    "gpt2": dict(data=("text", dict(stride=4)), build="hf", lr=3e-3,
+                 model=dict(source="GPT2Config", config=dict(n_embd=64, n_layer=2, n_head=4, n_positions=32,
+                                                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))),
 }
 
 
@@ -78,7 +84,8 @@ def run(name, seed, steps, batch, align_batches):
     t0 = time.perf_counter()
     for k in range(2):
         torch.manual_seed(1000 * seed + k)
-        m = build_model(name, num_classes=bundle.num_classes, input_shape=bundle.input_shape, **task["model"])
+        m = build_model(task.get("build", name), num_classes=bundle.num_classes, input_shape=bundle.input_shape,
+                        **task["model"])
         models.append(train(m, x, y, steps, batch, task["lr"], seed=1000 * seed + k + 17))
     train_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(seed)
@@ -88,7 +95,8 @@ def run(name, seed, steps, batch, align_batches):
     rows = {"model A": a, "model B": b}
     t0 = time.perf_counter()
     rows["average"] = merge([a, b], [1, 1], data, alignment=None)
-    rows["dimat (declared spec)"] = merge([a, b], [1, 1], data, alignment="activation")
+    if hasattr(a, "permutation_spec"):
+        rows["dimat (declared spec)"] = merge([a, b], [1, 1], data, alignment="activation")
     merge_s = time.perf_counter() - t0
     rows["dimat (traced spec)"] = traced_merge(a, b, data)
     rows["weight matching"] = merge([a, b], [1, 1], data, alignment="weight")
@@ -99,7 +107,7 @@ def run(name, seed, steps, batch, align_batches):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="+", default=["transformer", "vit"], choices=sorted(TASKS))
+    ap.add_argument("--models", nargs="+", default=["transformer", "vit", "gpt2"], choices=sorted(TASKS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=64)

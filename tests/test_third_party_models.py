@@ -67,3 +67,12 @@ def test_hf_builder_loads_a_local_folder_with_weights_and_builds_one_without(tmp
                            model.state_dict()["model.transformer.h.0.mlp.c_fc.weight"])
     with pytest.raises(ValueError, match="neither a local folder, a transformers config class"):
         _hf_model(source="NoSuchConfig")
+
+
+def test_multi_query_attention_raises_one_error_naming_the_module():
+    from third_party import _LLAMA, _hf
+    from dimat.align import TraceError
+    model = _hf("LlamaForCausalLM", "LlamaConfig", **{**_LLAMA, "num_key_value_heads": 1}).eval()
+    with pytest.raises(TraceError, match=r"module 'model.layers.0.self_attn' \(LlamaAttention\).*multi-query.*"
+                                         r"declare permutation_spec"):
+        derive_spec(model, torch.randint(0, 50, (2, 8)))

@@ -205,8 +205,10 @@ def build_spec(tr: Tracer) -> PermutationSpec:
                 o2, copies, _ = factor[o]
                 src = next((s for s in roots if s in factor and factor[s][0] == o2 and factor[s][1] == i), None)
                 if src is None or o2 in v.fixed:
-                    raise TraceError(f"{where}: heads made of ({v.size[o2]} x {v.size[copies]}) blocks that "
-                                     "no key/value projection shares: not supported")
+                    raise TraceError(f"{where}: query heads grouped as {v.size[o2]} key/value head(s) x "
+                                     f"{v.size[copies]} copies, and no key/value projection is split into those "
+                                     f"{v.size[o2]} heads (multi-query attention, a single key/value head, is not "
+                                     "supported): declare permutation_spec() on the model")
                 derived.append(PermutationGroup(names[r], v.size[r], tuple(axes.get(r, ())), repeat_of=names[src],
                                                 repeats=v.size[copies], repeat_block=v.size[i]))
                 continue

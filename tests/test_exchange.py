@@ -23,7 +23,7 @@ from dimat.transport.inproc import InProcTransport
 from dimat.transport.schema import Schema
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["data=digits", "model=mlp", "model.hidden=[16]", "rounds=2", "local_epochs=0.5", "num_peers=3",
+TINY = ["merge=dimat", "data=digits", "model=mlp", "model.hidden=[16]", "rounds=2", "local_epochs=0.5", "num_peers=3",
         "progress=false", "threads=1", "topology=ring", "merge.every_steps=null", "merge.keep_momentum=false",
         "merge.bn_stats=own", "baseline=null"]
 

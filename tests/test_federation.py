@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Small and fast: MNIST-1D with a narrow MLP, 5 peers, one local epoch per round.
 # The paper's protocol (one merge per round, on a ring), which these tests were written for.
-PAPER = ["topology=ring", "merge.every_steps=null", "merge.keep_momentum=false", "merge.bn_stats=own", "baseline=null"]
+PAPER = ["merge=dimat", "topology=ring", "merge.every_steps=null", "merge.keep_momentum=false", "merge.bn_stats=own", "baseline=null"]
 FAST = [*PAPER, "model=mlp", "model.width=0.25", "local_epochs=1", "train.batch_size=64", "merge.align_batches=2",
         "progress=false", "threads=1"]
 

@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted([*ROOT.glob("launch/*.sh"), ROOT / "launch" / "slurm.sbatch"])
-TINY = ["data=digits", "model=mlp", "model.hidden=[16]", "rounds=2", "local_epochs=0.25", "num_peers=4",
+TINY = ["merge=dimat", "data=digits", "model=mlp", "model.hidden=[16]", "rounds=2", "local_epochs=0.25", "num_peers=4",
         "progress=false", "threads=1", "topology=ring", "merge.every_steps=null", "merge.keep_momentum=false", "merge.bn_stats=own", "baseline=null"]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["topology=ring", "merge.every_steps=null", "merge.keep_momentum=false", "merge.bn_stats=own", "baseline=null",
+FAST = ["merge=dimat", "topology=ring", "merge.every_steps=null", "merge.keep_momentum=false", "merge.bn_stats=own", "baseline=null",
         "model=mlp", "model.width=0.25", "local_epochs=0.25", "train.batch_size=64", "merge.align_batches=2",
         "progress=false", "threads=1", "checkpoint.enabled=false"]
 

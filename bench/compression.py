@@ -48,6 +48,8 @@ CODECS: dict[str, list[str]] = {
 BASE = {"gossip+choco-topk10%": "gossip"}
 
 
+GRPC_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "transport" / "grpc.yaml"  # the defaults
+
 def run_one(job: str, codec: str, rounds: int, extra: list[str], out: Path) -> dict:
     run_dir = out / "runs" / f"{job}-{codec}"
     summary = run_dir / "summary.json"
@@ -101,7 +103,7 @@ def grpc_mb_s(size_mib: int = 64) -> float:
 
     g = torch.Generator().manual_seed(0)
     state = {f"layer{i}.weight": torch.randn((size_mib << 20) // 16 // 4, generator=g) for i in range(16)}
-    ts = [GrpcTransport(i, {i: "127.0.0.1:0"}, heartbeat_interval=None) for i in range(2)]
+    ts = [GrpcTransport.from_config_file(i, {i: "127.0.0.1:0"}, GRPC_CONFIG, heartbeat_interval=None) for i in range(2)]
     try:
         book = {t.peer_id: t.address for t in ts}
         for t in ts:

@@ -26,15 +26,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_grpc_transport import grpc_transport  # noqa: E402  (configs/transport/grpc.yaml's settings)
 from test_hostile import StalledStreams, _header, _state, _until  # noqa: E402  (the tests' attacker)
 
 from dimat.transport.base import TransportError  # noqa: E402
-from dimat.transport.grpc import GrpcTransport  # noqa: E402
 
 
 def one(case: str, stalled: int, deadline: float) -> str:
     token = None if case == "unauthenticated" else "tok"
-    ts = [GrpcTransport(i, {i: "127.0.0.1:0"}, deadline=deadline, heartbeat_interval=None, token=token) for i in range(2)]
+    ts = [grpc_transport(i, {i: "127.0.0.1:0"}, timeout=deadline, heartbeat_interval=None, token=token)
+          for i in range(2)]
     sender, receiver = ts
     book = {t.peer_id: t.address for t in ts}
     for t in ts:

@@ -37,6 +37,8 @@ WINDOW = int(os.environ["DIMAT_BENCH_WINDOW"]) if os.environ.get("DIMAT_BENCH_WI
 PREFETCH = int(os.environ.get("DIMAT_BENCH_PREFETCH", "2"))
 
 
+GRPC_CONFIG = ROOT / "configs" / "transport" / "grpc.yaml"  # the defaults
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -66,8 +68,8 @@ def dimat_serve(args, ready: Callable[[int], None]) -> None:
     from dimat.transport.schema import Schema
 
     schema = Schema.from_state(make_state(args.size_mib, device="meta"))  # shapes only, no memory
-    t = GrpcTransport(1, {1: "127.0.0.1:0", 0: "127.0.0.1:1"}, schema=schema, num_streams=args.streams,
-                      window_bytes=WINDOW, prefetch=PREFETCH)
+    t = GrpcTransport.from_config_file(1, {1: "127.0.0.1:0", 0: "127.0.0.1:1"}, GRPC_CONFIG, schema=schema,
+                                       num_streams=args.streams, window_bytes=WINDOW, prefetch=PREFETCH)
     ready(t.port)
     for r in range(args.reps):
         t.begin_round(r, [0])
@@ -81,11 +83,13 @@ def dimat_serve(args, ready: Callable[[int], None]) -> None:
 def dimat_send(args, port: int, state, rep: int) -> None:
     global _SENDER
     from dimat.transport.grpc import GrpcTransport
+    from dimat.transport.wire import OutgoingPayload
 
     if "_SENDER" not in globals():
-        _SENDER = GrpcTransport(0, {0: "127.0.0.1:0", 1: f"127.0.0.1:{port}"}, num_streams=args.streams,
-                                half=args.half, window_bytes=WINDOW)
-    _SENDER.send(1, rep, state, deadline=300)
+        _SENDER = GrpcTransport.from_config_file(0, {0: "127.0.0.1:0", 1: f"127.0.0.1:{port}"}, GRPC_CONFIG,
+                                                  num_streams=args.streams, window_bytes=WINDOW)
+    # --half: the wire layer's own half-precision encoding (runs use exchange.compress=fp16 instead)
+    _SENDER.send(1, rep, OutgoingPayload(state, half=args.half, hash_algorithm=_SENDER.hash_algorithm), deadline=300)
 
 
 # ----------------------------------------------------------------------------- bare-grpc

@@ -91,7 +91,11 @@ def test_gossip_peer_killed_and_resumed_rejoins_by_round(tmp_path):
     assert "rejoin:" in log2 and "done: 0 rounds" not in log2, log2[-3000:]
     done = [r["round"] for r in fed.metrics(2)]
     assert done[-1] == rounds and done == sorted(done), (done, log2[-3000:])
-    rejoin = json.loads((tmp_path / "peer_2" / "rejoins.jsonl").read_text().splitlines()[-1])
+    record = tmp_path / "peer_2" / "rejoins.jsonl"
+    if not record.exists():  # no catching up was needed: it resumed from its own checkpoint, and said so
+        assert "is current" in log2 or "resuming from own checkpoint" in log2, log2[-3000:]
+        return
+    rejoin = json.loads(record.read_text().splitlines()[-1])
     if rejoin["fetched_round"] is None:  # the others had finished: it completed its own rounds without them
         assert rejoin["neighbour_round"] == rounds and 1 <= rejoin["completed_alone_from"] < rounds, rejoin
         assert done == sorted(set(done)) and done[-1] == rounds and "completing rounds" in log2, (done, rejoin)

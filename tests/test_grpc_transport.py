@@ -15,11 +15,18 @@ from dimat.transport.security import TlsConfig, token_metadata
 from dimat.transport.wire import OutgoingPayload
 
 ROOT = Path(__file__).resolve().parents[1]
+GRPC_CONFIG = ROOT / "configs" / "transport" / "grpc.yaml"
+
+
+def grpc_transport(peer_id, peers, **kw):
+    """A GrpcTransport with the settings of configs/transport/grpc.yaml (the one source of its defaults);
+    transport config keys in ``kw`` override them, the rest go to the constructor."""
+    return GrpcTransport.from_config_file(peer_id, peers, GRPC_CONFIG, **kw)
 
 
 def federation(n, per_peer=None, **kw):
     """n transports on free loopback ports that know each other's addresses (``per_peer(i)`` -> kwargs)."""
-    ts = [GrpcTransport(i, {i: "127.0.0.1:0"}, **kw, **(per_peer(i) if per_peer else {})) for i in range(n)]
+    ts = [grpc_transport(i, {i: "127.0.0.1:0"}, **kw, **(per_peer(i) if per_peer else {})) for i in range(n)]
     book = {t.peer_id: t.address for t in ts}
     for t in ts:
         t.set_peers(book)
@@ -117,12 +124,14 @@ def test_large_payload_bit_exact(num_streams):
 
 
 def test_half_precision_on_the_wire():
-    ts = federation(2, half="float16")
+    """A payload encoded in half precision by the wire layer (what bench/transport.py measures; runs
+    compress with exchange.compress=fp16 before the transport) is cast back to the schema's dtype."""
+    ts = federation(2)
     try:
         s = model_state(1)
         ts[1].set_schema(s)
         ts[1].begin_round(0, [0])
-        ts[0].send(1, 0, s)
+        ts[0].send(1, 0, OutgoingPayload(s, half="float16"))
         got = ts[1].receive(0, [0], timeout=5)[0]
         assert got["fc1.weight"].dtype == torch.float32
         assert torch.allclose(got["fc1.weight"], s["fc1.weight"], atol=5e-3)
@@ -194,10 +203,10 @@ def test_tls_exchange(certs, mutual):
 
 
 def test_mtls_rejects_client_without_certificate_and_wrong_identity(certs):
-    server = GrpcTransport(1, {1: "127.0.0.1:0"}, tls=_tls(certs, 1, True), require_cert_identity=True, schema=model_state(0))
-    no_cert = GrpcTransport(0, {0: "127.0.0.1:0", 1: server.address}, tls=_tls(certs, 0, False), deadline=1.5, retries=2)
+    server = grpc_transport(1, {1: "127.0.0.1:0"}, tls=_tls(certs, 1, True), require_cert_identity=True, schema=model_state(0))
+    no_cert = grpc_transport(0, {0: "127.0.0.1:0", 1: server.address}, tls=_tls(certs, 0, False), timeout=1.5, retries=2)
     # a client presenting peer-2's certificate while claiming to be peer 0
-    impostor = GrpcTransport(0, {0: "127.0.0.1:0", 1: server.address}, tls=_tls(certs, 2, True))
+    impostor = grpc_transport(0, {0: "127.0.0.1:0", 1: server.address}, tls=_tls(certs, 2, True))
     try:
         server.begin_round(0, [0])
         with pytest.raises(TransportError, match="push of round 0 to peer 1 failed"):  # TLS handshake refused
@@ -215,7 +224,7 @@ def test_mtls_rejects_client_without_certificate_and_wrong_identity(certs):
 @pytest.fixture()
 def pair():
     """Receiver 1 (accepts only peer 0, token required) and a well-behaved sender 0."""
-    ts = federation(2, lambda i: {"token": "tok", "deadline": 5.0, "allowed_senders": {0} if i == 1 else None})
+    ts = federation(2, lambda i: {"token": "tok", "timeout": 5.0, "allowed_senders": {0} if i == 1 else None})
     own = model_state(100)
     ts[1].set_schema(own)
     ts[1].begin_round(0, [0])
@@ -243,7 +252,7 @@ def _messages(state, r=0, sender=0, chunk_bytes=512):
 def test_wrong_token_rejected(pair):
     sender, receiver, own = pair
     snap = {k: v.clone() for k, v in own.items()}
-    bad = GrpcTransport(0, {0: "127.0.0.1:0", 1: receiver.address}, token="wrong")
+    bad = grpc_transport(0, {0: "127.0.0.1:0", 1: receiver.address}, token="wrong")
     try:
         with pytest.raises(TransportError, match="UNAUTHENTICATED.*missing or wrong authentication token"):
             bad.send(1, 0, model_state(1))
@@ -255,7 +264,7 @@ def test_wrong_token_rejected(pair):
 def test_unknown_sender_rejected(pair):
     sender, receiver, own = pair
     snap = {k: v.clone() for k, v in own.items()}
-    stranger = GrpcTransport(2, {2: "127.0.0.1:0", 1: receiver.address}, token="tok")
+    stranger = grpc_transport(2, {2: "127.0.0.1:0", 1: receiver.address}, token="tok")
     try:
         with pytest.raises(TransportError, match=r"PERMISSION_DENIED.*push from peer 2 for round 0: unknown sender 2 \(accepted: \[0\]\)"):
             stranger.send(1, 0, model_state(1))
@@ -315,7 +324,7 @@ def test_bad_content_rejected(pair, mutate, match):
 
 
 def test_deadline_when_neighbour_absent():
-    t = GrpcTransport(0, {0: "127.0.0.1:0", 1: "127.0.0.1:1"}, deadline=1.0)
+    t = grpc_transport(0, {0: "127.0.0.1:0", 1: "127.0.0.1:1"}, timeout=1.0)
     try:
         t0 = time.monotonic()
         res = t.exchange(0, {0: model_state(0)}, {0: [1]}, {0: [1]}, timeout=1.0).received
@@ -343,7 +352,7 @@ def test_heartbeats_mark_a_dead_peer_down_and_back_up():
     The round starts only after *both* marked it (the old version waited for peer 0 only, so peer 1
     could still push to the dead address and hold the round to its 20 s deadline): what is checked
     is what each peer did, not how long it took."""
-    ts = federation(3, heartbeat_interval=0.2, max_missed_heartbeats=3, deadline=20.0)
+    ts = federation(3, heartbeat_interval=0.2, max_missed_heartbeats=3, timeout=20.0)
     try:
         for t in ts:
             t.start_heartbeats()
@@ -357,7 +366,7 @@ def test_heartbeats_mark_a_dead_peer_down_and_back_up():
             assert sorted(res[p][p]) == [other] and ts[p].last_report.missing == [2]
             assert ts[p].last_report.send_failed[2].endswith("missed heartbeats); not sent"), ts[p].last_report
         # it comes back on the same address: marked up again
-        back = GrpcTransport(2, {0: ts[0].address, 1: ts[1].address, 2: addr2})
+        back = grpc_transport(2, {0: ts[0].address, 1: ts[1].address, 2: addr2})
         try:
             _wait_for(lambda: ts[0].is_up(2), "peer 0 to see peer 2 back")
         finally:
@@ -374,7 +383,7 @@ def test_a_push_in_flight_stops_when_its_peer_is_marked_down():
     with socket.socket() as s:  # a port nobody serves
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
-    t = GrpcTransport(0, {0: "127.0.0.1:0", 1: f"127.0.0.1:{dead}"}, heartbeat_interval=None, deadline=120.0)
+    t = grpc_transport(0, {0: "127.0.0.1:0", 1: f"127.0.0.1:{dead}"}, heartbeat_interval=None, timeout=120.0)
     out = {}
     try:
         th = threading.Thread(target=lambda: out.update(res=t.exchange(0, {0: model_state(0)}, {0: [1]}, {0: [1]})))
@@ -412,10 +421,10 @@ def test_wait_for_peers_waits_for_a_late_server_and_times_out_on_an_absent_one()
     with socket.socket() as s:  # a port nobody serves (yet)
         s.bind(("127.0.0.1", 0))
         late_port = s.getsockname()[1]
-    t = GrpcTransport(0, {0: "127.0.0.1:0", 1: f"127.0.0.1:{late_port}", 2: "127.0.0.1:1"})
+    t = grpc_transport(0, {0: "127.0.0.1:0", 1: f"127.0.0.1:{late_port}", 2: "127.0.0.1:1"})
     late = []
     try:
-        timer = threading.Timer(1.0, lambda: late.append(GrpcTransport(1, {1: f"127.0.0.1:{late_port}"})))
+        timer = threading.Timer(1.0, lambda: late.append(grpc_transport(1, {1: f"127.0.0.1:{late_port}"})))
         timer.start()
         t0 = time.monotonic()
         t.wait_for_peers([1], timeout=20)

@@ -18,9 +18,9 @@ import torch
 import xxhash
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dimat.transport.grpc import GrpcTransport, pb2, pb2_grpc
+from dimat.transport.grpc import pb2, pb2_grpc
 from test_grpc_federation import _records
-from test_grpc_transport import _tls, certs  # noqa: F401 (a fixture: 3 peer certificates)
+from test_grpc_transport import _tls, certs, grpc_transport  # noqa: F401 (certs: a fixture, 3 peer certificates)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def _state(seed=0):
 
 def _pair(**kw):
     """Receiver 1 (expects peer 0's pushes for round 0) and sender 0, no token, no TLS (the default)."""
-    ts = [GrpcTransport(i, {i: "127.0.0.1:0"}, deadline=3.0, retries=3, heartbeat_interval=None, **kw) for i in range(2)]
+    ts = [grpc_transport(i, {i: "127.0.0.1:0"}, timeout=3.0, retries=3, heartbeat_interval=None, **kw) for i in range(2)]
     book = {t.peer_id: t.address for t in ts}
     for t in ts:
         t.set_peers(book)
@@ -161,7 +161,7 @@ def test_stalled_slots_are_reclaimed_for_an_admitted_push(insider):
     gives up its slot. The idle bound (60 s) is far beyond the push deadline (30 s), so only reclaiming
     can let it in (before: 5 retries in about 1.5 s, then RESOURCE_EXHAUSTED)."""
     token = "tok" if insider else None
-    ts = [GrpcTransport(i, {i: "127.0.0.1:0"}, deadline=30.0, heartbeat_interval=None, token=token,
+    ts = [grpc_transport(i, {i: "127.0.0.1:0"}, timeout=30.0, heartbeat_interval=None, token=token,
                         stream_idle_timeout=60.0) for i in range(2)]
     sender, receiver = ts
     book = {t.peer_id: t.address for t in ts}
@@ -193,7 +193,7 @@ def test_stalled_slots_are_reclaimed_for_an_admitted_push(insider):
 def test_without_the_token_a_connection_gets_no_slot():
     """With a token configured, 40 stalled pushes without it are refused UNAUTHENTICATED before any
     handler runs: not one takes a slot, and an honest push is not even slowed by them."""
-    ts = [GrpcTransport(i, {i: "127.0.0.1:0"}, deadline=30.0, heartbeat_interval=None, token="tok") for i in range(2)]
+    ts = [grpc_transport(i, {i: "127.0.0.1:0"}, timeout=30.0, heartbeat_interval=None, token="tok") for i in range(2)]
     sender, receiver = ts
     book = {t.peer_id: t.address for t in ts}
     for t in ts:
@@ -245,7 +245,7 @@ def test_shape_bomb_is_refused_fast_as_invalid_argument_and_recorded():
 
 
 def test_heartbeat_leave_join_are_bound_to_the_certificate(certs):
-    receiver = GrpcTransport(0, {0: "127.0.0.1:0", 1: "127.0.0.1:1", 2: "127.0.0.1:2"}, tls=_tls(certs, 0, True),
+    receiver = grpc_transport(0, {0: "127.0.0.1:0", 1: "127.0.0.1:1", 2: "127.0.0.1:2"}, tls=_tls(certs, 0, True),
                              require_cert_identity=True, heartbeat_interval=None)
     creds = grpc.ssl_channel_credentials(root_certificates=(certs / "ca.pem").read_bytes(),
                                          private_key=(certs / "peer-2.key").read_bytes(),
@@ -469,5 +469,5 @@ def test_listening_beyond_loopback_without_token_or_tls_warns_loudly(caplog, cer
     assert not warn_if_exposed("0.0.0.0", token=None, tls=_tls(certs, 0, True))
     caplog.clear()
     with caplog.at_level("WARNING", logger="dimat.transport.grpc"):  # a real peer on loopback is quiet
-        GrpcTransport(0, {0: "127.0.0.1:0"}, heartbeat_interval=None).close(grace=0)
+        grpc_transport(0, {0: "127.0.0.1:0"}, heartbeat_interval=None).close(grace=0)
     assert "NO authentication" not in caplog.text

@@ -137,9 +137,9 @@ def _one_error_line(proc: subprocess.CompletedProcess) -> str:
 
 def test_a_second_peer_on_a_taken_port_fails_at_once_in_one_line(tmp_path: Path) -> None:
     """Findings 5 and 6: SO_REUSEPORT is off, so the port is not shared; the error names the port."""
-    from dimat.transport.grpc import GrpcTransport
+    from test_grpc_transport import grpc_transport
 
-    first = GrpcTransport(0, {0: "127.0.0.1:0"}, heartbeat_interval=None)  # a running peer 0
+    first = grpc_transport(0, {0: "127.0.0.1:0"}, heartbeat_interval=None)  # a running peer 0
     try:
         proc = _peer(tmp_path, first.address, timeout=60)
     finally:
@@ -190,8 +190,9 @@ def test_a_refused_push_is_reported_and_checked_against_its_rounds_topology(tmp_
     """
     from dimat.entry import compose
     from dimat.federation import build_federation
-    from dimat.transport.grpc import GrpcTransport
+    from dimat.federation.rounds import exchanges_per_round
     from dimat.transport.base import TransportError
+    from test_grpc_transport import grpc_transport
 
     local = _load_grpc_local()
     args = [*TINY, "topology=random_matching", "seed=4", "rounds=3", "transport=grpc", "transport.timeout=30"]
@@ -201,16 +202,17 @@ def test_a_refused_push_is_reported_and_checked_against_its_rounds_topology(tmp_
     stranger = next(j for j in range(1, 4) if j not in n2)
     ports = local.free_ports(4)
     peers = local.write_peers_file(tmp_path / "peers.yaml", ports)
-    others = {j: GrpcTransport(j, peers, heartbeat_interval=None, retries=40, backoff=0.05, backoff_max=0.2)
+    others = {j: grpc_transport(j, peers, heartbeat_interval=None, retries=40, backoff=0.05, backoff_max=0.2)
               for j in range(1, 4)}
     log = open(tmp_path / "peer0.log", "w")
     p0 = subprocess.Popen([sys.executable, "-m", "dimat", "peer", "--id", "0", "--peers", str(tmp_path / "peers.yaml"),
                            *args, f"run_dir={tmp_path / 'run'}"], cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    e2 = exchanges_per_round(fed) + 1  # the transport counts exchanges: round 2's first one
     try:
         state = fed.peers[stranger].shared_state()
-        with pytest.raises(TransportError, match=rf"PERMISSION_DENIED.*round 2.*accepted: \[{n2[0]}\]"):
-            others[stranger].send(0, 2, state, deadline=60)
-        others[n2[0]].send(0, 2, fed.peers[n2[0]].shared_state(), deadline=60)  # admitted and buffered
+        with pytest.raises(TransportError, match=rf"PERMISSION_DENIED.*round {e2}.*accepted: \[{n2[0]}\]"):
+            others[stranger].send(0, e2, state, deadline=60)
+        others[n2[0]].send(0, e2, fed.peers[n2[0]].shared_state(), deadline=60)  # admitted and buffered
     finally:
         p0.kill()
         p0.wait()

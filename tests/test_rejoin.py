@@ -17,8 +17,8 @@ from dimat.federation import Checkpointer, build_federation, run_rounds
 from dimat.federation.rounds import exchanges_per_round
 from dimat.grpc_peer import rejoin
 from dimat.transport import build_transport
-from dimat.transport.grpc import GrpcTransport
 from dimat.transport.wire import OutgoingPayload
+from test_grpc_transport import grpc_transport
 
 pytestmark = pytest.mark.integration  # real gRPC servers
 
@@ -38,7 +38,7 @@ def test_a_peer_that_rejoins_after_its_neighbours_finished_completes_its_own_rou
     ck = Checkpointer(tmp_path, keep_last=5, tag="peer_1")
     ck.save(1, fed.peers)  # its last finished round before it went down
     state = fed.peers[1].shared_state()
-    neighbour = GrpcTransport(0, {0: "127.0.0.1:0", 1: "127.0.0.1:1"}, heartbeat_interval=None, schema=state)
+    neighbour = grpc_transport(0, {0: "127.0.0.1:0", 1: "127.0.0.1:1"}, heartbeat_interval=None, schema=state)
     me = build_transport(run.transport, peer_id=1, peers={0: neighbour.address, 1: "127.0.0.1:0"})
     neighbour.set_peers({1: me.address})
     lines: list[str] = []

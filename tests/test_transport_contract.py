@@ -141,7 +141,7 @@ def run_grpc() -> list[dict | str]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from test_grpc_transport import close_all, federation, run_round  # real servers, one thread per peer per round
 
-    ts = federation(N, deadline=20.0)
+    ts = federation(N, timeout=20.0)
     out: list[dict | str] = []
     try:
         for r, step in enumerate(STEPS):
@@ -373,8 +373,9 @@ def test_build_transport_grpc_passes_every_setting(tmp_path: Path, monkeypatch: 
     try:
         assert all(isinstance(t, GrpcTransport) for t in ts)
         t = ts[0]
-        assert (t.deadline, t.client.retry.retries, t.chunk_bytes, t.num_streams, t.half, t.hash_algorithm) == (
-            s.timeout, s.retries, s.chunk_bytes, s.num_streams, None, s.hash)
+        assert t.settings is s  # every value from the config, none repeated in the transport
+        assert (t.deadline, t.client.retry.retries, t.chunk_bytes, t.num_streams, t.hash_algorithm) == (
+            s.timeout, s.retries, s.chunk_bytes, s.num_streams, s.hash)
         assert (t.max_rounds_ahead, t.membership.heartbeat_interval, t.membership.max_missed_heartbeats, t.delay) == (
             s.max_rounds_ahead, s.heartbeat_interval, s.max_missed_heartbeats, s.delay)
         assert t.token == "t0ken" and t.require_cert_identity and t.tls is not None and t.tls.mutual

@@ -8,13 +8,18 @@ from typing import Mapping
 import torch
 
 from dimat.transport.base import Transport
+from dimat.transport.inproc import InProcTransport
+from dimat.transport.security import TlsConfig
 from dimat.transport.settings import TlsSettings, TransportSettings
 
 
-def tls_config(tls: TlsSettings | None, peer_id: int):
-    """The :class:`~dimat.transport.security.TlsConfig` for ``peer_id`` (``{id}`` filled), or None when TLS is off."""
-    from dimat.transport.security import TlsConfig
+def tls_config(tls: TlsSettings | None, peer_id: int) -> TlsConfig | None:
+    """The :class:`~dimat.transport.security.TlsConfig` for ``peer_id`` (``{id}`` filled), or None when TLS is off.
 
+    Args:
+        tls: ``transport.tls``.
+        peer_id: the id that replaces ``{id}`` in a path.
+    """
     if tls is None or not tls.enabled:
         return None
     d = Path(tls.dir) if tls.dir else None
@@ -48,27 +53,19 @@ def build_transport(
     environment variable named by ``token_env`` (unset or empty: no token); secrets never sit in configs.
     ``share_states`` (inproc only): receivers read the sent states themselves instead of copies.
     """
+    # grpc and torchdist are imported when chosen, not at the top: the grpc package generates its
+    # protobuf code at import (dimat.transport.protogen) and torchdist pulls in torch.distributed, so
+    # a run on one transport loads neither of the others
     if settings.name == "inproc":
-        from dimat.transport.inproc import InProcTransport
-
         return InProcTransport(share_states=share_states)
     if settings.name == "grpc":
         from dimat.transport.grpc import GrpcTransport
 
         if peer_id is None or peers is None:
             raise ValueError("the grpc transport needs peer_id and peers")
-        s = settings
-        token = (os.environ.get(s.token_env) or None) if s.token_env else None
-        assert s.timeout is not None and s.retries is not None and s.chunk_bytes is not None  # from_mapping's doing
-        return GrpcTransport(
-            peer_id, peers, bind=bind or s.bind, token=token, tls=tls_config(s.tls, peer_id),
-            deadline=s.timeout, retries=s.retries, chunk_bytes=s.chunk_bytes, num_streams=s.num_streams,
-            hash_algorithm=s.hash, max_rounds_ahead=s.max_rounds_ahead,
-            require_cert_identity=s.require_cert_identity, heartbeat_interval=s.heartbeat_interval,
-            max_missed_heartbeats=s.max_missed_heartbeats, report_path=report_path, delay=s.delay,
-            max_concurrent_rpcs=s.max_concurrent_rpcs, max_concurrent_streams=s.max_concurrent_streams,
-            max_streams_per_sender=s.max_streams_per_sender, stream_idle_timeout=s.stream_idle_timeout,
-        )  # type: ignore[arg-type]
+        token = (os.environ.get(settings.token_env) or None) if settings.token_env else None
+        return GrpcTransport(peer_id, peers, settings, bind=bind, token=token, tls=tls_config(settings.tls, peer_id),
+                             report_path=report_path)
     if settings.name == "torchdist":
         from dimat.transport.torchdist import TorchDistTransport
 

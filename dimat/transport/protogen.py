@@ -21,6 +21,10 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
+import google.protobuf
+import grpc_tools
+from grpc_tools import protoc
+
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # .../dimat
 PROTO_ROOT = PACKAGE_DIR.parent / "protos"
 PROTO_FILE = "dimat/v1/peer.proto"
@@ -30,9 +34,6 @@ _MODULES = ("peer_pb2.py", "peer_pb2.pyi", "peer_pb2_grpc.py")
 
 
 def _stamp_text(proto_text: bytes) -> str:
-    import google.protobuf
-    import grpc_tools
-
     versions = f"grpcio-tools={getattr(grpc_tools, '__version__', '?')};protobuf={google.protobuf.__version__}"
     try:  # grpc_tools keeps its version in a submodule
         from grpc_tools import grpc_version
@@ -73,8 +74,6 @@ def _locked():
 
 
 def _protoc(out: Path) -> None:
-    from grpc_tools import protoc
-
     include = Path(protoc.__file__).resolve().parent / "_proto"  # well-known types
     args = [
         "grpc_tools.protoc",

@@ -4,10 +4,13 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+from dimat.files import BadFileError, describe
 
 log = logging.getLogger("dimat.transport.grpc")
 
@@ -31,10 +34,6 @@ def check_pem_files(cert: str | Path, key: str | Path, ca: str | Path | None) ->
     gRPC reports a bad file only as "Failed to bind"; this names it: a
     :class:`~dimat.files.BadFileError` ``<file>: <problem>`` (a missing file: FileNotFoundError).
     """
-    import ssl
-
-    from dimat.files import BadFileError, describe
-
     for path, what in ((cert, "cert"), (key, "key"), (ca, "ca")):
         if path is not None:
             _read(path, what)

@@ -8,8 +8,12 @@ error is one line naming the key, e.g. ``transport.chunk_bytes must be a positiv
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import yaml
+
+from dimat.files import BadFileError, describe
 from dimat.transport.wire import HASH_ALGORITHMS, MAX_STREAMS
 
 TRANSPORTS = ("inproc", "grpc", "torchdist")
@@ -94,6 +98,28 @@ class TransportSettings:
             raise ValueError(f"transport.num_streams ({out.num_streams}) must not exceed transport.max_streams_per_sender "
                              f"({out.max_streams_per_sender}): a receiver would refuse the extra streams")
         return out
+
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides: Any) -> "TransportSettings":
+        """Read one transport config file (``configs/transport/<name>.yaml``), apply ``overrides``
+        (config keys, e.g. ``timeout=3``) and validate: the defaults of a transport built outside a
+        composed config (tests, benchmarks, library use) come from the same file as a run's.
+
+        Args:
+            path: the YAML file.
+            overrides: keys replacing the file's values (``tls`` as a mapping of its keys to change).
+        """
+        try:
+            m = yaml.safe_load(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise BadFileError(path, f"not a readable transport config ({describe(exc)})") from None
+        if not isinstance(m, Mapping):
+            raise BadFileError(path, "not a transport config (expected a mapping)")
+        m = dict(m)
+        if isinstance(overrides.get("tls"), Mapping) and isinstance(m.get("tls"), Mapping):
+            overrides["tls"] = {**m["tls"], **overrides["tls"]}
+        return cls.from_mapping({**m, **overrides})
 
 
 # ----------------------------------------------------------------------------- value checks

@@ -20,6 +20,7 @@ This module knows nothing about gRPC; :mod:`dimat.transport.grpc` maps messages 
 from __future__ import annotations
 
 import bisect
+import ctypes
 import hashlib
 import heapq
 import math
@@ -84,8 +85,6 @@ def alloc_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     if nbytes >= 2 * _HUGE_PAGE and sys.platform.startswith("linux"):
         try:
             if _libc is None:
-                import ctypes
-
                 _libc = ctypes.CDLL(None, use_errno=True)
                 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
             addr = t.data_ptr()

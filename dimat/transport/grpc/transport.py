@@ -4,11 +4,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import socket
 import time
 from collections import deque
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Callable, Collection, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
 
 import grpc
 import torch
@@ -23,7 +25,8 @@ from dimat.transport.grpc.server import Inbox, Servicer, service_handler
 from dimat.transport.grpc.streams import StreamSlots
 from dimat.transport.schema import Schema
 from dimat.transport.security import TlsConfig, TokenAuthInterceptor, warn_if_exposed
-from dimat.transport.wire import DEFAULT_CHUNK_BYTES, DEFAULT_HASH, OutgoingPayload
+from dimat.transport.settings import TransportSettings
+from dimat.transport.wire import OutgoingPayload
 
 log = logging.getLogger("dimat.transport.grpc")
 
@@ -47,8 +50,6 @@ def check_bindable(peer_id: int, bind: str) -> None:
     A plain socket tries it first (SO_REUSEADDR, as gRPC sets it; no SO_REUSEPORT), so the user gets
     the reason in one line instead of gRPC's log lines; port 0 (any free port) is not checked.
     """
-    import socket
-
     host, _, port = bind.rpartition(":")
     if int(port) == 0:
         return
@@ -85,9 +86,18 @@ class GrpcTransport:
         peer_id: id of the peer this process hosts.
         peers: ``{id: "host:port"}`` for every peer (the local one included; its port may be 0 to
             bind a free port, see :attr:`address`). The local entry is the *advertised* address.
-        bind: where the server listens, when it differs from the advertised address (behind NAT,
-            ``0.0.0.0``): ``host`` (the advertised port) or ``host:port``; None binds the advertised
-            address. ``SO_REUSEPORT`` is off: a port another process serves raises :class:`BindError`.
+        settings: the ``transport`` config (``configs/transport/grpc.yaml``, the one source of every
+            default): ``timeout`` (per-neighbour deadline of an exchange; pushes retry within it),
+            ``retries`` (of joins and fetches), wire options (``chunk_bytes``, ``num_streams``,
+            ``hash``), ``max_rounds_ahead``, heartbeats (``heartbeat_interval``, None = none;
+            ``max_missed_heartbeats`` in a row mark a peer *down*: no push to it, no wait for it),
+            ``delay`` (a straggler for tests), ``require_cert_identity``, ``bind`` and the server
+            bounds (``max_concurrent_rpcs``, ``max_concurrent_streams``, ``max_streams_per_sender``,
+            ``stream_idle_timeout``; docs/grpc.md, "Threat model"). ``settings.tls`` and
+            ``token_env`` are the factory's: it passes ``tls`` and ``token`` resolved.
+        bind: overrides ``settings.bind``: where the server listens when it differs from the
+            advertised address (behind NAT, ``0.0.0.0``): ``host`` (the advertised port) or
+            ``host:port``. ``SO_REUSEPORT`` is off: a port another process serves raises :class:`BindError`.
         allowed_senders: who may push weights: a callable ``round -> ids``, a fixed collection, or
             ``None`` (default) for the in-neighbours ``exchange`` was given for that round (any known
             peer for a round not entered yet: a neighbour may run ahead, and time-varying topologies
@@ -97,81 +107,59 @@ class GrpcTransport:
             ``exchange``. Pushes arriving before any schema is known are told to retry (UNAVAILABLE).
         token: shared secret; every RPC but health must carry ``authorization: Bearer <token>``.
         tls: certificate files for TLS (``mutual=True`` for mTLS).
-        deadline: default per-neighbour deadline in seconds (covers retries).
-        retries, backoff, backoff_max: retry policy for retryable statuses (exponential + jitter).
-        chunk_bytes, num_streams, half, hash_algorithm: wire options (see :mod:`dimat.transport.wire`).
-        max_rounds_ahead: how many rounds past the local one a neighbour may push (bounded memory).
-        heartbeat_interval: seconds between heartbeats to every known peer (None = no heartbeats).
-            A peer that misses ``max_missed_heartbeats`` in a row is *down*: ``exchange`` neither
-            pushes to it nor waits for it until a heartbeat succeeds again (it rejoined).
         report_path: append one JSON line per exchange (received, missing, failed sends) here.
-        delay: seconds to sleep before every exchange: makes this peer a straggler (tests, benches).
-        max_concurrent_rpcs, max_concurrent_streams, max_streams_per_sender, stream_idle_timeout:
-            server bounds (docs/grpc.md, "Threat model"): RPCs in progress (one worker each, more are
-            refused by gRPC), streams among them (the rest is kept for unary RPCs and health), streams
-            per caller, seconds a stream may wait for its next message.
+        accept_half, max_payload_bytes, max_message_bytes, prefetch, window_bytes, max_workers,
+            backoff, backoff_max: library knobs no config sets (benchmarks and tests): accept
+            half-precision payloads for float tensors, cap a payload's size, gRPC message and
+            window sizes, chunks read ahead per stream, server worker floor, retry backoff.
     """
 
     def __init__(
         self,
         peer_id: int,
         peers: Mapping[int, str],
+        settings: TransportSettings,
         *,
         bind: str | None = None,
         allowed_senders: AllowedSenders = None,
         schema: Schema | Mapping[str, torch.Tensor] | None = None,
         token: str | None = None,
         tls: TlsConfig | None = None,
-        deadline: float = 120.0,
-        retries: int = 5,
-        backoff: float = 0.05,
-        backoff_max: float = 2.0,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        num_streams: int = 1,
-        half: str | None = None,
-        hash_algorithm: str = DEFAULT_HASH,
+        report_path: str | None = None,
         accept_half: bool = True,
-        max_message_bytes: int | None = None,
         max_payload_bytes: int | None = None,
-        max_rounds_ahead: int = 8,
-        max_workers: int = 16,
-        require_cert_identity: bool = False,
+        max_message_bytes: int | None = None,
         prefetch: int = 2,
         window_bytes: int | None = None,
-        heartbeat_interval: float | None = 1.0,
-        max_missed_heartbeats: int = 3,
-        report_path: str | None = None,
-        delay: float = 0.0,
-        max_concurrent_rpcs: int = 128,
-        max_concurrent_streams: int = 48,
-        max_streams_per_sender: int = 8,
-        stream_idle_timeout: float = 10.0,
+        max_workers: int = 16,
+        backoff: float = 0.05,
+        backoff_max: float = 2.0,
     ):
-        # the keyword defaults equal configs/transport/grpc.yaml; build_transport passes every one
+        s = settings
+        if s.name != "grpc":
+            raise ValueError(f"GrpcTransport needs grpc transport settings (got transport.name={s.name!r})")
         if peer_id not in peers:
             raise ValueError(f"peer id {peer_id} is not in the peers map {sorted(peers)}")
-        if not 0 < chunk_bytes <= (64 << 20):
-            raise ValueError(f"chunk_bytes must be in (0, 64 MiB], got {chunk_bytes}")
-        if require_cert_identity and not (tls and tls.mutual):
+        assert s.timeout is not None and s.chunk_bytes is not None and s.num_streams is not None  # from_mapping's doing
+        assert s.max_concurrent_rpcs is not None and s.max_concurrent_streams is not None
+        if s.require_cert_identity and not (tls and tls.mutual):
             raise ValueError("require_cert_identity needs mutual TLS")
-        if not 0 < max_concurrent_streams < max_concurrent_rpcs:
-            raise ValueError(f"max_concurrent_streams must be in (0, max_concurrent_rpcs={max_concurrent_rpcs}), "
-                             f"got {max_concurrent_streams}")
+        self.settings = s
         self.peer_id = int(peer_id)
         self.peers = {int(k): str(v) for k, v in peers.items()}
         self.token, self.tls = token, tls
-        self.deadline = deadline
-        self.chunk_bytes, self.num_streams, self.half = chunk_bytes, num_streams, half
-        self.hash_algorithm, self.accept_half = hash_algorithm, accept_half
-        self.max_payload_bytes, self.max_rounds_ahead = max_payload_bytes, max_rounds_ahead
-        self.require_cert_identity = require_cert_identity
+        self.deadline = float(s.timeout)
+        self.chunk_bytes, self.num_streams = int(s.chunk_bytes), int(s.num_streams)
+        self.hash_algorithm, self.accept_half = str(s.hash), accept_half
+        self.max_payload_bytes, self.max_rounds_ahead = max_payload_bytes, int(s.max_rounds_ahead or 0)
+        self.require_cert_identity = bool(s.require_cert_identity)
         self.prefetch = prefetch
         self.report_path = report_path
-        self.delay = float(delay)
-        self.slots = StreamSlots(max_concurrent_streams, max_streams_per_sender)
-        self.stream_idle_timeout = float(stream_idle_timeout)
+        self.delay = float(s.delay or 0.0)
+        self.slots = StreamSlots(s.max_concurrent_streams, int(s.max_streams_per_sender or 1))
+        self.stream_idle_timeout = float(s.stream_idle_timeout or 0.0)
         # a chunk plus protobuf framing, or a large tensor table, must fit in one message
-        self.max_message_bytes = max_message_bytes or max(chunk_bytes + (1 << 20), 16 << 20)
+        self.max_message_bytes = max_message_bytes or max(self.chunk_bytes + (1 << 20), 16 << 20)
         self._allowed_policy = allowed_senders
         self._allowed_by_round: dict[int, frozenset[int]] = {}
         self.inbox = Inbox()
@@ -183,26 +171,27 @@ class GrpcTransport:
         self.latest: tuple[int, OutgoingPayload] | None = None
         self.errors: deque[str] = deque(maxlen=100)  # recent rejections, newest last
         self.last_report: ExchangeReport | None = None
-        self.membership = Membership(self, heartbeat_interval, max_missed_heartbeats)
+        self.membership = Membership(self, s.heartbeat_interval, int(s.max_missed_heartbeats or 1))
         self.client = PeerClient(self.peer_id, self.peers, tls=tls, token=token,
-                                 retry=RetryPolicy(retries, backoff, backoff_max),
+                                 retry=RetryPolicy(int(s.retries or 0), backoff, backoff_max),
                                  max_message_bytes=self.max_message_bytes, window_bytes=window_bytes,
-                                 chunk_bytes=chunk_bytes, num_streams=num_streams)
-        self._pool = futures.ThreadPoolExecutor(max_workers=max(4, 2 * num_streams), thread_name_prefix=f"dimat-send-{peer_id}")
+                                 chunk_bytes=self.chunk_bytes, num_streams=self.num_streams)
+        self._pool = futures.ThreadPoolExecutor(max_workers=max(4, 2 * self.num_streams),
+                                                thread_name_prefix=f"dimat-send-{peer_id}")
         self._closed = False
 
         # SO_REUSEPORT off: a second process on a taken port must fail, not share (split) the traffic
         opts = channel_options(self.max_message_bytes, window_bytes) + [("grpc.so_reuseport", 0)]
         interceptors = [TokenAuthInterceptor(token)] if token else []
         # one worker per admitted RPC (gRPC refuses more), streams capped below that (self.slots)
-        workers = max(max_workers, max_concurrent_rpcs)
+        workers = max(max_workers, s.max_concurrent_rpcs)
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"dimat-srv-{peer_id}"),
-                                   options=opts, interceptors=interceptors, maximum_concurrent_rpcs=max_concurrent_rpcs)
+                                   options=opts, interceptors=interceptors, maximum_concurrent_rpcs=s.max_concurrent_rpcs)
         self._server.add_generic_rpc_handlers((service_handler(Servicer(self)),))
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         adv_host, _, adv_port = self.peers[self.peer_id].rpartition(":")
-        bind = bind_address(self.peers[self.peer_id], bind)
+        bind = bind_address(self.peers[self.peer_id], bind or s.bind)
         check_bindable(self.peer_id, bind)
         try:
             if tls is not None:
@@ -222,6 +211,23 @@ class GrpcTransport:
         self._server.start()
         for svc in ("", SERVICE_NAME):
             self._health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+
+    @classmethod
+    def from_config_file(cls, peer_id: int, peers: Mapping[int, str], config: str | Path,
+                         **kw: Any) -> "GrpcTransport":
+        """A transport whose settings come from the config file ``config`` (``configs/transport/grpc.yaml``).
+
+        Args:
+            peer_id, peers: as for the constructor.
+            config: the transport config file (its defaults are the only ones).
+            kw: transport config keys (``timeout=3``, ``heartbeat_interval=None``...) override the
+                file's values; the other keywords go to the constructor (``token``, ``tls``...).
+        """
+        keys = {f.name for f in dataclasses.fields(TransportSettings)} - {"tls"}
+        overrides = {k: kw.pop(k) for k in list(kw) if k in keys}
+        if kw.get("tls") is not None:  # certificate files given as such: the settings say whether they are mutual
+            overrides["tls"] = {"mutual": bool(kw["tls"].mutual)}
+        return cls(peer_id, peers, TransportSettings.load(config, **overrides), **kw)
 
     # ------------------------------------------------------------------ configuration
     def set_schema(self, schema: Schema | Mapping[str, torch.Tensor]) -> None:
@@ -258,7 +264,7 @@ class GrpcTransport:
     def send(self, peer: int, round_idx: int, state: Mapping[str, torch.Tensor] | OutgoingPayload,
              deadline: float | None = None) -> None:
         """Push ``state`` to ``peer`` for ``round_idx``; raises TransportError with the receiver's reason."""
-        payload = state if isinstance(state, OutgoingPayload) else OutgoingPayload(state, half=self.half, hash_algorithm=self.hash_algorithm)
+        payload = state if isinstance(state, OutgoingPayload) else OutgoingPayload(state, hash_algorithm=self.hash_algorithm)
         self.client.push(peer, round_idx, payload, deadline or self.deadline)
 
     def fetch_state(self, peer: int, deadline: float | None = None) -> tuple[int, StateDict]:
@@ -381,8 +387,8 @@ class GrpcTransport:
     ) -> ExchangeResult:
         """Push the local state to its out-neighbours and collect its in-neighbours' states for the round.
 
-        ``bytes_sent`` counts the encoded payload (``OutgoingPayload.total_bytes``: half precision
-        when ``half`` is set) once per out-neighbour whose push *completed*, accepted or refused by
+        ``bytes_sent`` counts the encoded payload (``OutgoingPayload.total_bytes``; compression is
+        :mod:`dimat.exchange`'s, before the transport) once per out-neighbour whose push *completed*, accepted or refused by
         the receiver's checks (it was delivered, as InProc and torchdist count it); a push that
         failed otherwise (peer down, deadline, unreachable, data loss, admission denied) is not
         counted.
@@ -398,7 +404,7 @@ class GrpcTransport:
         ins = [int(i) for i in in_neighbours.get(self.peer_id, ())]
         outs = [int(i) for i in out_neighbours.get(self.peer_id, ())]
         self.begin_round(round_idx, ins, schema)
-        payload = OutgoingPayload(state, half=self.half, hash_algorithm=self.hash_algorithm)
+        payload = OutgoingPayload(state, hash_algorithm=self.hash_algorithm)
         self.latest = (round_idx, payload)
         failed: dict[int, str] = {}
         for j in outs:

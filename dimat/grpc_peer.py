@@ -27,7 +27,10 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+if TYPE_CHECKING:  # the grpc package generates protobuf code at import: only when a peer runs
+    from dimat.transport.grpc import GrpcTransport
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +235,8 @@ def run_peer(cfg: Any, peer_id: int, peers: Mapping[int, str], run_dir: str | Pa
         transport.close()
 
 
-def rejoin(fed: Any, transport: Any, neighbours: Sequence[int], run_dir: str | Path, tag: str, *, echo=print) -> bool:
+def rejoin(fed: Any, transport: "GrpcTransport", neighbours: Sequence[int], run_dir: str | Path, tag: str, *,
+           echo: Any = print) -> bool:
     """A restarted peer catches up; returns whether ``run_rounds`` should resume from a checkpoint.
 
     It announces itself (``Join``) to its neighbours and learns their round R. If its own last

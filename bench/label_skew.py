@@ -199,6 +199,7 @@ def plot_frontier(rows: list[dict], path: Path, partitions: list[str], topologie
 
     fig, axes = plt.subplots(len(topologies), len(partitions), figsize=(5 * len(partitions), 4 * len(topologies)),
                              squeeze=False)
+    recipes = sorted({r["recipe"] for r in rows if r["recipe"] is not None})  # one colour per recipe, every panel
     for i, topo in enumerate(topologies):
         for j, part in enumerate(partitions):
             ax = axes[i][j]
@@ -206,12 +207,12 @@ def plot_frontier(rows: list[dict], path: Path, partitions: list[str], topologie
             for r in rows:
                 if r["partition"] == part and r["topology"] == topo:
                     cells.setdefault((r["recipe"], r["method"]), []).append(r)
-            for k, ((recipe, method), rs) in enumerate(sorted(cells.items(), key=str)):
+            for (recipe, method), rs in sorted(cells.items(), key=str):
                 x = statistics.mean(r["mb"] for r in rs)
                 ys = [r["final"] for r in rs]
                 y = statistics.mean(ys)
                 ax.errorbar([x], [y], yerr=[[y - min(ys)], [max(ys) - y]], fmt="o" if method == "dimat" else "s",
-                            color=f"C{sorted({c[0] for c in cells}).index(recipe)}", capsize=3,
+                            color=f"C{recipes.index(recipe)}", capsize=3,
                             label=f"{recipe} ({method})")
             central = [r["final"] for r in rows if r["partition"] == part and r["method"] == "centralized"]
             if central:

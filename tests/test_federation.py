@@ -183,7 +183,7 @@ def test_cli_bad_config_subprocess_has_no_traceback(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_multirun_sweep_runs_each_method(tmp_path: Path) -> None:
-    res = _cli("-m", "merge=dimat,average", "rounds=1", "local_epochs=0.25", *FAST[:2], "progress=false",
+    res = _cli("-m", "merge=dimat,average", "rounds=1", "local_epochs=0.25", *PAPER[1:3], "progress=false",
                f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     summaries = sorted((tmp_path / "sweep").glob("*/summary.json"))

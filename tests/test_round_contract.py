@@ -29,7 +29,7 @@ def test_sweep_restores_the_whole_argv(tmp_path: Path) -> None:
     from dimat.cli import main
 
     before = list(sys.argv)
-    assert main(["simulate", "-m", "merge=average,isolated", "rounds=1", *FAST,
+    assert main(["simulate", "-m", "merge=average,isolated", "rounds=1", *FAST[1:],
                  f"hydra.sweep.dir={tmp_path / 'sweep'}"]) == 0
     assert sys.argv == before
     assert len(list((tmp_path / "sweep").glob("*/summary.json"))) == 2

@@ -27,21 +27,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_grpc_transport import grpc_transport  # noqa: E402  (configs/transport/grpc.yaml's settings)
-from test_hostile import StalledStreams, _header, _state, _until  # noqa: E402  (the tests' attacker)
+from test_hostile import StalledStreams, _header, _state, _until, connected_pair  # noqa: E402  (the tests' attacker)
 
 from dimat.transport.base import TransportError  # noqa: E402
 
 
 def one(case: str, stalled: int, deadline: float) -> str:
     token = None if case == "unauthenticated" else "tok"
-    ts = [grpc_transport(i, {i: "127.0.0.1:0"}, timeout=deadline, heartbeat_interval=None, token=token)
-          for i in range(2)]
-    sender, receiver = ts
-    book = {t.peer_id: t.address for t in ts}
-    for t in ts:
-        t.set_peers(book)
-    receiver.set_schema(_state())
-    receiver.begin_round(0, [0])
+    ts = sender, receiver = connected_pair(token, timeout=deadline)
     tids = iter(range(1, 10 ** 7))
     if case == "insider":
         attack = StalledStreams(receiver.address, stalled, channels=7, first=lambda: _header(transfer_id=next(tids)),

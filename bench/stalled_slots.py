@@ -27,14 +27,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_grpc_transport import grpc_transport  # noqa: E402  (configs/transport/grpc.yaml's settings)
-from test_hostile import StalledStreams, _header, _state, _until, connected_pair  # noqa: E402  (the tests' attacker)
+from test_hostile import StalledStreams, _header, _pair, _state, _until  # noqa: E402  (the tests' attacker)
 
 from dimat.transport.base import TransportError  # noqa: E402
 
 
 def one(case: str, stalled: int, deadline: float) -> str:
     token = None if case == "unauthenticated" else "tok"
-    ts = sender, receiver = connected_pair(token, timeout=deadline)
+    ts = sender, receiver = _pair(token=token, timeout=deadline)
     tids = iter(range(1, 10 ** 7))
     if case == "insider":
         attack = StalledStreams(receiver.address, stalled, channels=7, first=lambda: _header(transfer_id=next(tids)),

@@ -31,8 +31,9 @@ def _state(seed=0):
 
 
 def _pair(**kw):
-    """Receiver 1 (expects peer 0's pushes for round 0) and sender 0, no token, no TLS (the default)."""
-    ts = [grpc_transport(i, {i: "127.0.0.1:0"}, timeout=3.0, retries=3, heartbeat_interval=None, **kw) for i in range(2)]
+    """Receiver 1 (expects peer 0's pushes for round 0) and sender 0, no token, no TLS unless ``kw`` says so."""
+    settings = {"timeout": 3.0, "retries": 3, "heartbeat_interval": None, **kw}
+    ts = [grpc_transport(i, {i: "127.0.0.1:0"}, **settings) for i in range(2)]
     book = {t.peer_id: t.address for t in ts}
     for t in ts:
         t.set_peers(book)
@@ -153,17 +154,6 @@ def _until(cond, what, limit=30.0):
         time.sleep(0.02)
 
 
-def connected_pair(token: str | None, **settings) -> list:
-    """A sender (peer 0) and a receiver (peer 1) on loopback, the receiver in round 0 expecting ``_state()`` from peer 0."""
-    ts = [grpc_transport(i, {i: "127.0.0.1:0"}, heartbeat_interval=None, token=token, **settings) for i in range(2)]
-    book = {t.peer_id: t.address for t in ts}
-    for t in ts:
-        t.set_peers(book)
-    ts[1].set_schema(_state())
-    ts[1].begin_round(0, [0])
-    return ts
-
-
 @pytest.mark.parametrize("insider", [True, False])
 def test_stalled_slots_are_reclaimed_for_an_admitted_push(insider):
     """Streams that send nothing hold every slot an honest push needs: with the token, 50 pushes that
@@ -171,7 +161,7 @@ def test_stalled_slots_are_reclaimed_for_an_admitted_push(insider):
     header-less streams fill all 48. Sender 0's real push still lands: the longest-idle silent stream
     gives up its slot. The idle bound (60 s) is far beyond the push deadline (30 s), so only reclaiming
     can let it in (before: 5 retries in about 1.5 s, then RESOURCE_EXHAUSTED)."""
-    ts = sender, receiver = connected_pair("tok" if insider else None, timeout=30.0, stream_idle_timeout=60.0)
+    ts = sender, receiver = _pair(token="tok" if insider else None, timeout=30.0, stream_idle_timeout=60.0)
     md = (("authorization", "Bearer tok"),) if insider else ()
     if insider:
         tids = iter(range(1, 10 ** 6))  # a transfer of its own per stream, as a real client would send
@@ -196,7 +186,7 @@ def test_stalled_slots_are_reclaimed_for_an_admitted_push(insider):
 def test_without_the_token_a_connection_gets_no_slot():
     """With a token configured, 40 stalled pushes without it are refused UNAUTHENTICATED before any
     handler runs: not one takes a slot, and an honest push is not even slowed by them."""
-    ts = sender, receiver = connected_pair("tok", timeout=30.0)
+    ts = sender, receiver = _pair(token="tok", timeout=30.0)
     attack = StalledStreams(receiver.address, 40, channels=5, first=_header(), seconds=20.0)
     try:
         _until(lambda: attack.codes.count(grpc.StatusCode.UNAUTHENTICATED) >= 40, "40 refusals")

@@ -61,6 +61,7 @@ class Scaffold(AlignedAverage):
         self.alignment = ALIGNMENT[opts["alignment"]]  # type: ignore[misc]
         self.variates = str(opts["variates"])
         self.scale = float(opts["correction_scale"])
+        self._step_keys: dict[int, list[tuple[torch.nn.Parameter, str]]] = {}
         if self.scale < 0:
             raise ValueError(f"merge.correction_scale must be non-negative (got {self.scale})")
 
@@ -77,13 +78,15 @@ class Scaffold(AlignedAverage):
                 state[f"cbar/{n}"] = torch.zeros_like(q)
                 state[f"x/{n}"] = q.detach().clone()
         self.peer_state[peer.id] = state
+        # every local step reads these: the (parameter, correction key) pairs, built once per peer
+        self._step_keys[peer.id] = [(q, f"d/{n}") for n, q in self._params(peer)]
         peer.before_step = self.before_step
 
     def before_step(self, peer: Peer) -> None:
         state = self.peer_state[peer.id]
-        for n, q in self._params(peer):
+        for q, key in self._step_keys[peer.id]:
             if q.grad is not None:
-                q.grad.add_(state[f"d/{n}"], alpha=self.scale)
+                q.grad.add_(state[key], alpha=self.scale)
         state["steps"] += 1
 
     # ------------------------------------------------------------------- what

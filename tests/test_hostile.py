@@ -384,12 +384,14 @@ def test_federation_finishes_with_undisturbed_metrics_under_attack(tmp_path):
             for batch in range(0, n, 50):
                 fs = [stub.Heartbeat.future(pb2.HeartbeatRequest(round=10 ** 6, sender=500 + batch + i), timeout=5)
                       for i in range(min(50, n - batch))]
+                batch_codes = []
                 for f in fs:
                     try:
                         f.result()
-                        codes.append("OK")
+                        batch_codes.append("OK")
                     except grpc.RpcError as exc:
-                        codes.append(exc.code().name)
+                        batch_codes.append(exc.code().name)
+                codes.append((k, batch_codes))
             for _ in range(50 if k == 1 else 0):  # a shape bomb claiming a real neighbour, for a round never reached
                 try:
                     stub.PushWeights(iter([_bomb(round_idx=6, sender=0)]), timeout=10)
@@ -421,9 +423,15 @@ def test_federation_finishes_with_undisturbed_metrics_under_attack(tmp_path):
             attack_log["stalled"].close()
     assert codes == {0: 0, 1: 0, 2: 0}, fed.logs_text()
     assert sim.returncode == 0, sim_out
-    hb = attack_log["heartbeats"]
-    # none accepted; UNAVAILABLE only where that peer had already finished its rounds and closed
-    assert len(hb) == 2000 and set(hb) <= {"PERMISSION_DENIED", "UNAVAILABLE"}, set(hb)
+    batches = attack_log["heartbeats"]
+    hb = [c for _, batch in batches for c in batch]
+    # none accepted; UNAVAILABLE or CANCELLED (in flight when the server stopped) only where that peer had
+    # already finished its rounds and closed: once a batch to a peer met its shutdown, every later batch does too
+    assert len(hb) == 2000 and set(hb) <= {"PERMISSION_DENIED", "UNAVAILABLE", "CANCELLED"}, set(hb)
+    for k in addresses:
+        met_shutdown = [set(batch) != {"PERMISSION_DENIED"} for j, batch in batches if j == k]
+        first = met_shutdown.index(True) if True in met_shutdown else len(met_shutdown)
+        assert all(met_shutdown[first:]), (k, met_shutdown)
     assert hb.count("PERMISSION_DENIED") >= 1000, hb.count("PERMISSION_DENIED")
     # refused, never UNKNOWN: by admission (a round outside the schedule has no senders) or by the header check
     assert attack_log["bomb"] in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)

@@ -53,19 +53,64 @@ BASE_PEERS = 3
 PROTOCOL = ["partition=iid", "local_epochs=1", "merge.every_steps=null", "merge.keep_momentum=false",
             "merge.bn_stats=own", "baseline=null", "train.batch_size=64", "train.lr=0.05", "merge.align_batches=2",
             "progress=false", "checkpoint.enabled=false", "threads=1"]
+#: what `dimat simulate num_peers=N partition=iid` runs, every other key at its default (the round's
+#: figures do not include the centralized baseline or the checkpoints, which run outside it)
+DEFAULT = ["partition=iid", "baseline=null", "progress=false", "checkpoint.enabled=false"]
 JOBS = {
-    "dimat": ["merge=dimat", "topology=ring"],
+    "dimat": [*PROTOCOL, "merge=dimat", "topology=ring"],
     # FedAvg as Flower runs it: one average of every state, BatchNorm buffers averaged too (no reset)
-    "fedavg": ["merge=average", "topology=fully_connected", "init=shared", "merge.bn_stats=average"],
+    "fedavg": [*PROTOCOL, "merge=average", "topology=fully_connected", "init=shared", "merge.bn_stats=average"],
+    # the default recipe (merge=scaffold: activation alignment, 2 merges a round, cosine lr, 2 local epochs)
+    "default": DEFAULT,
+    # the previous default: a merge after every local step
+    "every_step": [*DEFAULT, "experiment=every_step"],
 }
 
 
-#: how the peers of one process execute: one after another, or as one stacked computation
-EXECUTORS = {"per-peer": ["vectorise=false"], "stacked": ["vectorise=true"]}
+#: how the peers of one process execute: spread over one worker thread per core (the default),
+#: one after another on one, or as one stacked computation
+EXECUTORS = {"per-peer": ["vectorise=false"], "one-worker": ["vectorise=false", "workers=1"],
+             "stacked": ["vectorise=true"]}
 
 
 def overrides(job: str, n: int, rounds: int, executor: str = "per-peer") -> list[str]:
-    return [f"num_peers={n}", f"rounds={rounds}", *PROTOCOL, *JOBS[job], *EXECUTORS[executor]]
+    return [f"num_peers={n}", f"rounds={rounds}", *JOBS[job], *EXECUTORS[executor]]
+
+
+def matmul_rate(seconds: float = 2.0, size: int = 1024) -> float:
+    """FLOP/s of float32 square matmuls on every core of this process (the machine's compute rate)."""
+    import torch
+
+    from dimat.config import cores
+
+    torch.set_num_threads(cores())
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b  # warm-up: thread pool, caches
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return 2.0 * size ** 3 * n / (time.perf_counter() - t0)
+
+
+def train_flops(fed) -> float:  # noqa: ANN001 (a Federation)
+    """FLOPs of one round's local training over the whole federation: every peer's SGD steps, each a
+    forward and backward pass of its batch (counted by torch's FLOP counter on peer 0's model)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    peer = next(iter(fed.peers.values()))
+    bs = fed.config.train.batch_size
+    model = __import__("copy").deepcopy(peer.model)
+    x, y = peer.x[:bs], peer.y[:bs]
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y).backward()
+    per_sample = counter.get_total_flops() / len(y)
+    steps = {pid: fed.local_steps(p) for pid, p in fed.peers.items()}
+    samples = sum(min(bs, len(p.y)) * steps[pid] for pid, p in fed.peers.items())
+    return per_sample * samples
 
 
 def steady(times: list[float]) -> float:
@@ -108,6 +153,8 @@ def child(job: str, executor: str, n: int, rounds: int, out: str, dump: str | No
         summary = run_rounds(fed, InProcTransport(share_states=True), tmp, progress=False)  # as dimat simulate
         rec["total_s"] = time.perf_counter() - t0
     rec["round_times"] = [r["time_s"] for r in summary["rounds"]]
+    rec["workers"] = fed.config.workers
+    rec["train_flops"] = train_flops(fed)
     rec["acc"] = summary["final_mean_acc"]
     rec["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     Path(out).write_text(json.dumps(rec))
@@ -196,11 +243,24 @@ def run_flower(python: str, n: int, rounds: int, data: str) -> dict:
             "peak_bytes": mem.peak, "processes": mem.procs, "flwr": rec["flwr"], "total_s": rec["total_s"]}
 
 
+def goals(rows: dict[tuple[str, str], list[dict]], flower: dict[int, dict], label: str) -> None:
+    """The issue's goals, each as measured: a round against Flower's FedAvg round and the compute floor."""
+    print(f"\ngoals (Flower: {label}):")
+    for (job, ex), recs in rows.items():
+        for r in recs:
+            f = flower.get(r["n"])
+            vs = f"{r['round_s'] / f['round_s']:.2f}x Flower's FedAvg round ({f['round_s']:.2f} s)" if f else "no Flower figure"
+            aim = " (goal <= 0.5x)" if job in ("fedavg", "default") and f else ""
+            floor = " (goal <= 4x)" if job == "fedavg" else ""
+            print(f"  {job:<10} {ex:<10} N={r['n']:>4}: {r['round_s']:.2f} s/round = {vs}{aim}; "
+                  f"{r['round_s'] / r['floor_s']:.1f}x its compute floor {r['floor_s']:.3f} s{floor}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peers", type=int, nargs="+", default=[8, 64, 1000])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--jobs", nargs="+", default=["fedavg", "dimat"], choices=sorted(JOBS))
+    ap.add_argument("--jobs", nargs="+", default=["fedavg", "default", "dimat"], choices=sorted(JOBS))
     ap.add_argument("--executors", nargs="+", default=["stacked", "per-peer"], choices=sorted(EXECUTORS))
     ap.add_argument("--flower-python", default=None, help="an interpreter with flwr[simulation] installed")
     ap.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
@@ -213,6 +273,9 @@ def main() -> None:
     if args.rounds < 3:
         ap.error("--rounds must be at least 3 (a warm-up round, a measured round, the final full evaluation)")
 
+    rate = matmul_rate()
+    print(f"compute rate: {rate / 1e9:.1f} GFLOP/s (float32 1024x1024 matmul on {os.cpu_count()} cores, this run); "
+          "a round's floor = its training FLOPs at this rate", flush=True)
     base = run_dimat(args.jobs[0], args.executors[0], BASE_PEERS, 1)
     print(f"baseline process (a {BASE_PEERS}-peer round: imports, data, lazy set-up): "
           f"peak RSS {base['peak_rss_bytes'] / MIB:.1f} MiB", flush=True)
@@ -222,11 +285,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.peers:
             for job, ex in runs:
-                dump = str(Path(tmp) / f"job_{n}.npz") if args.flower_python and (job, ex) == runs[0] else None
+                # Flower runs the FedAvg job on the very data dimat's FedAvg peers hold
+                dump = (str(Path(tmp) / f"job_{n}.npz") if args.flower_python and job == "fedavg"
+                        and ex == args.executors[0] else None)
                 rec = run_dimat(job, ex, n, args.rounds, dump)
                 rec["round_s"] = steady(rec["round_times"])
+                rec["floor_s"] = rec["train_flops"] / rate
                 rows[(job, ex)].append(rec)
-                print(f"  {job} ({ex}) N={n:>4}: {rec['round_s']:.2f} s/round (final {rec['round_times'][-1]:.2f} s), "
+                print(f"  {job} ({ex}, {rec['workers']} worker(s)) N={n:>4}: {rec['round_s']:.2f} s/round "
+                      f"(first {rec['round_times'][0]:.2f} s, final {rec['round_times'][-1]:.2f} s), "
+                      f"floor {rec['floor_s']:.3f} s ({rec['round_s'] / rec['floor_s']:.1f}x), "
                       f"peak RSS {rec['peak_rss_bytes'] / MIB:.1f} MiB, final acc {rec['acc']:.3f}", flush=True)
             if args.flower_python:
                 try:
@@ -249,11 +317,13 @@ def main() -> None:
         flower = {int(r["n"]): r for r in saved["runs"]}
         label = f"Flower (last runs, up to {saved['date']}, not this run)"
 
+    goals(rows, flower, label)
     for (job, ex), recs in rows.items():
         print(f"\n{job}, {ex}: {' '.join(JOBS[job] + EXECUTORS[ex])}; vs {label}")
-        print("| peers | train samples | s/round | final round s | time ratio | N ratio | peak RSS MiB "
-              "| per-peer KiB | model+opt+data KiB | ratio | Flower s/round | Flower peak MiB | dimat/Flower time |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| peers | train samples | s/round | first round s | final round s | floor s | x floor | time ratio "
+              "| N ratio | peak RSS MiB | per-peer KiB | model+opt+data KiB | ratio | Flower s/round | Flower peak MiB "
+              "| dimat/Flower time |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         first = recs[0]
         for r in recs:
             per_peer = (r["peak_rss_bytes"] - base["peak_rss_bytes"]) / max(r["n"] - BASE_PEERS, 1)
@@ -261,7 +331,8 @@ def main() -> None:
             f = flower.get(r["n"])
             fl = (f"{f['round_s']:.2f} | {f['peak_bytes'] / MIB:.0f} | {r['round_s'] / f['round_s']:.2f}" if f
                   else "- | - | -")
-            print(f"| {r['n']} | {r['train_size']} | {r['round_s']:.2f} | {r['round_times'][-1]:.2f} | "
+            print(f"| {r['n']} | {r['train_size']} | {r['round_s']:.2f} | {r['round_times'][0]:.2f} | "
+                  f"{r['round_times'][-1]:.2f} | {r['floor_s']:.3f} | {r['round_s'] / r['floor_s']:.1f} | "
                   f"{r['round_s'] / first['round_s']:.2f} | {r['n'] / first['n']:.0f} | "
                   f"{r['peak_rss_bytes'] / MIB:.1f} | {per_peer / 1024:.0f} | {need / 1024:.0f} | {per_peer / need:.2f} | {fl} |")
         last = recs[-1]

@@ -8,6 +8,7 @@ run folder can record exactly what ran.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -15,6 +16,7 @@ from omegaconf import OmegaConf
 
 from dimat.exchange.codecs import CODECS, SPARSE
 from dimat.merge.api import BN_STATS
+from dimat.merge.basis import REBASE_MODES
 from dimat.train.schedule import SCHEDULES
 from dimat.transport.settings import TransportSettings
 
@@ -173,6 +175,7 @@ class MergeSettings:
     #: True / False, or None for "auto" (on unless a defence aggregates)
     consensus_basis: bool | None
     #: when a peer joins a lower basis: after (relabel its merged model) | before (relabel itself, then average)
+    #: | auto (before where the neighbours bring several other bases, else after: dimat.merge.basis)
     rebase: str
     aggregator: str
     aggregator_kwargs: dict[str, Any]
@@ -244,6 +247,21 @@ class ExchangeSettings:
     choco_step: float | None  # merge=gossip with delta: CHOCO-gossip consensus step (None: plain gossip)
 
 
+def cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _workers(root: "_Reader") -> int:
+    """``workers``: a positive number, or ``auto`` (one per core this process may use)."""
+    if root.raw("workers") == "auto":
+        return cores()
+    return int(root.number("workers", int, 1))
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs, typed and checked; built by :meth:`from_config`."""
@@ -258,6 +276,8 @@ class RunConfig:
     init: str
     device: str
     threads: int | None
+    #: `dimat simulate`: threads its peers' training and evaluation are spread over ("auto": one per core)
+    workers: int
     tensorboard: bool
     #: train and evaluate same-architecture peers as one stacked computation (dimat.federation.stacked)
     vectorise: bool
@@ -307,6 +327,7 @@ class RunConfig:
             init=root.text("init", ("different", "shared")),  # type: ignore[arg-type]
             device=root.text("device"),  # type: ignore[arg-type]
             threads=root.number("threads", int, 1, optional=True),
+            workers=_workers(root),
             tensorboard=root.flag("tensorboard"),
             vectorise=root.flag("vectorise"),
             vectorise_chunk=root.number("vectorise_chunk", int, 1),
@@ -351,7 +372,7 @@ def _merge_settings(r: _Reader) -> MergeSettings:
         bn_stats=r.text("bn_stats", BN_STATS),
         keep_momentum=r.flag("keep_momentum"),
         consensus_basis=basis,
-        rebase=r.text("rebase", ("after", "before")),
+        rebase=r.text("rebase", REBASE_MODES),
         aggregator=r.text("aggregator"),  # type: ignore[arg-type]
         aggregator_kwargs=dict(kwargs or {}),
         every_steps=r.number("every_steps", int, 1, optional=True),

@@ -20,6 +20,7 @@ from dimat.data import load_dataset, partition, train_val_split
 from dimat.data.bundle import get_loader
 from dimat.exchange import Compressor
 from dimat.federation.stacked import StackedPeers, stack_peers
+from dimat.federation.workers import SERIAL, PeerPool
 from dimat.methods import Method, build_method
 from dimat.models import available_models, build_model as _build_model
 from dimat.peer import Peer, as_tensors
@@ -45,6 +46,8 @@ class Federation:
     compressor: Compressor | None = None  # when `exchange` changes what is sent
     #: the local peers as one stacked computation (``vectorise``), when they can be stacked
     stacked: StackedPeers | None = None
+    #: the threads local training and evaluation run on (``workers``; set by the round loop for its run)
+    pool: PeerPool = SERIAL
 
     def topology_at(self, round_idx: int) -> Any:
         """The topology used in round ``round_idx`` (time-varying schedules change it)."""

@@ -26,6 +26,7 @@ from dimat.federation.checkpoints import Checkpointer
 from dimat.federation.evaluation import plan_round
 from dimat.federation.sent_states import SentStates
 from dimat.federation.shared_merge import SharedMerges, row_key
+from dimat.federation.workers import SERIAL, PeerPool
 from dimat.metrics import consensus_distance, write_text_atomic
 from dimat.metrics.run_log import RoundResult, RunLog, make_summary, round_result
 from dimat.runtime import set_threads
@@ -117,7 +118,7 @@ def train_steps(fed: Federation, steps: dict[int, int]) -> dict[int, dict[str, f
     """``steps[p]`` SGD steps for each local peer: stacked (``vectorise``) or one peer after another."""
     if fed.stacked is not None:
         return fed.stacked.train_steps(steps)
-    return {pid: fed.peers[pid].train_steps(n) for pid, n in steps.items()}
+    return fed.pool.map(lambda pid: fed.peers[pid].train_steps(steps[pid]), steps)
 
 
 def _pooled(chunks: list[dict[str, float]]) -> dict[str, float]:
@@ -149,10 +150,15 @@ def evaluate_round(fed: Federation, round_idx: int, out: RoundOutput, elapsed: f
     scored: dict[int, dict[str, float]] = {}
     if fed.stacked is not None:  # every evaluated peer on the same test batches at once
         scored = fed.stacked.evaluate([pid for pid in sorted(fed.peers) if plan.evaluates(pid)], test)
+    def score(pid: int) -> tuple[dict[str, Any], dict[str, float] | None]:
+        p = fed.peers[pid]
+        if not plan.evaluates(pid):
+            return {"acc": None, "loss": None}, None
+        return scored.get(pid) or p.evaluate(test), p.evaluate_val()
+
+    results = fed.pool.map(score, sorted(fed.peers))  # peers' evaluations are independent: on every worker
     for pid, p in sorted(fed.peers.items()):
-        evaluated = plan.evaluates(pid)
-        got = (scored.get(pid) or p.evaluate(test)) if evaluated else {"acc": None, "loss": None}
-        val = p.evaluate_val() if evaluated else None
+        got, val = results[pid]
         tr = out.train.get(pid, {})
         rec = {
             "round": round_idx, "peer": pid, "method": fed.method.name,
@@ -161,13 +167,13 @@ def evaluate_round(fed: Federation, round_idx: int, out: RoundOutput, elapsed: f
             "train_loss": tr.get("loss"), "train_acc": tr.get("acc"), "local_steps": tr.get("steps", 0),
             "neighbours": out.heard.get(pid, []), "missing": out.missing.get(pid, []),
             "bytes_sent": int(out.bytes_sent.get(pid, 0)),
-            "eval": plan.kind, "test_samples": plan.test_samples if evaluated else 0,
+            "eval": plan.kind, "test_samples": plan.test_samples if plan.evaluates(pid) else 0,
         }
         if out.refused.get(pid):
             rec["refused"] = {str(j): why for j, why in sorted(out.refused[pid].items())}
         if fed.attack is not None:
             rec.update({"malicious": fed.attack.is_malicious(pid), "clean_acc": got["acc"],
-                        "asr": fed.attack.evaluate(p.model, *test) if evaluated else None})
+                        "asr": fed.attack.evaluate(p.model, *test) if plan.evaluates(pid) else None})
         records.append(rec)
     return records, round_result(round_idx, records, consensus=consensus_of(fed), time_s=elapsed)
 
@@ -229,13 +235,28 @@ def run_rounds(
     log.start(start if resume else None)
 
     say = echo or (lambda s: None)
+    # the run's worker threads (``workers``); none when this process hosts one peer or stacks them
+    workers = run.workers if len(fed.peers) > 1 and fed.stacked is None else 1
+    fed.pool = PeerPool(workers)
+    try:
+        return _run(fed, transport, run_dir, start, total, ckpt, log, say, progress)
+    finally:
+        fed.pool.close()
+        fed.pool = SERIAL
+
+
+def _run(fed: Federation, transport: Transport, run_dir: Path, start: int, total: int, ckpt: Checkpointer,
+         log: RunLog, say: Callable[[str], None], progress: bool) -> dict[str, Any]:
+    """The rounds of :func:`run_rounds` from round ``start + 1``, with ``fed.pool`` set."""
+    run = fed.config
     t_run = time.perf_counter()
     if start == 0 and run.pretrain_epochs > 0:
         t0 = time.perf_counter()
         out = RoundOutput.empty(fed.peers)
         for p in fed.peers.values():
             fed.method.start_round(p)
-        out.train = {pid: p.train_steps(round(run.pretrain_epochs * p.steps_per_epoch)) for pid, p in fed.peers.items()}
+        out.train = fed.pool.map(lambda pid: fed.peers[pid].train_steps(
+            round(run.pretrain_epochs * fed.peers[pid].steps_per_epoch)), fed.peers)
         records, res = evaluate_round(fed, 0, out, time.perf_counter() - t0)
         log.log(records, res)
         say(res.line(total))

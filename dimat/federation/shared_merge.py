@@ -55,15 +55,19 @@ class SharedMerges:
 
     def merge(self, model: nn.Module, own_id: int, neighbours: Mapping[int, Mapping[str, torch.Tensor]],
               weights: Mapping[int, float], *, bn_stats: str, data: list | None) -> StateDict:
-        """The merged state for the peer ``own_id`` whose live model is ``model`` (not changed here
+        """The merged state for the peer ``own_id`` whose live model is ``model`` (``neighbours``: the
+        payloads as received; keys beyond the model's are not read). ``model`` is not changed here
         unless BatchNorm is recomputed, ``bn_stats="own"``, which happens on ``model`` itself: it is
-        loaded next anyway). ``bn_stats="mixture"`` mixes the statistics as moments, as
+        loaded next anyway. ``bn_stats="mixture"`` mixes the statistics as moments, as
         ``merge_states`` does; ``average`` averages them with the weights."""
         key = row_key(weights)
         avg = self._kept.get(key)
         if avg is None:
             own = model.state_dict()
             states = [own if p == own_id else neighbours[p] for p, _ in key]
+            # a payload as sent may carry more than the model (its basis tag, a method's extras):
+            # the average reads the model's own keys, and the first state's keys are the ones it reads
+            states[0] = {k: states[0][k] for k in own}
             mixed = bn_names(model) if bn_stats == "mixture" else []
             if mixed:
                 states = [to_second_moments(s, mixed) for s in states]

@@ -21,9 +21,20 @@ basis, the relabelling comes after. But in the round after a switch every peer's
 copy of the lowest-tag neighbour's ordering, which makes that neighbour look central to
 distance-based defences; ``merge.consensus_basis: auto`` therefore turns tags off under a defence
 (docs/safety.md measures it).
+
+When the lower basis is joined (``merge.rebase``): ``after`` aligns every neighbour into the own
+basis, merges, then relabels the result; ``before`` relabels the own model into the lowest
+neighbour's basis by one matching and averages only the neighbours already in it (the others join
+at a later merge). At the first merge of a federation of different inits every neighbour is in a
+basis of its own, so ``after`` costs one matching per neighbour, N x degree in all (about a million
+at 1,000 fully connected peers), and ``before`` one per peer. ``auto`` (the default) is ``before``
+exactly there, where the neighbours bring more than one basis other than the own one
+(:func:`rebase_mode`), and ``after`` everywhere else, so wherever a peer's neighbours bring at most
+one other basis (a shared init, a flooded graph) nothing changes.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Mapping, Sequence
 
 import torch
@@ -32,6 +43,8 @@ from dimat.typing import StateDict
 
 #: Key of the basis tag in exchanged state dicts (an int64 scalar); never a key of a model's own state.
 BASIS_KEY = "_dimat.basis"
+#: ``merge.rebase``: when a peer joins the lowest basis of its neighbourhood (see above)
+REBASE_MODES = ("auto", "after", "before")
 
 
 def attach_basis(state: Mapping[str, torch.Tensor], basis: int) -> StateDict:
@@ -45,13 +58,38 @@ def attach_basis(state: Mapping[str, torch.Tensor], basis: int) -> StateDict:
 
 def split_basis(state: Mapping[str, torch.Tensor], label: str = "state") -> tuple[StateDict, int | None]:
     """``(model state, tag)``; the tag is ``None`` when the state carries none."""
-    if BASIS_KEY not in state:
-        return dict(state), None
+    tag = basis_of(state, label)
     out = dict(state)
-    t = out.pop(BASIS_KEY)
+    out.pop(BASIS_KEY, None)
+    return out, tag
+
+
+def basis_of(state: Mapping[str, torch.Tensor], label: str = "state") -> int | None:
+    """The tag ``state`` carries (``None``: none), read without copying the state.
+
+    A merge reads every neighbour's tag; on a fully connected graph that is N x (N - 1) reads an
+    exchange, so this looks the one key up rather than splitting each state as :func:`split_basis` does.
+    """
+    t = state.get(BASIS_KEY)
+    if t is None:
+        return None
+    seen = _TAGS.get(id(t))
+    if seen is not None and seen[0]() is t:  # every receiver of a sender reads the same tag tensor
+        return seen[1]
     if not isinstance(t, torch.Tensor) or t.numel() != 1 or t.dtype != torch.int64 or int(t) < 0:
         raise ValueError(f"{label}: '{BASIS_KEY}' must be a non-negative int64 scalar, got {t!r}")
-    return out, int(t)
+    tag = int(t)
+    if len(_TAGS) > 1 << 16:
+        _TAGS.clear()
+    _TAGS[id(t)] = (weakref.ref(t), tag)
+    return tag
+
+
+# tag tensors already read: id -> (the tensor, weakly, its value); reading a one-element tensor costs
+# microseconds, which at N x (N - 1) reads an exchange is seconds. The weak reference tells a
+# reused id from the tensor read before; a tag tensor is never changed in place (attach_basis
+# makes a new one for every state sent).
+_TAGS: dict[int, tuple[weakref.ref, int]] = {}
 
 
 def plan_rebase(own: int, tags: Sequence[int | None]) -> tuple[list[bool], int | None, int]:
@@ -67,3 +105,23 @@ def plan_rebase(own: int, tags: Sequence[int | None]) -> tuple[list[bool], int |
         return same, None, own
     tag, k = min(lower)
     return same, k, tag
+
+
+def rebase_mode(setting: str, own: int, tags: Sequence[int | None]) -> str:
+    """``after`` or ``before``: what ``merge.rebase=setting`` does for a peer in basis ``own``
+    whose neighbours carry ``tags``.
+
+    ``auto`` is ``before`` where the neighbours bring more than one basis other than ``own`` (an
+    untagged neighbour counts as a basis of its own), so a merge costs one matching per peer rather
+    than one per neighbour; else ``after``.
+
+    Example:
+        >>> rebase_mode("auto", 3, [0, 1, 2]), rebase_mode("auto", 3, [0, 0, 3])
+        ('before', 'after')
+    """
+    if setting not in REBASE_MODES:
+        raise ValueError(f"merge.rebase must be one of {', '.join(REBASE_MODES)} (got {setting!r})")
+    if setting != "auto":
+        return setting
+    others = {("tag", t) if t is not None else ("untagged", k) for k, t in enumerate(tags) if t != own}
+    return "before" if len(others) > 1 else "after"

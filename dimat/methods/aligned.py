@@ -18,7 +18,7 @@ method extends :meth:`AlignedAverage.merge` and inherits all of the above.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 
@@ -27,7 +27,7 @@ from dimat.align.permute import invert
 from dimat.config import MergeSettings
 from dimat.merge.aggregators import AggregationContext, get_aggregator, is_plain_mean
 from dimat.merge.api import merge_states
-from dimat.merge.basis import plan_rebase, split_basis
+from dimat.merge.basis import BASIS_KEY, basis_of, plan_rebase, rebase_mode
 from dimat.merge.scratch import working_copy
 from dimat.methods.base import Method, permute_like_params, split_extras
 from dimat.peer import Peer
@@ -47,6 +47,26 @@ def is_plain_average(aggregator: object | None, alignment: str | None, same_basi
     return is_plain_mean(aggregator) and into is None and no_alignment
 
 
+class _ModelStates(Sequence):
+    """The model states of received payloads (tag and extras left out), each split when first read."""
+
+    def __init__(self, payloads: list[Mapping[str, torch.Tensor]]) -> None:
+        self._payloads = payloads
+        self._split: dict[int, StateDict] = {}
+
+    def __len__(self) -> int:
+        return len(self._payloads)
+
+    def __getitem__(self, k):  # noqa: ANN001, ANN204 (Sequence's signature)
+        if isinstance(k, slice):
+            return [self[i] for i in range(len(self))[k]]
+        if k not in self._split:
+            model = split_extras(self._payloads[k])[0]
+            model.pop(BASIS_KEY, None)
+            self._split[k] = model
+        return self._split[k]
+
+
 class AlignedAverage(Method):
     """Align neighbours (``alignment``), combine with the aggregator, keep one basis."""
 
@@ -61,6 +81,9 @@ class AlignedAverage(Method):
         # consensus_basis auto: on unless a defence aggregates (dimat.merge.basis says why)
         self.consensus_basis = (self.aggregator is None if settings.consensus_basis is None
                                 else settings.consensus_basis)
+        #: models matched into another's basis by this method's merges so far (the cost that
+        #: ``merge.rebase=auto`` keeps at one per peer for the first merge of many bases)
+        self.matchings = 0
 
     @property
     def bn_stats(self) -> str:
@@ -79,18 +102,22 @@ class AlignedAverage(Method):
         """
         w = renormalise(weights, received, self_id=peer.id)
         senders = sorted(j for j in w if j != peer.id)
-        split = [split_basis(split_extras(received[j])[0], label=f"peer {peer.id}: state from peer {j}")
-                 for j in senders]
-        if not split:
+        if not senders:
             return peer.state()
-        states, tags = [s for s, _ in split], [t for _, t in split]
+        # the tags are read in place; the states are split (copied without tag and extras) only for a
+        # merge of this peer's own: the shared average reads the model's keys of each payload as sent
+        tags = [basis_of(received[j], label=f"peer {peer.id}: state from peer {j}") for j in senders]
+        states: list = _ModelStates([received[j] for j in senders])
         same, into, new_basis = None, None, peer.basis
         batches = peer.alignment_batches()
-        rebase_first = self.consensus_basis and self.alignment is not None and self.settings.rebase == "before"
+        rebase_first = (self.consensus_basis and self.alignment is not None
+                        and rebase_mode(self.settings.rebase, peer.basis, tags) == "before")
+        own_relabelled = False
         if rebase_first:
-            self._join_lowest_basis(peer, states, tags, batches)
+            own_relabelled = self._join_lowest_basis(peer, states, tags, batches)
+            self.matchings += int(own_relabelled)
             keep = [k for k, t in enumerate(tags) if t == peer.basis]  # the others join later
-            senders, states = [senders[k] for k in keep], [states[k] for k in keep]
+            senders, states = [senders[k] for k in keep], _ModelStates([received[senders[k]] for k in keep])
             w = renormalise(weights, senders, self_id=peer.id)
             if not senders:
                 return peer.state()
@@ -104,16 +131,17 @@ class AlignedAverage(Method):
                                          seed=derive_seed(peer.seed, AGGREGATION, peer.id, peer.steps_done))
         relabel: dict[str, torch.Tensor] = {}
         alignments: dict[int, dict[str, torch.Tensor]] = {}
-        # rebase=before has relabelled the own model: it is no longer the state the others received
-        if shared is not None and not rebase_first and is_plain_average(self.aggregator, self.alignment, same, into):
-            merged = shared.merge(peer.model, peer.id, dict(zip(senders, states)), w, bn_stats=self.bn_stats,
+        # a relabelled own model (rebase before) is no longer the state the others received
+        if shared is not None and not own_relabelled and is_plain_average(self.aggregator, self.alignment, same, into):
+            merged = shared.merge(peer.model, peer.id, {j: received[j] for j in senders}, w, bn_stats=self.bn_stats,
                                   data=batches)
         else:
             merged = merge_states(
-                peer.model, states, [w.get(peer.id, 0.0)] + [w[j] for j in senders], batches,
+                peer.model, list(states), [w.get(peer.id, 0.0)] + [w[j] for j in senders], batches,
                 alignment=self.alignment, bn_stats=self.bn_stats, aggregator=self.aggregator, context=context,
                 same_basis=same, into=into, relabel=relabel, alignments=alignments,
             )
+        self.matchings += len(alignments)
         peer.load_state(merged, reset_optimizer=self.reset_optimizer)
         if relabel:
             if not self.reset_optimizer:
@@ -140,17 +168,18 @@ class AlignedAverage(Method):
             out[j] = extras
         return out
 
-    def _join_lowest_basis(self, peer: Peer, states: list, tags: list, batches: list) -> None:
+    def _join_lowest_basis(self, peer: Peer, states: list, tags: list, batches: list) -> bool:
         """``merge.rebase=before``: relabel the own model into the lowest-tagged neighbour's basis.
 
         One matching (the neighbour's model onto own, on the data merging sees), applied inversely to
         the own model, its momentum and this method's state: the function is unchanged. Every model
         thus enters the common basis through the permutation its own peer found, so merged models
         agree across peers; with ``after`` each peer re-matches every neighbour and the results disagree.
+        Returns whether the own model was relabelled (False: no neighbour is in a lower basis).
         """
         lower = [(t, k) for k, t in enumerate(tags) if t is not None and t < peer.basis]
         if not lower:
-            return
+            return False
         tag, k = min(lower)
         spec, batches = spec_for(peer.model, batches)
         other = working_copy(peer.model, 0)  # the merge's pooled copy; free again once matching returns
@@ -158,6 +187,7 @@ class AlignedAverage(Method):
         found = find_permutations(peer.model, [other], batches, self.alignment, spec)[0]
         self.relabel(peer, {g: invert(p) for g, p in found.items()})
         peer.basis = tag
+        return True
 
 
 __all__ = ["AlignedAverage"]

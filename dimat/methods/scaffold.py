@@ -30,9 +30,8 @@ from typing import Any, Mapping
 import torch
 
 from dimat.config import ConfigError, MergeSettings
-from dimat.merge.basis import split_basis
+from dimat.merge.basis import basis_of
 from dimat.methods.aligned import AlignedAverage
-from dimat.methods.base import split_extras
 from dimat.peer import Peer
 from dimat.topology.membership import renormalise
 from dimat.typing import StateDict
@@ -112,7 +111,7 @@ class Scaffold(AlignedAverage):
         row = renormalise(weights, received, self_id=peer.id)
         if not any(j != peer.id for j in row):
             return super().merge(peer, received, weights, shared=shared)  # nobody arrived: nothing changes
-        tags = [split_basis(split_extras(received[j])[0])[1] for j in row if j != peer.id]
+        tags = [basis_of(received[j]) for j in row if j != peer.id]
         cross_basis = any(t != peer.basis for t in tags)
         per_step = self._per_step(peer)
         # kept in the state, so a relabelling inside the merge moves them with the units

@@ -1,0 +1,106 @@
+"""Scale (issue 26): the first merge of many bases costs one matching per peer, and `workers`
+spreads a simulation's peers over threads without changing a single metric."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dimat.entry import default_method
+from dimat.federation import build_federation, read_metrics, simulate
+from dimat.federation.rounds import RoundOutput, exchange_and_merge
+from dimat.federation.workers import PeerPool
+from dimat.merge import attach_basis
+from dimat.merge.basis import rebase_mode
+from dimat.transport.inproc import InProcTransport
+
+from test_basis import _data, _mlp, _tagged_peer
+from test_federation import compose
+
+
+def test_rebase_auto_is_before_only_where_the_neighbours_bring_several_other_bases() -> None:
+    assert rebase_mode("auto", 5, [0, 1, 2]) == "before"      # the first merge of different inits
+    assert rebase_mode("auto", 5, [0, 0, 5]) == "after"       # one other basis: as before
+    assert rebase_mode("auto", 0, [0, 0]) == "after"          # one basis (a flooded graph, a shared init)
+    assert rebase_mode("auto", 2, [None, None]) == "before"   # untagged states are bases of their own
+    assert rebase_mode("after", 5, [0, 1, 2]) == "after" and rebase_mode("before", 0, [0]) == "before"
+    with pytest.raises(ValueError, match="merge.rebase"):
+        rebase_mode("sometimes", 0, [])
+
+
+@pytest.mark.parametrize("rebase, matchings", [("auto", 7), ("after", 8 * 7)])
+def test_the_first_merge_of_eight_bases_matches_each_peer_once(rebase: str, matchings: int) -> None:
+    """Eight peers of different inits, fully connected: each is in a basis of its own. With the
+    default (auto) every peer but the lowest is matched once, into peer 0's basis; `after` matches
+    every neighbour at every peer. Either way every peer leaves the merge in basis 0."""
+    fed = build_federation(compose("num_peers=8", "partition=iid", "topology=fully_connected", "merge=dimat",
+                                   f"merge.rebase={rebase}"))
+    for p in fed.peers.values():
+        p.train(steps=2)
+    x = fed.test_data[0][:64]
+    before = {pid: p.model.eval()(x).detach() for pid, p in fed.peers.items()}
+    out = RoundOutput.empty(fed.peers)
+    exchange_and_merge(fed, InProcTransport(share_states=True), fed.topology_at(1), 1, out)
+    assert fed.method.matchings == matchings
+    assert {p.basis for p in fed.peers.values()} == {0}
+    assert all(len(heard) == 7 for heard in out.heard.values())
+    # the merge changed every model but peer 0's under auto (nobody in its basis yet: it waits a merge)
+    changed = {pid for pid, p in fed.peers.items() if not torch.allclose(p.model.eval()(x), before[pid])}
+    assert changed == (set(range(1, 8)) if rebase == "auto" else set(range(8)))
+
+
+def test_auto_merges_exactly_as_after_where_the_neighbours_share_one_basis() -> None:
+    """A peer in basis 2 whose neighbours are both in basis 0: auto is `after` (both matched, the
+    result relabelled into basis 0), to the last bit."""
+    low_a, low_b = attach_basis(_mlp(0).state_dict(), 0), attach_basis(_mlp(1).state_dict(), 0)
+    merged = {}
+    for rebase in ("auto", "after"):
+        peer = _tagged_peer(2, _mlp(2), rebase)
+        peer.train(steps=2)
+        method = default_method("dimat", bn_stats="average", rebase=rebase, keep_momentum=True)
+        merged[rebase] = method.merge(peer, {0: low_a, 1: low_b}, {2: 0.4, 0: 0.3, 1: 0.3})
+        assert peer.basis == 0 and method.matchings == 2
+    assert merged["auto"].keys() == merged["after"].keys()
+    assert all(torch.equal(v, merged["after"][k]) for k, v in merged["auto"].items())
+
+
+def test_peer_pool_maps_in_order_and_raises_what_a_worker_raised() -> None:
+    with PeerPool(3) as pool:
+        assert list(pool.map(lambda pid: pid * 10, [4, 1, 3, 2])) == [4, 1, 3, 2]
+        assert pool.map(lambda pid: torch.get_num_threads(), [0, 1, 2]) == {i: torch.get_num_threads() for i in range(3)}
+
+        def fail(pid: int) -> int:
+            if pid == 2:
+                raise KeyError("peer 2")
+            return pid
+        with pytest.raises(KeyError, match="peer 2"):
+            pool.map(fail, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="workers"):
+        PeerPool(0)
+
+
+def test_workers_change_no_metric_of_the_default_recipe(tmp_path: Path) -> None:
+    """Six peers of the default recipe (scaffold, 2 merges a round, activation alignment, BatchNorm
+    mixture, cosine lr) for two rounds on one worker and on three: the same records, bit for bit,
+    and one run folder each with the same files."""
+    common = ["num_peers=6", "rounds=2", "partition=iid", "topology=fully_connected", "merge=scaffold",
+              "merge.keep_momentum=true", "merge.bn_stats=mixture", "model=cnn1d", "model.width=0.25",
+              "train.lr_schedule=cosine"]
+    simulate(compose(*common, "workers=1"), tmp_path / "one")
+    simulate(compose(*common, "workers=3"), tmp_path / "three")
+    one, three = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("one", "three"))
+    assert len(one) == 12 and one == three
+    assert {p.name for p in (tmp_path / "one").iterdir()} == {p.name for p in (tmp_path / "three").iterdir()}
+    last = Path("checkpoints") / "peer_003" / "round_0002.pt"
+    a, b = (torch.load(tmp_path / d / last, weights_only=False) for d in ("one", "three"))
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+
+
+def test_workers_auto_is_one_per_core() -> None:
+    import os
+
+    from dimat.config import RunConfig
+
+    run = RunConfig.from_config(compose())
+    assert run.workers == len(os.sched_getaffinity(0))

@@ -71,14 +71,15 @@ def exchange_and_merge(fed: Federation, transport: Transport, topo: Any, exchang
     if fed.compressor is not None:  # decoded states, checked against each receiver's own model
         result = fed.compressor.decode(exchange_idx, result, states)
     sent.delivered(result.received)
+    rows = {pid: topo.weights_for(pid) for pid in fed.peers}  # O(degree) each: built once an exchange
     shared = None
     if fed.attack is None:  # an attacker's sent state is not its model: its row is not the others'
-        shared = SharedMerges((row_key(renormalise(topo.weights_for(pid), result.received.get(pid, {}), self_id=pid))
+        shared = SharedMerges((row_key(renormalise(rows[pid], result.received.get(pid, {}), self_id=pid))
                                for pid in fed.peers), reuse=sent.exact)
     for pid, peer in fed.peers.items():
         got = result.received.pop(pid, {})  # dropped once merged: received states are held no longer
         sent.before_merge(pid)
-        fed.method.merge(peer, got, topo.weights_for(pid), shared=shared)
+        fed.method.merge(peer, got, rows.pop(pid), shared=shared)
         sent.after_merge(got)
         out.bytes_sent[pid] += int(result.bytes_sent.get(pid, 0))
         out.heard[pid] = sorted(got)

@@ -36,7 +36,9 @@ def row_key(weights: Mapping[int, float]) -> Row:
     renormalisation (the sum is taken in each row's own order). The average is then taken with
     the rounded weights, so it does not depend on which peer computed it.
     """
-    return tuple(sorted((int(p), round(float(w), 12)) for p, w in weights.items()))
+    # N rows of N entries an exchange on a full graph: no conversions for what is already int and float
+    return tuple(sorted((p if type(p) is int else int(p), round(w if type(w) is float else float(w), 12))
+                        for p, w in weights.items()))
 
 
 class SharedMerges:

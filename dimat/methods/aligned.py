@@ -107,6 +107,8 @@ class AlignedAverage(Method):
         # the tags are read in place; the states are split (copied without tag and extras) only for a
         # merge of this peer's own: the shared average reads the model's keys of each payload as sent
         tags = [basis_of(received[j], label=f"peer {peer.id}: state from peer {j}") for j in senders]
+        #: whether the last merge had a neighbour in another basis than the peer's own (before it)
+        self.last_cross_basis = any(t != peer.basis for t in tags)
         states: list = _ModelStates([received[j] for j in senders])
         same, into, new_basis = None, None, peer.basis
         batches = peer.alignment_batches()
@@ -148,9 +150,17 @@ class AlignedAverage(Method):
                 peer.permute_optimizer_state(relabel)  # kept momentum follows its units into the new basis
             self.permute(peer, relabel)
         peer.basis = new_basis
-        #: how each sender's units were mapped into the peer's (new) basis by this merge
-        self.last_alignment = {j: (alignments.get(k, {}), relabel) for k, j in enumerate(senders)}
+        # how each sender's units were mapped into the peer's (new) basis (read by received_extras;
+        # kept as found, not as a per-sender dict: N x degree entries an exchange otherwise)
+        self._last_alignment = (senders, alignments, relabel)
         return merged
+
+    @property
+    def last_alignment(self) -> dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+        """``{sender: (its alignment, the relabelling)}`` of the last :meth:`merge`: how each sender's
+        units were mapped into the peer's (new) basis (empty permutations: none)."""
+        senders, alignments, relabel = getattr(self, "_last_alignment", ((), {}, {}))
+        return {j: (alignments.get(k, {}), relabel) for k, j in enumerate(senders)}
 
     def received_extras(self, peer: Peer, received: Mapping[int, Mapping[str, torch.Tensor]]
                         ) -> dict[int, StateDict]:
@@ -160,7 +170,7 @@ class AlignedAverage(Method):
         (its alignment, then the relabelling into the consensus basis); others pass unchanged.
         """
         out: dict[int, StateDict] = {}
-        for j, (aligned, relabel) in getattr(self, "last_alignment", {}).items():
+        for j, (aligned, relabel) in self.last_alignment.items():
             extras = split_extras(received[j])[1]
             for perms in (aligned, relabel):
                 if perms:

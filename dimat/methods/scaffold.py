@@ -30,7 +30,6 @@ from typing import Any, Mapping
 import torch
 
 from dimat.config import ConfigError, MergeSettings
-from dimat.merge.basis import basis_of
 from dimat.methods.aligned import AlignedAverage
 from dimat.peer import Peer
 from dimat.topology.membership import renormalise
@@ -111,8 +110,6 @@ class Scaffold(AlignedAverage):
         row = renormalise(weights, received, self_id=peer.id)
         if not any(j != peer.id for j in row):
             return super().merge(peer, received, weights, shared=shared)  # nobody arrived: nothing changes
-        tags = [basis_of(received[j]) for j in row if j != peer.id]
-        cross_basis = any(t != peer.basis for t in tags)
         per_step = self._per_step(peer)
         # kept in the state, so a relabelling inside the merge moves them with the units
         for n, q in self._params(peer):
@@ -120,6 +117,7 @@ class Scaffold(AlignedAverage):
         if self.variates == "sent":
             state.update(self._variate(peer))
         merged = super().merge(peer, received, weights, shared=shared)
+        cross_basis = self.last_cross_basis  # a neighbour in another basis than the peer's before the merge
         if self.variates == "local":
             # aligned merges change basis while bases differ; plain averaging only at the first merge
             jump = cross_basis and (self.alignment is not None or int(state["merges"]) == 0)

@@ -85,14 +85,15 @@ def check_weights(
     ``WEIGHT_SUM_TOL``. Nothing is rescaled here: that is `renormalise`, applied once per round.
     """
     values = [float(w) for w in (weights.values() if isinstance(weights, Mapping) else weights)]
-    shown = dict(weights) if isinstance(weights, Mapping) else values
+    # the row as printed in an error (copied then only: a copy per row was N^2 on a full graph)
+    shown = (lambda: dict(weights)) if isinstance(weights, Mapping) else (lambda: values)
     if n is not None and len(values) != n:
         raise ValueError(f"expected {n} weights for {n} models (own + {n - 1} neighbours), got {len(values)}")
     if any(not math.isfinite(w) or w < 0 for w in values):
-        raise ValueError(f"weights must be finite and non-negative, got {shown}")
+        raise ValueError(f"weights must be finite and non-negative, got {shown()}")
     total = sum(values)
     if total <= 0:
-        raise ValueError(f"weights must not all be zero, got {shown}")
+        raise ValueError(f"weights must not all be zero, got {shown()}")
     if sums_to_one and abs(total - 1.0) > WEIGHT_SUM_TOL:
         raise ValueError(f"mixing weights must sum to 1, got sum {total:.6f}")
     return values
@@ -113,7 +114,7 @@ def renormalise(
     keep = set(int(p) for p in present)
     if self_id is not None:
         keep.add(int(self_id))
-    out = {int(p): float(w) for p, w in weights.items() if int(p) in keep}
+    out = {int(p): float(w) for p, w in weights.items() if p in keep or int(p) in keep}
     total = sum(out.values())
     if total <= 0:
         if self_id is not None:

@@ -104,3 +104,21 @@ def test_workers_auto_is_one_per_core() -> None:
 
     run = RunConfig.from_config(compose())
     assert run.workers == len(os.sched_getaffinity(0))
+
+
+def test_peers_holding_one_model_score_the_test_set_once_with_each_peers_own_figures() -> None:
+    """After a plain average of the whole graph every peer holds the same model: the round's
+    records equal each peer's own evaluation, and the peers group as one (a ring's do not)."""
+    from dimat.federation.evaluation import same_models
+    from dimat.federation.rounds import evaluate_round, train_round
+
+    for topology, groups in (("fully_connected", 1), ("ring", 6)):
+        fed = build_federation(compose("num_peers=6", "partition=iid", "init=shared", "merge=average",
+                                       f"topology={topology}", "merge.bn_stats=average", "rounds=1"))
+        out = train_round(fed, InProcTransport(share_states=True), 1)
+        assert len(set(same_models({pid: p.model for pid, p in fed.peers.items()}).values())) == groups
+        records, _ = evaluate_round(fed, 1, out, 0.0)
+        for rec in records:
+            own = fed.peers[rec["peer"]].evaluate(fed.test_data)
+            assert (rec["test_acc"], rec["test_loss"]) == (own["acc"], own["loss"])
+            assert rec["val_acc"] == fed.peers[rec["peer"]].evaluate_val()["acc"]

@@ -23,6 +23,7 @@ figures never depend on the policy. Every record and round result says what was 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -88,3 +89,36 @@ def plan_round(policy: EvalSettings, round_idx: int, *, final: bool, num_peers: 
 
 
 __all__ = ["ALL", "SAMPLE", "NONE", "EvalPlan", "plan_round", "sample_size"]
+
+
+def same_models(models: Mapping[int, torch.nn.Module]) -> dict[int, int]:
+    """``{peer: the first peer (in the given order) whose model equals this one's exactly}``.
+
+    Every tensor of the state (weights and BatchNorm buffers) equal: the model computes the same
+    function, so a test set scored once serves each of them. After a plain average over the whole
+    graph every peer holds the same model, so a round evaluates one where it evaluated N (the last
+    round, every peer on the whole test set, most of all). Peers are grouped by a cheap fingerprint
+    first, then compared tensor by tensor, so distinct models cost one fingerprint each.
+
+    Example:
+        >>> a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+        >>> b.load_state_dict(a.state_dict())
+        <All keys matched successfully>
+        >>> same_models({0: a, 1: b, 2: torch.nn.Linear(2, 1)})
+        {0: 0, 1: 0, 2: 2}
+    """
+    groups: dict[tuple, list[tuple[int, list[torch.Tensor]]]] = {}
+    out: dict[int, int] = {}
+    for pid, model in models.items():
+        tensors = [t.detach() for t in model.state_dict().values()]
+        floats = [t for t in tensors if torch.is_floating_point(t)]
+        key = (len(tensors), *(float(t.double().sum()) for t in floats[:1] + floats[-1:]))
+        for rep, rep_tensors in groups.setdefault(key, []):
+            if len(rep_tensors) == len(tensors) and all(
+                    a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(tensors, rep_tensors)):
+                out[pid] = rep
+                break
+        else:
+            groups[key].append((pid, tensors))
+            out[pid] = pid
+    return out

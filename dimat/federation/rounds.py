@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from dimat.config import ConfigError, RunConfig
 from dimat.federation.build import Federation, build_federation
 from dimat.federation.checkpoints import Checkpointer
-from dimat.federation.evaluation import plan_round
+from dimat.federation.evaluation import plan_round, same_models
 from dimat.federation.sent_states import SentStates
 from dimat.federation.shared_merge import SharedMerges, row_key
 from dimat.federation.workers import SERIAL, PeerPool
@@ -151,15 +151,17 @@ def evaluate_round(fed: Federation, round_idx: int, out: RoundOutput, elapsed: f
     scored: dict[int, dict[str, float]] = {}
     if fed.stacked is not None:  # every evaluated peer on the same test batches at once
         scored = fed.stacked.evaluate([pid for pid in sorted(fed.peers) if plan.evaluates(pid)], test)
-    def score(pid: int) -> tuple[dict[str, Any], dict[str, float] | None]:
-        p = fed.peers[pid]
-        if not plan.evaluates(pid):
-            return {"acc": None, "loss": None}, None
-        return scored.get(pid) or p.evaluate(test), p.evaluate_val()
-
-    results = fed.pool.map(score, sorted(fed.peers))  # peers' evaluations are independent: on every worker
+    evaluated = [pid for pid in sorted(fed.peers) if plan.evaluates(pid)]
+    # peers that hold one and the same model (after a plain average of the whole graph) score the
+    # test set once; each still scores its own validation split
+    twin = same_models({pid: fed.peers[pid].model for pid in evaluated if not scored.get(pid)})
+    on_test = fed.pool.map(lambda pid: fed.peers[pid].evaluate(test), sorted(set(twin.values())))
+    vals = fed.pool.map(lambda pid: fed.peers[pid].evaluate_val(), evaluated)  # independent: on every worker
     for pid, p in sorted(fed.peers.items()):
-        got, val = results[pid]
+        if plan.evaluates(pid):
+            got, val = scored.get(pid) or dict(on_test[twin[pid]]), vals[pid]
+        else:
+            got, val = {"acc": None, "loss": None}, None
         tr = out.train.get(pid, {})
         rec = {
             "round": round_idx, "peer": pid, "method": fed.method.name,

@@ -175,8 +175,10 @@ class MergeSettings:
     #: True / False, or None for "auto" (on unless a defence aggregates)
     consensus_basis: bool | None
     #: when a peer joins a lower basis: after (relabel its merged model) | before (relabel itself, then average)
-    #: | auto (before where the neighbours bring several other bases, else after: dimat.merge.basis)
+    #: | auto (before where a merge would match more than ``match_limit`` neighbours of other bases)
     rebase: str
+    #: rebase=auto: the most neighbours of other bases a merge matches one by one (dimat.merge.basis)
+    match_limit: int
     aggregator: str
     aggregator_kwargs: dict[str, Any]
     #: merge every this many local steps within a round (None: once per round, after local training)
@@ -373,6 +375,7 @@ def _merge_settings(r: _Reader) -> MergeSettings:
         keep_momentum=r.flag("keep_momentum"),
         consensus_basis=basis,
         rebase=r.text("rebase", REBASE_MODES),
+        match_limit=r.number("match_limit", int, 0),
         aggregator=r.text("aggregator"),  # type: ignore[arg-type]
         aggregator_kwargs=dict(kwargs or {}),
         every_steps=r.number("every_steps", int, 1, optional=True),

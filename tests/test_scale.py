@@ -19,23 +19,26 @@ from test_basis import _data, _mlp, _tagged_peer
 from test_federation import compose
 
 
-def test_rebase_auto_is_before_only_where_the_neighbours_bring_several_other_bases() -> None:
-    assert rebase_mode("auto", 5, [0, 1, 2]) == "before"      # the first merge of different inits
-    assert rebase_mode("auto", 5, [0, 0, 5]) == "after"       # one other basis: as before
-    assert rebase_mode("auto", 0, [0, 0]) == "after"          # one basis (a flooded graph, a shared init)
-    assert rebase_mode("auto", 2, [None, None]) == "before"   # untagged states are bases of their own
-    assert rebase_mode("after", 5, [0, 1, 2]) == "after" and rebase_mode("before", 0, [0]) == "before"
+def test_rebase_auto_is_before_only_where_after_would_match_many_neighbours_of_several_bases() -> None:
+    assert rebase_mode("auto", 5, [0, 1, 2], limit=2) == "before"   # the first merge of different inits
+    assert rebase_mode("auto", 5, [0, 1, 2], limit=3) == "after"    # few enough to match one by one
+    assert rebase_mode("auto", 5, [0] * 9, limit=2) == "after"      # one other basis: as before
+    assert rebase_mode("auto", 0, [0, 0], limit=0) == "after"       # one basis (a flooded graph, a shared init)
+    assert rebase_mode("auto", 2, [None, None], limit=1) == "before"  # untagged states are bases of their own
+    assert rebase_mode("after", 5, [0, 1, 2], limit=0) == "after"
+    assert rebase_mode("before", 0, [0], limit=9) == "before"
     with pytest.raises(ValueError, match="merge.rebase"):
-        rebase_mode("sometimes", 0, [])
+        rebase_mode("sometimes", 0, [], limit=1)
 
 
-@pytest.mark.parametrize("rebase, matchings", [("auto", 7), ("after", 8 * 7)])
-def test_the_first_merge_of_eight_bases_matches_each_peer_once(rebase: str, matchings: int) -> None:
-    """Eight peers of different inits, fully connected: each is in a basis of its own. With the
-    default (auto) every peer but the lowest is matched once, into peer 0's basis; `after` matches
-    every neighbour at every peer. Either way every peer leaves the merge in basis 0."""
+@pytest.mark.parametrize("rebase, limit, matchings", [("auto", 6, 7), ("after", 6, 8 * 7), ("auto", 7, 8 * 7)])
+def test_the_first_merge_of_eight_bases_matches_each_peer_once(rebase: str, limit: int, matchings: int) -> None:
+    """Eight peers of different inits, fully connected: each is in a basis of its own and sees 7
+    other bases. With auto and a match limit below 7 every peer but the lowest is matched once, into
+    peer 0's basis; `after` (or a limit of 7) matches every neighbour at every peer. Either way
+    every peer leaves the merge in basis 0."""
     fed = build_federation(compose("num_peers=8", "partition=iid", "topology=fully_connected", "merge=dimat",
-                                   f"merge.rebase={rebase}"))
+                                   f"merge.rebase={rebase}", f"merge.match_limit={limit}"))
     for p in fed.peers.values():
         p.train(steps=2)
     x = fed.test_data[0][:64]
@@ -47,18 +50,18 @@ def test_the_first_merge_of_eight_bases_matches_each_peer_once(rebase: str, matc
     assert all(len(heard) == 7 for heard in out.heard.values())
     # the merge changed every model but peer 0's under auto (nobody in its basis yet: it waits a merge)
     changed = {pid for pid, p in fed.peers.items() if not torch.allclose(p.model.eval()(x), before[pid])}
-    assert changed == (set(range(1, 8)) if rebase == "auto" else set(range(8)))
+    assert changed == (set(range(1, 8)) if matchings == 7 else set(range(8)))
 
 
 def test_auto_merges_exactly_as_after_where_the_neighbours_share_one_basis() -> None:
     """A peer in basis 2 whose neighbours are both in basis 0: auto is `after` (both matched, the
-    result relabelled into basis 0), to the last bit."""
+    result relabelled into basis 0), to the last bit, whatever the match limit."""
     low_a, low_b = attach_basis(_mlp(0).state_dict(), 0), attach_basis(_mlp(1).state_dict(), 0)
     merged = {}
     for rebase in ("auto", "after"):
         peer = _tagged_peer(2, _mlp(2), rebase)
         peer.train(steps=2)
-        method = default_method("dimat", bn_stats="average", rebase=rebase, keep_momentum=True)
+        method = default_method("dimat", bn_stats="average", rebase=rebase, keep_momentum=True, match_limit=0)
         merged[rebase] = method.merge(peer, {0: low_a, 1: low_b}, {2: 0.4, 0: 0.3, 1: 0.3})
         assert peer.basis == 0 and method.matchings == 2
     assert merged["auto"].keys() == merged["after"].keys()

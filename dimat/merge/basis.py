@@ -28,9 +28,11 @@ neighbour's basis by one matching and averages only the neighbours already in it
 at a later merge). At the first merge of a federation of different inits every neighbour is in a
 basis of its own, so ``after`` costs one matching per neighbour, N x degree in all (about a million
 at 1,000 fully connected peers), and ``before`` one per peer. ``auto`` (the default) is ``before``
-exactly there, where the neighbours bring more than one basis other than the own one
-(:func:`rebase_mode`), and ``after`` everywhere else, so wherever a peer's neighbours bring at most
-one other basis (a shared init, a flooded graph) nothing changes.
+where ``after`` would match more than ``merge.match_limit`` neighbours of several other bases
+(:func:`rebase_mode`), and ``after`` everywhere else: wherever a peer's neighbours bring one other
+basis (a shared init, a flooded graph) or are few (the default five peers), nothing changes.
+``before`` starts less well mixed (each peer averages only the neighbours already in the lowest
+basis; docs/scale.md measures it), which is why it is not used where ``after`` is affordable.
 """
 from __future__ import annotations
 
@@ -107,21 +109,23 @@ def plan_rebase(own: int, tags: Sequence[int | None]) -> tuple[list[bool], int |
     return same, k, tag
 
 
-def rebase_mode(setting: str, own: int, tags: Sequence[int | None]) -> str:
+def rebase_mode(setting: str, own: int, tags: Sequence[int | None], limit: int) -> str:
     """``after`` or ``before``: what ``merge.rebase=setting`` does for a peer in basis ``own``
     whose neighbours carry ``tags``.
 
-    ``auto`` is ``before`` where the neighbours bring more than one basis other than ``own`` (an
-    untagged neighbour counts as a basis of its own), so a merge costs one matching per peer rather
-    than one per neighbour; else ``after``.
+    ``auto`` is ``after`` unless that would match more than ``limit`` neighbours (those not in
+    ``own``; an untagged one is always matched) while they bring more than one basis: then
+    ``before``, one matching. So a merge costs at most ``limit`` matchings, the first merge of a
+    federation of N different inits on a full graph N of them rather than N x (N - 1), and wherever
+    a peer's neighbours bring one basis, or few neighbours, nothing changes.
 
     Example:
-        >>> rebase_mode("auto", 3, [0, 1, 2]), rebase_mode("auto", 3, [0, 0, 3])
+        >>> rebase_mode("auto", 9, list(range(9)), limit=4), rebase_mode("auto", 9, [0, 1, 2], limit=4)
         ('before', 'after')
     """
     if setting not in REBASE_MODES:
         raise ValueError(f"merge.rebase must be one of {', '.join(REBASE_MODES)} (got {setting!r})")
     if setting != "auto":
         return setting
-    others = {("tag", t) if t is not None else ("untagged", k) for k, t in enumerate(tags) if t != own}
-    return "before" if len(others) > 1 else "after"
+    matched = [("tag", t) if t is not None else ("untagged", k) for k, t in enumerate(tags) if t != own]
+    return "before" if len(matched) > limit and len(set(matched)) > 1 else "after"

@@ -113,7 +113,7 @@ class AlignedAverage(Method):
         same, into, new_basis = None, None, peer.basis
         batches = peer.alignment_batches()
         rebase_first = (self.consensus_basis and self.alignment is not None
-                        and rebase_mode(self.settings.rebase, peer.basis, tags) == "before")
+                        and rebase_mode(self.settings.rebase, peer.basis, tags, self.settings.match_limit) == "before")
         own_relabelled = False
         if rebase_first:
             own_relabelled = self._join_lowest_basis(peer, states, tags, batches)

@@ -4,7 +4,10 @@ The job: 1-D CNN peers on MNIST-1D, IID split, 1 local epoch per round, batch 64
 paper's protocol (one merge per round after local training, optimizer restarted, BatchNorm reset on
 own data). ``dimat`` is DIMAT on a ring; ``fedavg`` is dimat's FedAvg-equivalent, the very job
 Flower runs (``merge=average topology=fully_connected init=shared merge.bn_stats=average``: one
-average of every state, BatchNorm buffers included). Each runs per peer and stacked
+average of every state, BatchNorm buffers included); ``default`` is what ``dimat simulate
+num_peers=N partition=iid`` runs (the default recipe, ``merge=scaffold``) and ``every_step`` the
+previous default (``experiment=every_step``). Each runs per peer on one worker thread per core
+(``per-peer``, the default ``workers: auto``), per peer on one (``one-worker``) or stacked
 (``vectorise=true``, ``--executors``). MNIST-1D grows with the
 federation (``data.samples_per_peer``: 40 per peer once 4,000 would give fewer). Each N runs in a
 fresh subprocess so its peak RSS is its own. A baseline process that runs a 3-peer round (every
@@ -14,6 +17,11 @@ import, the data, the lazy initialisations) is measured the same way, so
 
 is what each further peer costs, compared with what it must hold: model + optimizer state (SGD
 momentum = one copy of the parameters) + its share of the training data.
+
+Every round is also set against its compute floor: the round's training FLOPs (torch's FLOP
+counter on one forward and backward of a peer's batch, times every peer's steps) at the float32
+matmul rate measured on every core at the start of the same run; the goals of issue 26 are
+printed as measured (a round <= 0.5x Flower's FedAvg round, the FedAvg job <= 4x its floor).
 
 Round time is the median of the rounds after the first (warm-up) and before the last (which
 evaluates every peer on the whole test set; shown apart as "final"). Its growth is shown against

@@ -228,6 +228,8 @@ class AttackSettings:
     target_class: int
     poison_rate: float
     scale: float
+    stealth: str  # none | clip
+    collude: bool
     seed: int
 
     @classmethod
@@ -446,6 +448,10 @@ def _data_settings(r: _Reader) -> DataSettings:
                         samples_per_peer=per_peer)
 
 
+#: ``attack.stealth``: how a malicious peer hides its update (none, or clipped to the honest spread)
+STEALTH = ("none", "clip")
+
+
 def _attack_settings(r: _Reader) -> AttackSettings:
     malicious = r.raw("malicious") or []
     if not isinstance(malicious, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in malicious):
@@ -460,8 +466,11 @@ def _attack_settings(r: _Reader) -> AttackSettings:
         target_class=r.number("target_class", int, 0),
         poison_rate=r.number("poison_rate", float, 0, 1),
         scale=r.number("scale", float, positive=True),
+        stealth=r.text("stealth", STEALTH),
+        collude=r.flag("collude"),
         seed=r.number("seed", int),
     )
+
     r.no_others()
     return out
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -13,7 +14,7 @@ from ..align.inputs import reiterable_inputs
 from ..align.permute import invert, permute_state
 from ..topology.membership import check_weights, renormalise
 from .aggregators import get_aggregator, weighted_average
-from .aggregators.base import StateDict
+from .aggregators.base import AggregationContext, StateDict
 from .scratch import working_copy
 
 #: how a merge aligns neighbours before combining: activation matching (DIMAT), weight matching, or not at all
@@ -111,6 +112,8 @@ def merge_states(reference: nn.Module, states: Sequence[Mapping[str, torch.Tenso
     mixed = bn_names(reference) if bn_stats == "mixture" else []
     if mixed:  # statistics (permuted with the weights above) become moments, which mix
         own, aligned = to_second_moments(own, mixed), [to_second_moments(s, mixed) for s in aligned]
+    if mixed and isinstance(context, AggregationContext):  # a defence that runs the model must undo the moments
+        context = dataclasses.replace(context, moments=tuple(mixed))
     merged = combine(own, aligned, weights, context)
     if mixed:
         merged = from_second_moments(merged, mixed)

@@ -36,6 +36,10 @@ from dimat.seeds import AGGREGATION, derive_seed
 from dimat.topology.membership import renormalise
 
 
+#: per-peer state keys of a defence's history (:attr:`AggregationContext.memory`)
+DEFENCE_PREFIX = "defence/"
+
+
 def is_plain_average(aggregator: object | None, alignment: str | None, same_basis: list[bool] | None,
                      into: int | None) -> bool:
     """Whether a merge is the plain mean of the states as sent (no matching, no relabel, no defence).
@@ -78,9 +82,9 @@ class AlignedAverage(Method):
         #: the combining rule; None is the weighted mean (as ``AveragedModel(avg_fn=None)`` is SWA)
         self.aggregator = None if settings.aggregator == "mean" else get_aggregator(
             settings.aggregator, **settings.aggregator_kwargs)
-        # consensus_basis auto: on unless a defence aggregates (dimat.merge.basis says why)
-        self.consensus_basis = (self.aggregator is None if settings.consensus_basis is None
-                                else settings.consensus_basis)
+        # consensus_basis auto: on unless a defence compares neighbours' weights (dimat.merge.basis says why)
+        auto = self.aggregator is None or not getattr(self.aggregator, "needs_own_basis", True)
+        self.consensus_basis = auto if settings.consensus_basis is None else settings.consensus_basis
         #: models matched into another's basis by this method's merges so far (the cost that
         #: ``merge.rebase=auto`` keeps at one per peer for the first merge of many bases)
         self.matchings = 0
@@ -126,11 +130,13 @@ class AlignedAverage(Method):
             same, new_basis = [True] * len(states), peer.basis
         elif self.consensus_basis and self.alignment is not None:
             same, into, new_basis = plan_rebase(peer.basis, tags)
-        context = None
-        if getattr(self.aggregator, "needs_context", False):
-            # a defence that looks at predictions (safety-mask refinement) gets own model and data
+        context, memory = None, None
+        if self.aggregator is not None:
+            # a defence gets who sent what, own model and data, a fresh seed and its history at this peer
+            memory = self.defence_memory(peer)
             context = AggregationContext(model=peer.model, data=batches, device=peer.device,
-                                         seed=derive_seed(peer.seed, AGGREGATION, peer.id, peer.steps_done))
+                                         seed=derive_seed(peer.seed, AGGREGATION, peer.id, peer.steps_done),
+                                         peer_id=peer.id, senders=tuple(senders), memory=memory)
         relabel: dict[str, torch.Tensor] = {}
         alignments: dict[int, dict[str, torch.Tensor]] = {}
         # a relabelled own model (rebase before) is no longer the state the others received
@@ -144,6 +150,8 @@ class AlignedAverage(Method):
                 same_basis=same, into=into, relabel=relabel, alignments=alignments,
             )
         self.matchings += len(alignments)
+        if memory is not None:
+            self.keep_defence_memory(peer, memory)
         peer.load_state(merged, reset_optimizer=self.reset_optimizer)
         if relabel:
             if not self.reset_optimizer:
@@ -161,6 +169,23 @@ class AlignedAverage(Method):
         units were mapped into the peer's (new) basis (empty permutations: none)."""
         senders, alignments, relabel = getattr(self, "_last_alignment", ((), {}, {}))
         return {j: (alignments.get(k, {}), relabel) for k, j in enumerate(senders)}
+
+    def defence_memory(self, peer: Peer) -> dict[str, torch.Tensor]:
+        """The defence's history at ``peer`` (a copy: a merge that fails keeps the old one)."""
+        state = self.peer_state.get(peer.id, {})
+        return {k[len(DEFENCE_PREFIX):]: v.clone() for k, v in state.items() if k.startswith(DEFENCE_PREFIX)}
+
+    def keep_defence_memory(self, peer: Peer, memory: Mapping[str, torch.Tensor]) -> None:
+        """Store the defence's history in the per-peer state: checkpointed, and moved with the units
+        where an entry is named ``.../<parameter>`` and shaped like it."""
+        state = self.peer_state.setdefault(peer.id, {})
+        for k in [k for k in state if k.startswith(DEFENCE_PREFIX)]:
+            del state[k]
+        for k, v in memory.items():
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"aggregator {self.aggregator!r} put a {type(v).__name__} in its memory under {k!r}: "
+                                "only tensors are checkpointed")
+            state[DEFENCE_PREFIX + k] = v.detach()
 
     def received_extras(self, peer: Peer, received: Mapping[int, Mapping[str, torch.Tensor]]
                         ) -> dict[int, StateDict]:

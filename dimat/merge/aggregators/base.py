@@ -25,17 +25,27 @@ from dimat.typing import StateDict, work_dtype
 
 @dataclass
 class AggregationContext:
-    """What an aggregator may use beyond the weights: the receiving peer's model and unlabelled data.
+    """What an aggregator may use beyond the weights: who sent what, the receiving peer's model and data, memory.
 
     ``model`` is the reference model (its architecture is used with ``torch.func.functional_call``;
     its parameters are not changed), ``data`` any iterable of input tensors or ``(input, label)``
-    pairs (labels are ignored), ``device`` where to compute, ``seed`` for any randomness.
+    pairs (labels are ignored), ``device`` where to compute, ``seed`` for any randomness (a fresh one
+    per merge). ``senders[j]`` is the peer id of ``others[j]``; ``memory`` is this receiving peer's
+    own store of tensors across merges (a defence's per-neighbour history: the method keeps it in
+    its per-peer state, so it is checkpointed and survives a resume; ``None``: no history kept).
+    ``moments`` names the BatchNorm modules whose running variance arrives as a second moment
+    (``merge.bn_stats=mixture``: :func:`dimat.align.batchnorm.from_second_moments` turns a state
+    back into one the model can run).
     """
 
     model: nn.Module | None = None
     data: Iterable[Any] | None = None
     device: str | torch.device = "cpu"
     seed: int = 0
+    peer_id: int | None = None
+    senders: tuple[int, ...] = ()
+    memory: dict[str, torch.Tensor] | None = None
+    moments: tuple[str, ...] = ()
 
 
 class Aggregator(Protocol):
@@ -60,6 +70,9 @@ class BaseAggregator:
 
     name = "base"
     needs_context = False  # True: the caller should pass an AggregationContext (model + own data)
+    #: compares neighbours' weights with each other, so every neighbour must be aligned into own basis
+    #: each merge (``merge.consensus_basis: auto`` then keeps per-peer bases: docs/safety.md says why)
+    needs_own_basis = True
 
     def __call__(
         self,

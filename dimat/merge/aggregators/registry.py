@@ -12,12 +12,13 @@ from .robust import (
     SignConsensusAggregator,
     TrimmedMeanAggregator,
 )
+from .probe import ProbeTrustAggregator
 from .safety import SafetyMaskAggregator
 
 _REGISTRY: dict[str, Callable[..., Aggregator]] = {
     cls.name: cls
     for cls in (MeanAggregator, MedianAggregator, TrimmedMeanAggregator, NormClipAggregator,
-                MultiKrumAggregator, SignConsensusAggregator, SafetyMaskAggregator)
+                MultiKrumAggregator, SignConsensusAggregator, SafetyMaskAggregator, ProbeTrustAggregator)
 }
 
 
@@ -40,7 +41,7 @@ def available_aggregators() -> list[str]:
 
 def get_aggregator(name: str = "mean", **kwargs: Any) -> Aggregator:
     """An aggregator instance by name: ``mean``, ``median``, ``trimmed_mean``, ``norm_clip``,
-    ``multi_krum``, ``sign_consensus``, ``safety_mask``; ``kwargs`` go to its constructor."""
+    ``multi_krum``, ``sign_consensus``, ``safety_mask``, ``probe_trust``; ``kwargs`` go to its constructor."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown aggregator {name!r}; available: {sorted(_REGISTRY)}")
     try:

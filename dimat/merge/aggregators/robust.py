@@ -97,17 +97,28 @@ class NormClipAggregator(BaseAggregator):
     delta norms (adaptive, as in centred/self-centred clipping): with a minority of outliers ``tau``
     is an honest norm, so an outlier's pull on the result is at most ``w_j * tau``.
     Honest neighbours with norms below ``tau`` pass unchanged.
+
+    ``noise > 0`` adds Gaussian noise of expected L2 norm ``noise * tau`` to the merged delta
+    (FLAME's and Sun et al.'s "clipping with weak noise": a backdoor rides on small, precise
+    weight changes that noise blurs more than it blurs the task), drawn from the context's seed.
+
+    It bounds influence and selects nobody, so it does not need per-peer bases: with one basis
+    the norms compare like with like (``needs_own_basis = False``).
     """
 
     name = "norm_clip"
+    needs_own_basis = False
 
-    def __init__(self, max_norm: float | None = None, norm_multiplier: float = 1.0) -> None:
+    def __init__(self, max_norm: float | None = None, norm_multiplier: float = 1.0, noise: float = 0.0) -> None:
         if max_norm is not None and not max_norm > 0:
             raise ValueError(f"max_norm must be > 0, got {max_norm}")
         if not norm_multiplier > 0:
             raise ValueError(f"norm_multiplier must be > 0, got {norm_multiplier}")
+        if not noise >= 0:
+            raise ValueError(f"noise must be >= 0, got {noise}")
         self.max_norm = max_norm
         self.norm_multiplier = norm_multiplier
+        self.noise = noise
         self.last_tau: float | None = None
 
     def aggregate_deltas(
@@ -123,7 +134,17 @@ class NormClipAggregator(BaseAggregator):
         self.last_tau = tau
         scale = torch.clamp(tau / norms.clamp_min(1e-30), max=1.0)
         scale[0] = 1.0
-        return {k: weighted_mean(d * _expand(scale, d), weights) for k, d in deltas.items()}
+        merged = {k: weighted_mean(d * _expand(scale, d), weights) for k, d in deltas.items()}
+        if self.noise > 0 and tau > 0:
+            if context is None:
+                raise ValueError("norm_clip with noise needs an AggregationContext (its seed)")
+            gen = torch.Generator().manual_seed(int(context.seed))
+            total = sum(d[0].numel() for d in deltas.values())
+            std = self.noise * tau / math.sqrt(max(total, 1))
+            for k in sorted(merged):  # a fixed order: the same seed gives the same noise
+                merged[k] = merged[k] + std * torch.randn(merged[k].shape, generator=gen, dtype=merged[k].dtype).to(
+                    merged[k].device)
+        return merged
 
 
 class MultiKrumAggregator(BaseAggregator):

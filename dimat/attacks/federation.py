@@ -15,7 +15,7 @@ Config (``cfg.attack``, see ``configs/attack/*.yaml``)::
 A malicious peer poisons its own partition once, at build time (deterministic from the config, so
 resumed runs see the same data), trains like everyone else and, with ``scale != 1``, scales the
 delta of this round's local training before sending. ``stealth: clip`` is the attacker that stays
-within the honest spread: its update (since the round began) is scaled down to the median norm of
+within the honest spread: its update (since the round began) is scaled down to the lower median norm of
 the honest peers' updates this process hosts (in simulation: all of them, an attacker that knows
 the honest spread exactly). ``collude`` makes every malicious peer send the same state. Every peer
 is evaluated on the clean test set (``clean_acc``) and on the triggered non-target test inputs (``asr``).

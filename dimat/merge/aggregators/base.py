@@ -129,6 +129,9 @@ def validate_inputs(
                 raise ValueError(
                     f"neighbour state {j} entry {k!r} has shape {tuple(other[k].shape)}, own has {tuple(v.shape)}"
                 )
+            # the transports refuse these on receipt; a defence called directly must not pass them on either
+            if other[k].is_floating_point() and not bool(torch.isfinite(other[k]).all()):
+                raise ValueError(f"neighbour state {j} entry {k!r} holds NaN or Inf")
     return w
 
 

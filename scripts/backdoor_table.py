@@ -6,7 +6,7 @@
 
 Each cell is one `dimat simulate` run composed from configs/ with Hydra: a *setting* (the data,
 partition, graph and recipe), an *attacker* and a *defence* (`merge.aggregator`, optionally with
-options: `norm_clip:noise=1.0`), once per seed. Every setting also runs without an attack (the
+options: `norm_clip:noise=0.2`), once per seed. Every setting also runs without an attack (the
 attacker's poison rate 0, no defence): the clean reference, whose "ASR" is the base rate at which
 triggered inputs land in the target class anyway. For the honest peers the table reports the mean
 clean accuracy and attack success rate at the last round and over the last 5 rounds (a label-skewed
@@ -43,7 +43,7 @@ ATTACKERS: dict[str, list[str]] = {
     "blended": ["attack=blended"],            # a blended full-input trigger instead of a patch
     "collude": ["attack.collude=true"],       # the malicious peers send one shared state
 }
-DEFENCES = ["mean", "norm_clip", "norm_clip:noise=1.0", "multi_krum", "probe_trust"]
+DEFENCES = ["mean", "norm_clip", "norm_clip:noise=0.2", "multi_krum", "probe_trust"]
 
 
 def _run(job: tuple[str, list[str], str]) -> str:
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--settings", nargs="+", default=["default"], choices=sorted(SETTINGS))
     ap.add_argument("--attackers", nargs="+", default=["badnets"], choices=sorted(ATTACKERS))
     ap.add_argument("--defences", nargs="+", default=DEFENCES,
-                    help="aggregator names, optionally with options: norm_clip:noise=1.0")
+                    help="aggregator names, optionally with options: norm_clip:noise=0.2")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()

@@ -178,7 +178,7 @@ class MergeSettings:
     #: | auto (before where a merge would match more than ``match_limit`` neighbours of other bases)
     rebase: str
     #: rebase=auto: the most neighbours of other bases a merge matches one by one (dimat.merge.basis)
-    match_limit: int
+    match_limit: int | None
     aggregator: str
     aggregator_kwargs: dict[str, Any]
     #: merge every this many local steps within a round (None: once per round, after local training)
@@ -260,8 +260,11 @@ def cores() -> int:
 
 
 def _workers(root: "_Reader") -> int:
-    """``workers``: a positive number, or ``auto`` (one per core this process may use)."""
-    if root.raw("workers") == "auto":
+    """``workers``: a positive number, or ``auto`` (one per core this process may use).
+
+    A run folder saved before the key existed has none: ``auto`` then, which changes no result.
+    """
+    if root.raw("workers", optional=True) in ("auto", None):
         return cores()
     return int(root.number("workers", int, 1))
 
@@ -377,7 +380,8 @@ def _merge_settings(r: _Reader) -> MergeSettings:
         keep_momentum=r.flag("keep_momentum"),
         consensus_basis=basis,
         rebase=r.text("rebase", REBASE_MODES),
-        match_limit=r.number("match_limit", int, 0),
+        # optional: a run folder saved before the key existed says rebase=after, which never reads it
+        match_limit=r.number("match_limit", int, 0, optional=True),
         aggregator=r.text("aggregator"),  # type: ignore[arg-type]
         aggregator_kwargs=dict(kwargs or {}),
         every_steps=r.number("every_steps", int, 1, optional=True),
@@ -389,6 +393,8 @@ def _merge_settings(r: _Reader) -> MergeSettings:
     if out.every_steps is not None and out.merges_per_round is not None:
         raise ConfigError(f"merge.every_steps={out.every_steps} and merge.merges_per_round={out.merges_per_round}: "
                           "set one of them (the other to null)")
+    if out.rebase == "auto" and out.match_limit is None:
+        raise ConfigError("merge.rebase=auto needs merge.match_limit (configs/config.yaml: 16)")
     return out
 
 

@@ -125,3 +125,23 @@ def test_peers_holding_one_model_score_the_test_set_once_with_each_peers_own_fig
             own = fed.peers[rec["peer"]].evaluate(fed.test_data)
             assert (rec["test_acc"], rec["test_loss"]) == (own["acc"], own["loss"])
             assert rec["val_acc"] == fed.peers[rec["peer"]].evaluate_val()["acc"]
+
+
+def test_a_run_folder_saved_before_workers_and_match_limit_still_resumes(tmp_path: Path) -> None:
+    """A config.yaml written before these keys existed (rebase=after, no workers, no match_limit)
+    resumes; rebase=auto without a match limit is one config error."""
+    import yaml
+
+    from dimat.config import ConfigError, RunConfig
+
+    simulate(compose("rounds=1", "num_peers=3"), tmp_path / "run")
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    del saved["workers"], saved["merge"]["match_limit"]
+    saved["merge"]["rebase"] = "after"
+    old = RunConfig.from_config({**saved, "rounds": 2, "resume": True})
+    assert old.merge.match_limit is None and old.workers >= 1
+    summary = simulate({**saved, "rounds": 2}, tmp_path / "run", resume=True)
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    saved["merge"]["rebase"] = "auto"
+    with pytest.raises(ConfigError, match="match_limit"):
+        RunConfig.from_config(saved)

@@ -106,13 +106,14 @@ class AlignedAverage(Method):
         """
         w = renormalise(weights, received, self_id=peer.id)
         senders = sorted(j for j in w if j != peer.id)
+        self.last_cross_basis = False
         if not senders:
             return peer.state()
         # the tags are read in place; the states are split (copied without tag and extras) only for a
         # merge of this peer's own: the shared average reads the model's keys of each payload as sent
         tags = [basis_of(received[j], label=f"peer {peer.id}: state from peer {j}") for j in senders]
         #: whether the last merge had a neighbour in another basis than the peer's own (before it)
-        self.last_cross_basis = any(t != peer.basis for t in tags)
+        self.last_cross_basis: bool = any(t != peer.basis for t in tags)
         states: list = _ModelStates([received[j] for j in senders])
         same, into, new_basis = None, None, peer.basis
         batches = peer.alignment_batches()

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from omegaconf import OmegaConf
 
-from dimat.exchange.codecs import CODECS, SPARSE
+from dimat.exchange.codecs import CHANGE_ONLY, CODECS, LOSSLESS, SPARSE
 from dimat.merge.api import BN_STATS
 from dimat.merge.basis import REBASE_MODES
 from dimat.train.schedule import SCHEDULES
@@ -242,13 +242,14 @@ class AttackSettings:
 class ExchangeSettings:
     """``exchange``: what a peer's shared state becomes on the wire, on every transport (:mod:`dimat.exchange`)."""
 
-    compress: str  # none | fp16 | bf16 | int8 | int4 | topk | randk
+    compress: str  # none | fp16 | bf16 | int8 | int4 | sign | topk | randk
     block: int | None  # int8/int4: entries per absmax scale (None: one per tensor)
     stochastic: bool  # int8/int4: stochastic rounding
     ratio: float  # topk/randk: fraction of each tensor's entries sent
     error_feedback: bool  # keep what compression dropped, add it to the next message
-    delta: bool  # send the change since the reference both ends keep
-    choco_step: float | None  # merge=gossip with delta: CHOCO-gossip consensus step (None: plain gossip)
+    delta: bool  # send the change since the reference both ends keep (``auto`` resolved: every lossy codec)
+    #: consensus step with delta: a number, "auto" (the sender's measured contraction), None (plain merge)
+    choco_step: float | str | None
 
 
 def cores() -> int:
@@ -482,25 +483,41 @@ def _attack_settings(r: _Reader) -> AttackSettings:
 
 
 def _exchange_settings(r: _Reader) -> ExchangeSettings:
+    compress = r.text("compress", CODECS)
+    error_feedback = r.flag("error_feedback")
+    delta_raw = r.raw("delta")
+    if delta_raw == "auto":  # a lossy codec compresses a change; error feedback alone asks for full states
+        delta = compress not in LOSSLESS and not error_feedback
+    elif isinstance(delta_raw, bool):
+        delta = delta_raw
+    else:
+        raise ConfigError(f"exchange.delta must be true, false or auto (got {delta_raw!r})")
+    step_raw = r.raw("choco_step")
+    step: float | str | None
+    if step_raw == "auto":
+        step = "auto" if delta else None  # the consensus step needs the public copies delta mode keeps
+    else:
+        step = r.number("choco_step", float, maximum=1, positive=True, optional=True)
     out = ExchangeSettings(
-        compress=r.text("compress", CODECS),  # type: ignore[arg-type]
+        compress=compress,  # type: ignore[arg-type]
         block=r.number("block", int, 1, optional=True),
         stochastic=r.flag("stochastic"),
         ratio=r.number("ratio", float, maximum=1, positive=True),
-        error_feedback=r.flag("error_feedback"),
-        delta=r.flag("delta"),
-        choco_step=r.number("choco_step", float, maximum=1, positive=True, optional=True),
+        error_feedback=error_feedback,
+        delta=delta,
+        choco_step=step,
     )
     r.no_others()
     # the combinations that cannot mean anything, each refused in one line
-    if out.compress in SPARSE and not out.delta:
-        raise ConfigError(f"exchange.compress={out.compress} needs exchange.delta=true "
-                          "(a sparse full state would zero most weights; entries not sent keep the reference's value)")
+    if out.compress in CHANGE_ONLY and not out.delta:
+        why = ("a sparse full state would zero most weights; entries not sent keep the reference's value"
+               if out.compress in SPARSE else "the signs of a whole state would give every weight of a block one magnitude")
+        raise ConfigError(f"exchange.compress={out.compress} needs exchange.delta=true or auto ({why})")
     if out.error_feedback and out.delta:
         raise ConfigError("exchange.error_feedback=true with exchange.delta=true: the reference already carries "
                           "what was not sent (set one of them)")
     if out.choco_step is not None and not out.delta:
-        raise ConfigError("exchange.choco_step is CHOCO-gossip: it needs merge=gossip and exchange.delta=true "
+        raise ConfigError("exchange.choco_step is the CHOCO consensus step: it needs exchange.delta=true "
                           "(got exchange.delta=false)")
     return out
 

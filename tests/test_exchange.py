@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dimat.config import ConfigError, ExchangeSettings, RunConfig
-from dimat.exchange import CODECS, Compressor, CodecSettings, get_codec, wire_schema
+from dimat.exchange import CHANGE_ONLY, CODECS, Compressor, CodecSettings, get_codec, wire_schema
 from dimat.exchange.payload import ACKS, META
 from dimat.transport.inproc import InProcTransport
 from dimat.transport.schema import Schema
@@ -72,7 +72,7 @@ def _bound(codec: str, x: torch.Tensor, block: int, stochastic: bool) -> torch.T
 @pytest.mark.parametrize("codec, stochastic", [(c, False) for c in CODECS] + [("int8", True), ("int4", True)])
 def test_every_codec_round_trips_every_dtype_of_a_model(codec: str, stochastic: bool) -> None:
     state = model_state()
-    c = Compressor(settings(codec, stochastic=stochastic, delta=codec in ("topk", "randk")), n_peers=2, seed=0)
+    c = Compressor(settings(codec, stochastic=stochastic, delta=codec in CHANGE_ONLY), n_peers=2, seed=0)
     payload = c.encode(1, {0: state}, {0: [1]})[0]
     model = Schema.from_state(state)
     assert Schema.from_state(payload) == c.wire_schema(model)  # the layout is the one derived from the schema
@@ -87,6 +87,12 @@ def test_every_codec_round_trips_every_dtype_of_a_model(codec: str, stochastic: 
         assert y.dtype == x.dtype and y.shape == x.shape, k
         if not x.dtype.is_floating_point or codec == "none":
             assert torch.equal(y, x), k  # lossless: integers, bools, the basis tag, and codec none
+        elif codec == "sign":  # each entry's sign, at its block's mean magnitude
+            xf = x.double().reshape(-1)
+            b = min(64, xf.numel())
+            means = torch.cat([blk.abs().mean().repeat(blk.numel()) for blk in xf.split(b)])
+            want = torch.where(xf < 0, -means, means)
+            assert torch.allclose(y.double().reshape(-1), want, rtol=2.0 ** -7 if x.itemsize < 4 else 1e-5, atol=1e-7), k
         else:
             err = (y.double() - x.double()).abs().reshape(-1)
             tol = _bound(codec, x, 64, stochastic)
@@ -306,10 +312,13 @@ def test_payload_bytes_are_what_the_transport_counts() -> None:
 
 
 @pytest.mark.parametrize("change, message", [
-    (["exchange.compress=topk"], "exchange.compress=topk needs exchange.delta=true"),
+    (["exchange.compress=topk", "exchange.delta=false"], "exchange.compress=topk needs exchange.delta=true or auto"),
+    (["exchange.compress=sign", "exchange.delta=false"], "exchange.compress=sign needs exchange.delta=true or auto"),
+    (["exchange.compress=sign", "exchange.error_feedback=true"], "exchange.compress=sign needs exchange.delta=true or auto"),
+    (["exchange.compress=int8", "exchange.delta=sometimes"], "exchange.delta must be true, false or auto"),
     (["exchange.compress=int4", "exchange.error_feedback=true", "exchange.delta=true"], "exchange.error_feedback=true with exchange.delta=true"),
-    (["exchange.choco_step=0.5"], "exchange.choco_step is CHOCO-gossip: it needs merge=gossip and exchange.delta=true"),
-    (["exchange.compress=int2"], "exchange.compress must be one of none, fp16, bf16, int8, int4, topk, randk (got 'int2')"),
+    (["exchange.choco_step=0.5"], "exchange.choco_step is the CHOCO consensus step: it needs exchange.delta=true"),
+    (["exchange.compress=int2"], "exchange.compress must be one of none, fp16, bf16, int8, int4, sign, topk, randk (got 'int2')"),
     (["exchange.ratio=0"], "exchange.ratio must be positive (got 0.0)"),
     (["+exchange.level=3"], "unknown exchange option(s): level"),
 ])

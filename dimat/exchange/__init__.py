@@ -4,8 +4,8 @@
 and its schema), ``feedback`` (error-feedback residuals), ``reference`` (delta references and the
 full-state fallback), ``compressor`` (the step the round loop calls: encode, decode + checks).
 """
-from dimat.exchange.codecs import CODECS, SPARSE, CodecError, CodecSettings, get_codec
+from dimat.exchange.codecs import CHANGE_ONLY, CODECS, SPARSE, CodecError, CodecSettings, get_codec
 from dimat.exchange.compressor import Compressor
 from dimat.exchange.payload import wire_schema
 
-__all__ = ["CODECS", "SPARSE", "CodecError", "CodecSettings", "Compressor", "get_codec", "wire_schema"]
+__all__ = ["CHANGE_ONLY", "CODECS", "SPARSE", "CodecError", "CodecSettings", "Compressor", "get_codec", "wire_schema"]

@@ -27,22 +27,42 @@ from dimat.transport.checks import Receipts, StateRejected, check_state
 from dimat.transport.schema import Schema
 from dimat.seeds import COMPRESSION, derive_seed
 
+#: the unit-basis tag of a state (dimat.merge.basis.BASIS_KEY; merge is this package's own layer, so
+#: not importable here; tests/test_exchange.py checks the two agree)
+BASIS_KEY = "_dimat.basis"
+#: the smallest auto consensus step (a message that sent almost nothing of its change)
+MIN_STEP = 0.05
+
 
 class Compressor:
     """Encode outgoing states and decode incoming payloads for the peers hosted in this process.
 
-    ``settings`` is a :class:`dimat.config.ExchangeSettings`; ``n_peers`` the federation's size
-    (the length of the ack vector); ``seed`` seeds each sender's stream for stochastic rounding
-    and randk (``seed``, sender id).
+    Args:
+        settings: a :class:`dimat.config.ExchangeSettings`.
+        n_peers: the federation's size (the length of the ack vector).
+        seed: seeds each sender's stream for stochastic rounding and randk (``seed``, sender id).
+        consensus: the method's merge is a plain mixing step within one basis
+            (:attr:`dimat.methods.Method.choco`), so ``choco_step=auto`` applies there.
+
+    Example:
+        >>> from dimat.config import ExchangeSettings
+        >>> s = ExchangeSettings("int8", 256, False, 0.1, False, True, "auto")
+        >>> c = Compressor(s, n_peers=2, seed=0, consensus=True)
+        >>> payloads = c.encode(1, {0: {"w": torch.ones(4)}}, {0: [1]})
+        >>> sorted(payloads[0])
+        ['_dimat.x.acks', '_dimat.x.meta', 'w#q', 'w#s']
     """
 
-    def __init__(self, settings: Any, *, n_peers: int, seed: int) -> None:
+    def __init__(self, settings: Any, *, n_peers: int, seed: int, consensus: bool = False) -> None:
         self.settings = settings
         self.codec: Codec = get_codec(CodecSettings(settings.compress, block=settings.block,
                                                     stochastic=settings.stochastic, ratio=settings.ratio))
         self.delta: bool = settings.delta
         self.feedback: bool = settings.error_feedback and not settings.delta
-        self.choco: float | None = settings.choco_step
+        step = settings.choco_step
+        # a number always applies (the config refused it for a method that does not mix); auto only
+        # where the method's merge is a mixing step
+        self.choco: float | str | None = step if (isinstance(step, float) or consensus) and self.delta else None
         self.n_peers, self.seed = int(n_peers), int(seed)
         self.outgoing: dict[int, Outgoing] = {}
         self.incoming: dict[tuple[int, int], Incoming] = {}
@@ -116,15 +136,23 @@ class Compressor:
         kind, chunk, base = self._next_kind(out, model)
         parts = {}
         new_ref: dict[str, torch.Tensor] = {}
+        meant_sq = err_sq = 0.0  # ||d||^2 and ||d - C(d)||^2 of this message: its measured contraction
         for k, x in floats.items():
             wd, shape = work_dtype(x.dtype), tuple(x.shape)
             if kind == FULL:
-                parts[k] = self.codec.encode(x, x.dtype, gen)
+                d = x.to(wd)
+                parts[k] = self.codec.encode(d, x.dtype, gen)
                 new_ref[k] = self.codec.decode(k, parts[k], shape, wd)
+                meant_sq += float(d.pow(2).sum())
+                err_sq += float((d - new_ref[k]).pow(2).sum())
             elif kind == DELTA:
                 assert out.ref is not None
-                parts[k] = self.codec.encode(x.to(wd) - out.ref[k], x.dtype, gen)
-                new_ref[k] = out.ref[k] + self.codec.decode(k, parts[k], shape, wd)
+                d = x.to(wd) - out.ref[k]
+                parts[k] = self.codec.encode(d, x.dtype, gen)
+                sent = self.codec.decode(k, parts[k], shape, wd)
+                new_ref[k] = out.ref[k] + sent
+                meant_sq += float(d.pow(2).sum())
+                err_sq += float((d - sent).pow(2).sum())
             else:  # CHUNK: assignment of a stretch of entries, the reference starts from zeros at chunk 0
                 assert isinstance(self.codec, Sparse)
                 parts[k] = self.codec.chunk(x, chunk, x.dtype)
@@ -132,6 +160,8 @@ class Compressor:
                 ref.view(-1)[parts[k]["i"].long()] = parts[k]["v"].to(wd)
                 new_ref[k] = ref
         complete = kind != CHUNK or chunk == self.chunks(model) - 1
+        if kind != CHUNK:
+            out.contraction = 1.0 - err_sq / meant_sq if meant_sq > 0 else 1.0
         out.ref, out.seq = new_ref, e
         out.chunk = None if complete else chunk + 1
         out.need_full = False
@@ -237,14 +267,30 @@ class Compressor:
         if not 0 <= local < acks.numel() or int(acks[local]) != out.expect[sender_heard]:
             out.need_full = True
 
+    def consensus_step(self, q: int) -> float:
+        """Local peer ``q``'s CHOCO step: the configured number, or (``auto``) the contraction
+        ``delta = 1 - ||d - C(d)||^2 / ||d||^2`` its own last message measured, so a codec that
+        sends more of a change takes a larger step (CHOCO-SGD's step scales with delta; int8: ~1)."""
+        if isinstance(self.choco, float):
+            return self.choco
+        mine = self.outgoing.get(q)
+        c = mine.contraction if mine is not None else None
+        return 1.0 if c is None else min(1.0, max(c, MIN_STEP))
+
     def _choco(self, q: int, received: StateDict, own: StateDict) -> StateDict:
-        """CHOCO-gossip: ``x_q + gamma (x_hat_p - x_hat_q)`` in place of ``x_hat_p``.
+        """CHOCO's consensus step: ``x_q + gamma (x_hat_p - x_hat_q)`` in place of ``x_hat_p``.
 
         The merge averages these with the mixing weights (which sum to one), which gives CHOCO's
-        update ``x_q + gamma sum_p w_qp (x_hat_p - x_hat_q)``. ``x_hat_q`` is ``q``'s own public
-        copy (its reference); while that is incomplete, ``x_q`` stands in for it.
+        update ``x_q + gamma sum_p w_qp (x_hat_p - x_hat_q)``: the public copies are mixed, the own
+        model keeps what its neighbours have not received yet (with gamma = 1 the mean of the models
+        is conserved exactly, where mixing ``x_hat_p`` with ``x_q`` would lose the senders' residuals).
+        ``x_hat_q`` is ``q``'s own public copy (its reference); while that is incomplete, ``x_q``
+        stands in for it. Only a state in ``q``'s own unit basis: across bases (a first merge, before
+        alignment) public copies cannot be subtracted, and the state passes unchanged.
         """
-        gamma = float(self.choco)  # type: ignore[arg-type]
+        if not _same_basis(received, own):
+            return dict(received)
+        gamma = self.consensus_step(q)
         mine = self.outgoing.get(q)
         ref = mine.ref if mine is not None and mine.chunk is None else None
         out: StateDict = {}
@@ -257,6 +303,13 @@ class Compressor:
             x_hat = ref[k] if ref is not None else x.to(wd)
             out[k] = (x.to(wd) + gamma * (v.to(wd) - x_hat)).to(x.dtype)
         return out
+
+
+def _same_basis(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+    ta, tb = a.get(BASIS_KEY), b.get(BASIS_KEY)
+    if ta is None or tb is None:
+        return ta is None and tb is None
+    return bool(torch.equal(ta, tb))
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -39,6 +39,7 @@ class Outgoing:
     seq: int = 0  # seq of the last message sent (0: none)
     chunk: int | None = None  # next chunk while a sparse full state is being sent
     need_full: bool = True
+    contraction: float | None = None  # 1 - ||d - C(d)||^2 / ||d||^2 of the last dense message
     pending: dict[int, int] = field(default_factory=dict)  # acks expected for this exchange's message
     expect: dict[int, int] = field(default_factory=dict)  # acks expected in the payloads being received now
 

@@ -230,8 +230,8 @@ def build_federation(cfg: Any, local_ids: Sequence[int] | None = None) -> Federa
     """
     run = RunConfig.from_config(cfg)
     method = configured("merge", build_method, run.merge)
-    if run.exchange.choco_step is not None and not method.choco:
-        raise ConfigError("exchange.choco_step is CHOCO-gossip: it needs merge=gossip and exchange.delta=true "
+    if isinstance(run.exchange.choco_step, float) and not method.choco:
+        raise ConfigError("exchange.choco_step is the CHOCO consensus step: it needs a method that mixes states "
                           f"(got merge={method.name})")
     check_model_name(run)  # before the (slower) data loading
     bundle = load_data(run)
@@ -286,14 +286,14 @@ def build_federation(cfg: Any, local_ids: Sequence[int] | None = None) -> Federa
     if run.vectorise:
         stacked = stack_peers(peers, run.vectorise_chunk)
         info["executor"] = "stacked" if stacked is not None else "per-peer (these peers cannot be stacked)"
-    fed = Federation(run, peers, test, None, sizes, n_logical, method, info, attack, _compressor(run, n_logical),
+    fed = Federation(run, peers, test, None, sizes, n_logical, method, info, attack, _compressor(run, n_logical, consensus=method.choco),
                      stacked)
     if fed.exchanges_per_round() > 0:
         fed.schedule = build_schedule(run)
     return fed
 
 
-def _compressor(run: RunConfig, n_peers: int) -> Compressor | None:
+def _compressor(run: RunConfig, n_peers: int, *, consensus: bool = False) -> Compressor | None:
     """The exchange's compression step, or None when payloads would equal the states."""
-    c = Compressor(run.exchange, n_peers=n_peers, seed=run.seed)
+    c = Compressor(run.exchange, n_peers=n_peers, seed=run.seed, consensus=consensus)
     return c if c.active else None

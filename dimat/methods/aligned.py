@@ -74,6 +74,10 @@ class _ModelStates(Sequence):
 class AlignedAverage(Method):
     """Align neighbours (``alignment``), combine with the aggregator, keep one basis."""
 
+    # within one basis the merge is a mixing step, so CHOCO's consensus step (exchange.choco_step)
+    # may replace it there (the compressor leaves states of another basis alone)
+    choco = True
+
     #: how neighbours are aligned: "activation" (DIMAT), "weight" (weight matching) or None (averaging)
     alignment: ClassVar[str | None] = None
 

@@ -73,6 +73,9 @@ class Codec:
     """One floating tensor <-> its parts. Subclasses set :attr:`name` and implement the three methods."""
 
     name = "?"
+    #: its own message cannot carry a usable state, so a full state travels in :meth:`chunks`
+    #: messages of the same layout (:meth:`chunk`, :meth:`assign`), and neighbours merge it once complete
+    chunked = False
 
     def __init__(self, s: CodecSettings) -> None:
         self.s = s
@@ -89,6 +92,18 @@ class Codec:
 
     def decode(self, name: str, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """The dense tensor ``parts`` stand for (sparse codecs: zeros where nothing was sent)."""
+        raise NotImplementedError
+
+    def chunks(self, n: int) -> int:
+        """How many :meth:`chunk` messages cover a tensor of ``n`` entries (chunked codecs)."""
+        return 1
+
+    def chunk(self, x: torch.Tensor, c: int, dtype: torch.dtype) -> Parts:
+        """Chunk ``c`` of a full state of ``x``, in this codec's layout (chunked codecs)."""
+        raise NotImplementedError
+
+    def assign(self, name: str, ref: torch.Tensor, parts: Mapping[str, torch.Tensor], c: int) -> None:
+        """Write chunk ``c`` (``parts``) into the flat reference ``ref``; :class:`CodecError` for a bad one."""
         raise NotImplementedError
 
     def nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -199,9 +214,14 @@ class Quantise(Codec):
 
 class Sign(Codec):
     """Scaled sign: bit ``x < 0`` per entry (packed 8 a byte, low bit first), one scale per block =
-    the block's mean ``|x|``. ``decode = scale * (1 - 2 bit)``; every bit pattern decodes."""
+    the block's mean ``|x|``. ``decode = scale * (1 - 2 bit)``; every bit pattern decodes.
+
+    A full state (no reference yet, or the sender's units were relabelled) cannot be a sign message:
+    it travels as :data:`SIGN_CHUNKS` chunks, chunk ``c`` the ``c``-th quarter of the entries in
+    int4 (two codes a byte fill the bit buffer exactly; its scales use the scale slots)."""
 
     name = "sign"
+    chunked = True
 
     def _blocks(self, n: int) -> tuple[int, int]:
         b = max(1, n if not self.s.block else min(self.s.block, max(n, 1)))
@@ -239,6 +259,42 @@ class Sign(Codec):
         return torch.from_numpy(_scaled(signs, parts["s"].numpy().astype(wd), b, wd)).reshape(shape).to(dtype)
 
 
+    # ------------------------------------------------------------------ full state in int4 chunks
+    def chunks(self, n: int) -> int:
+        return SIGN_CHUNKS
+
+    def _span(self, n: int, c: int) -> tuple[int, int]:
+        m = -(-n // SIGN_CHUNKS)
+        lo = min(n, c * m)
+        return lo, min(n, lo + m)
+
+    def chunk(self, x, c, dtype):
+        flat = x.detach().reshape(-1)
+        n = flat.numel()
+        lay = self.layout((n,), dtype)
+        lo, hi = self._span(n, c)
+        q = torch.zeros(lay["q"][0], dtype=torch.uint8)
+        sc = torch.ones(lay["s"][0], dtype=torch.float32)
+        if hi > lo:
+            part = Quantise(self.s, 4).encode(flat[lo:hi], dtype, None)
+            q[: part["q"].numel()] = part["q"]
+            sc[: part["s"].numel()] = part["s"]
+        return {"q": q, "s": sc}
+
+    def assign(self, name, ref, parts, c):
+        n = ref.numel()
+        lo, hi = self._span(n, c)
+        if hi > lo:
+            four = Quantise(self.s, 4)
+            lay = four.layout((hi - lo,), ref.dtype)
+            sub = {"q": parts["q"][: lay["q"][0][0]], "s": parts["s"][: lay["s"][0][0]]}
+            ref[lo:hi] = four.decode(name, sub, (hi - lo,), ref.dtype)
+
+
+#: messages a sign codec's full state takes (int4 entries fill the 1-bit buffer in 4)
+SIGN_CHUNKS = 4
+
+
 def _blocked(a: "np.ndarray", b: int) -> "np.ndarray":
     """``a`` as rows of ``b`` entries; a partial last row is padded with zeros (a copy of that stretch only)."""
     if a.size % b == 0:
@@ -265,6 +321,7 @@ def _scaled(codes: "np.ndarray", step: "np.ndarray", b: int, wd: type) -> "np.nd
 class Sparse(Codec):
     """topk / randk: ``k = ceil(ratio * n)`` (index, value) pairs; values in float32 (float64 for float64)."""
 
+    chunked = True
 
     def __init__(self, s: CodecSettings, random: bool) -> None:
         super().__init__(s)
@@ -301,6 +358,9 @@ class Sparse(Codec):
     def chunks(self, n: int) -> int:
         """How many :meth:`chunk` messages cover a tensor of ``n`` entries."""
         return -(-n // self.k(n)) if n else 1
+
+    def assign(self, name, ref, parts, c):
+        ref[self.indices(name, parts, ref.numel())] = parts["v"].to(ref.dtype)
 
     def indices(self, name: str, parts: Mapping[str, torch.Tensor], n: int) -> torch.Tensor:
         idx = parts["i"].long()

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from dimat.exchange.codecs import Codec, CodecError, CodecSettings, Sparse, get_codec, work_dtype
+from dimat.exchange.codecs import Codec, CodecError, CodecSettings, get_codec, work_dtype
 from dimat.exchange.feedback import Residual
 from dimat.exchange.payload import ACKS, META, Meta, compressible, pack, unpack, wire_schema
 from dimat.exchange.reference import CHUNK, DELTA, FULL, Incoming, Outgoing
@@ -101,7 +101,7 @@ class Compressor:
 
     def chunks(self, model: Schema) -> int:
         """Messages a sparse full state takes (1 for a dense codec)."""
-        if not isinstance(self.codec, Sparse):
+        if not self.codec.chunked:
             return 1
         return max([self.codec.chunks(max(1, _numel(s))) for s, d in model.entries.values() if compressible(d)] or [1])
 
@@ -133,6 +133,12 @@ class Compressor:
                     res.keep(k, meant, self.codec.decode(k, parts[k], tuple(x.shape), work_dtype(x.dtype)))
             return pack(parts, raw)
         out = self.outgoing.setdefault(p, Outgoing())
+        tag = state.get(BASIS_KEY)
+        if self.codec.chunked and out.basis is not None and tag is not None and not torch.equal(out.basis, tag):
+            # relabelled units: the change is as large as the state, which a chunked codec's message
+            # would take many exchanges to carry (a one-message codec sends it like a full state)
+            out.need_full = True
+        out.basis = None if tag is None else tag.clone()
         kind, chunk, base = self._next_kind(out, model)
         parts = {}
         new_ref: dict[str, torch.Tensor] = {}
@@ -154,10 +160,9 @@ class Compressor:
                 meant_sq += float(d.pow(2).sum())
                 err_sq += float((d - sent).pow(2).sum())
             else:  # CHUNK: assignment of a stretch of entries, the reference starts from zeros at chunk 0
-                assert isinstance(self.codec, Sparse)
                 parts[k] = self.codec.chunk(x, chunk, x.dtype)
                 ref = torch.zeros(shape, dtype=wd) if chunk == 0 or out.ref is None else out.ref[k].clone()
-                ref.view(-1)[parts[k]["i"].long()] = parts[k]["v"].to(wd)
+                self.codec.assign(k, ref.view(-1), parts[k], chunk)
                 new_ref[k] = ref
         complete = kind != CHUNK or chunk == self.chunks(model) - 1
         if kind != CHUNK:
@@ -174,7 +179,7 @@ class Compressor:
     def _next_kind(self, out: Outgoing, model: Schema) -> tuple[int, int, int]:
         """(kind, chunk, base) of a sender's next message."""
         if out.ref is None or out.need_full:
-            return (CHUNK if isinstance(self.codec, Sparse) else FULL), 0, 0
+            return (CHUNK if self.codec.chunked else FULL), 0, 0
         if out.chunk is not None:
             return CHUNK, out.chunk, out.seq
         return DELTA, 0, out.seq
@@ -228,7 +233,7 @@ class Compressor:
         inc = self.incoming.get((q, p))
         if meta.kind == CHUNK and meta.chunk >= self.chunks(model):
             raise CodecError(f"chunk {meta.chunk} of a {self.chunks(model)}-chunk state")
-        if meta.kind == FULL and isinstance(self.codec, Sparse) or meta.kind != FULL and meta.base == 0 and not (
+        if meta.kind == FULL and self.codec.chunked or meta.kind != FULL and meta.base == 0 and not (
                 meta.kind == CHUNK and meta.chunk == 0):
             raise CodecError(f"malformed exchange metadata (kind {meta.kind}, base {meta.base}, chunk {meta.chunk})")
         starts = meta.kind == FULL or (meta.kind == CHUNK and meta.chunk == 0)
@@ -243,9 +248,8 @@ class Compressor:
             elif meta.kind == DELTA:
                 new[k] = inc.ref[k] + self.codec.decode(k, parts[k], s, wd)  # type: ignore[union-attr]
             else:
-                assert isinstance(self.codec, Sparse)
                 ref = torch.zeros(s, dtype=wd) if starts else inc.ref[k].clone()  # type: ignore[union-attr]
-                ref.view(-1)[self.codec.indices(k, parts[k], _numel(s))] = parts[k]["v"].to(wd)
+                self.codec.assign(k, ref.view(-1), parts[k], meta.chunk)
                 new[k] = ref
         complete = meta.kind != CHUNK or meta.chunk == self.chunks(model) - 1
         state = self._checked({**{k: new[k].to(shapes[k][1], copy=True) for k in new}, **raw}, model)  # never the reference itself

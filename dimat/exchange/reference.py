@@ -7,10 +7,12 @@ copy ``x_hat``); the sender tracks it exactly by decoding its own messages. Ever
 * ``FULL`` (dense codecs): a whole state; the reference becomes its decoding. ``base = 0``.
 * ``DELTA``: ``C(x - reference)``; a receiver applies it only if its reference for this sender is
   the one the message names (``base`` = the seq of the sender's previous message).
-* ``CHUNK c`` (sparse codecs, whose fixed layout cannot carry a dense state): entries
-  ``c*k .. c*k+k-1`` of every tensor, by assignment; chunk 0 starts from zeros, the last completes
-  the reference. A sparse sender's full state is spread over ``ceil(1/ratio)`` exchanges, during
-  which its neighbours do not merge it.
+* ``CHUNK c`` (chunked codecs, whose fixed layout cannot carry a usable state: sparse and sign):
+  a stretch of every tensor's entries, by assignment (sparse: entries ``c*k .. c*k+k-1`` exactly;
+  sign: the ``c``-th quarter in int4); chunk 0 starts from zeros, the last completes the reference.
+  Such a sender's full state is spread over ``ceil(1/ratio)`` (sparse) or 4 (sign) exchanges,
+  during which its neighbours do not merge it. A chunked sender also starts over when its unit
+  basis tag changes (relabelled by a merge: the change is then as large as the state).
 
 Falling back to a full state. Every delta-mode payload also carries the sender's *acks*: for every
 peer ``j`` of the federation, the seq of the complete reference it holds for ``j`` (0: none). A
@@ -40,6 +42,7 @@ class Outgoing:
     chunk: int | None = None  # next chunk while a sparse full state is being sent
     need_full: bool = True
     contraction: float | None = None  # 1 - ||d - C(d)||^2 / ||d||^2 of the last dense message
+    basis: torch.Tensor | None = None  # the unit-basis tag of the last message (a chunked codec restarts on a change)
     pending: dict[int, int] = field(default_factory=dict)  # acks expected for this exchange's message
     expect: dict[int, int] = field(default_factory=dict)  # acks expected in the payloads being received now
 

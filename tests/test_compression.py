@@ -310,3 +310,102 @@ def test_a_resumed_run_starts_over_from_full_states_and_references_agree(tmp_pat
     assert c is not None and len(c.incoming) == 6  # every edge of the 3-ring, both directions
     for (q, p), inc in c.incoming.items():
         assert all(torch.equal(inc.ref[k], c.outgoing[p].ref[k]) for k in inc.ref), (q, p)
+
+
+# ----------------------------------------------------------------------------- corrupt payloads, every transport
+
+WIRE_CASES = ["nan-scale", "sparse-index", "metadata", "sign-chunk"]
+
+
+def _wire():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import compression_wire
+
+    return compression_wire
+
+
+def _check_refused(results: dict, case: str) -> None:
+    wire = _wire()
+    got = results[1]
+    assert got["refused"]["0"].startswith(f"state from peer 0 for round 1: {wire.CASES[case][2]}"), got
+    assert "\n" not in got["refused"]["0"]
+    assert got["heard"] == [] and got["missing"] == [0] and got["untouched"], got
+    assert results[0]["refused"] == {}  # the other direction was fine (a chunk is heard once complete)
+
+
+@pytest.mark.parametrize("case", WIRE_CASES)
+def test_a_corrupt_payload_is_refused_in_process(case: str) -> None:
+    wire = _wire()
+    fed = wire.federation(case, 0)
+    fed = __import__("dimat.federation.build", fromlist=["x"]).build_federation(fed.config)  # both peers here
+    from dimat.federation.rounds import RoundOutput, exchange_and_merge
+
+    before = {k: v.clone() for k, v in fed.peers[1].state().items()}
+    out = RoundOutput.empty(fed.peers)
+    exchange_and_merge(fed, wire.TamperWire(InProcTransport(), wire.CASES[case][1]), fed.topology_at(1), 1, out)
+    results = {p: {"refused": {str(k): v for k, v in out.refused.get(p, {}).items()}, "heard": out.heard[p],
+                   "missing": out.missing[p]} for p in (0, 1)}
+    results[1]["untouched"] = all(torch.equal(v, before[k]) for k, v in fed.peers[1].state().items())
+    _check_refused(results, case)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", WIRE_CASES)
+def test_a_corrupt_payload_is_refused_over_grpc(case: str) -> None:
+    """Two real gRPC servers on loopback, each peer in its own federation and thread."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_grpc_transport import close_all, federation as grpc_pair
+
+    wire = _wire()
+    feds = [wire.federation(case, p) for p in (0, 1)]
+    ts = grpc_pair(2, timeout=20.0)
+    results, errors = {}, []
+    try:
+        for p, t in enumerate(ts):
+            own = feds[p].method.payload(feds[p].peers[p])
+            t.set_schema(feds[p].compressor.payload_schema(own))
+
+        def one(p: int) -> None:
+            try:
+                results[p] = wire.one_exchange(feds[p], ts[p], case)
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one, args=(p,)) for p in (0, 1)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        close_all(ts)
+    assert not errors, errors
+    _check_refused(results, case)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", ["nan-scale", "sign-chunk"])
+def test_a_corrupt_payload_is_refused_over_torchdist(tmp_path: Path, case: str) -> None:
+    """Two real gloo processes; one codec-level and one transport-level refusal."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+               OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    script = Path(__file__).resolve().parent / "compression_wire.py"
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(port), str(tmp_path), case], env=env, cwd=root,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    logs = [p.communicate(timeout=180)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+    _check_refused({r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)}, case)

@@ -135,8 +135,11 @@ class Cast(Codec):
         return {"": (tuple(shape), self.wire)}
 
     def encode(self, x, dtype, gen):
-        if self.wire == torch.float16:  # saturate instead of turning large values into Inf (refused downstream)
-            x = x.clamp(-65504.0, 65504.0)
+        if self.wire == torch.float16 and x.numel():  # saturate instead of turning large values into Inf (refused downstream)
+            a = x.detach().reshape(-1).numpy() if x.dtype in (torch.float32, torch.float64) else None
+            # two fast reductions decide whether a clamp (a pass and a copy) is needed at all
+            if a is None or not (-65504.0 <= a.min() and a.max() <= 65504.0):
+                x = x.clamp(-65504.0, 65504.0)
         return {"": x.to(self.wire)}
 
     def decode(self, name, parts, shape, dtype):
@@ -186,30 +189,33 @@ class Quantise(Codec):
             else:
                 np.rint(tc, out=tc)  # |t| <= levels already: no clamp needed
             codes[lo:hi] = tc.reshape(-1)[: hi - lo]
-        q = torch.from_numpy(codes)
         if self.bits == 4:  # two's-complement nibbles, low nibble first
             if n % 2:
-                q = torch.cat([q, q.new_zeros(1)])
-            pairs = q.view(-1, 2)
-            q = ((pairs[:, 0] & 0x0F) | (pairs[:, 1] << 4)).view(torch.uint8)
-        return {"q": q.contiguous(), "s": torch.from_numpy(scale).float().contiguous()}
+                codes = np.concatenate([codes, np.zeros(1, np.int8)])
+            codes = ((codes[0::2] & 0x0F) | (codes[1::2] << 4)).view(np.uint8)
+        return {"q": torch.from_numpy(codes), "s": torch.from_numpy(scale).float().contiguous()}
 
     def decode(self, name, parts, shape, dtype):
         n = math.prod(shape)
         b, nb = self._blocks(n)
-        q = parts["q"]
+        q = parts["q"].contiguous().numpy()
         if self.bits == 4:
-            packed = q.view(torch.int8)
-            lo = ((packed & 0x0F) ^ 8) - 8  # sign-extend a nibble
-            hi = packed >> 4  # arithmetic shift keeps the sign
-            codes = torch.stack([lo, hi], dim=1).view(-1)[:n]
+            packed = q.view(np.int8)
+            codes = np.empty(2 * packed.size, np.int8)
+            low = codes[0::2]
+            np.bitwise_and(packed, 0x0F, out=low)
+            np.bitwise_xor(low, 8, out=low)
+            np.subtract(low, 8, out=low)  # sign-extend the low nibble
+            np.right_shift(packed, 4, out=codes[1::2])  # arithmetic shift keeps the sign
+            codes = codes[:n]
         else:
             codes = q
-        if codes.numel() and bool((codes < -self.levels).any()):  # -128 / -8: not a code this encoder writes
-            raise CodecError(f"tensor {name!r}: {self.name} code below -{self.levels}")
         wd = np.float64 if dtype == torch.float64 else np.float32
         step = (parts["s"].numpy().astype(wd) / self.levels)
-        return torch.from_numpy(_scaled(codes.contiguous().numpy(), step, b, wd)).reshape(shape).to(dtype)
+        out, lowest = _scaled(codes, step, b, wd)
+        if lowest < -self.levels:  # -128 / -8: not a code this encoder writes
+            raise CodecError(f"tensor {name!r}: {self.name} code below -{self.levels}")
+        return torch.from_numpy(out).reshape(shape).to(dtype)
 
 
 class Sign(Codec):
@@ -256,7 +262,7 @@ class Sign(Codec):
         wd = np.float64 if dtype == torch.float64 else np.float32
         signs = np.unpackbits(parts["q"].numpy(), count=n, bitorder="little").view(np.int8)
         signs = (1 - 2 * signs).astype(np.int8)  # +1 / -1
-        return torch.from_numpy(_scaled(signs, parts["s"].numpy().astype(wd), b, wd)).reshape(shape).to(dtype)
+        return torch.from_numpy(_scaled(signs, parts["s"].numpy().astype(wd), b, wd)[0]).reshape(shape).to(dtype)
 
 
     # ------------------------------------------------------------------ full state in int4 chunks
@@ -304,18 +310,22 @@ def _blocked(a: "np.ndarray", b: int) -> "np.ndarray":
     return out.reshape(-1, b)
 
 
-def _scaled(codes: "np.ndarray", step: "np.ndarray", b: int, wd: type) -> "np.ndarray":
-    """``codes * step[block]`` in ``wd``, stretch by stretch (one pass over memory)."""
+def _scaled(codes: "np.ndarray", step: "np.ndarray", b: int, wd: type) -> tuple["np.ndarray", int]:
+    """``codes * step[block]`` in ``wd`` and the lowest code, stretch by stretch (one pass over memory)."""
     n = codes.size
     out = np.empty(n, wd)
+    lowest = 0
     full = (n // b) * b
     rows = max(1, STRETCH // b)
     for r0 in range(0, full // b, rows):
         lo, hi = r0 * b, min(full, (r0 + rows) * b)
-        np.multiply(codes[lo:hi].reshape(-1, b), step[r0 : r0 + (hi - lo) // b, None], out=out[lo:hi].reshape(-1, b))
+        c = codes[lo:hi]
+        lowest = min(lowest, int(c.min()))  # while the stretch is in cache
+        np.multiply(c.reshape(-1, b), step[r0 : r0 + (hi - lo) // b, None], out=out[lo:hi].reshape(-1, b))
     if full < n:
+        lowest = min(lowest, int(codes[full:].min()))
         np.multiply(codes[full:], step[-1], out=out[full:])
-    return out
+    return out, lowest
 
 
 class Sparse(Codec):
@@ -383,30 +393,35 @@ def _top_indices(a: "np.ndarray", k: int) -> "np.ndarray":
     k), and ``np.partition`` over those alone finds the exact threshold. When the estimate keeps
     fewer than k entries (a sample that missed), it falls back to partitioning all of them.
     """
-    mag = np.abs(a)
-    n = mag.size
+    n = a.size
     if k >= n:
         return np.arange(n)
     cand = None
     if n > 1 << 16:
-        sample = mag[:: n >> 14]
+        sample = np.abs(a[:: n >> 14])
         # rank in the sample a margin above k's (binomial spread ~ sqrt(expected count)), so the
         # kept set holds all of the top k with overwhelming probability
         want = k * sample.size / n
         rank = min(sample.size - 1, int(want + 4 * math.sqrt(want) + 8))
         lower = np.partition(sample, sample.size - 1 - rank)[sample.size - 1 - rank]
-        cand = np.flatnonzero(mag >= lower)
+        found, mag = [], np.empty(min(n, STRETCH), a.dtype)
+        for lo in range(0, n, STRETCH):  # |a| and the comparison while a stretch is in cache
+            m = mag[: min(STRETCH, n - lo)]
+            np.abs(a[lo : lo + m.size], out=m)
+            found.append(np.flatnonzero(m >= lower) + lo)
+        cand = np.concatenate(found)
         if cand.size < k:
             cand = None
     if cand is None:
         cand = np.arange(n)
-    cm = mag[cand]
+    cm = np.abs(a[cand])
     thr = np.partition(cm, cm.size - k)[cm.size - k]
+    keep = cm >= thr
+    if int(keep.sum()) == k:  # no ties at the threshold: the top k, already ascending
+        return cand[keep]
     above = cand[cm > thr]
-    if above.size < k:
-        ties = cand[cm == thr][: k - above.size]
-        above = np.sort(np.concatenate([above, ties]))
-    return above
+    ties = cand[cm == thr][: k - above.size]
+    return np.sort(np.concatenate([above, ties]))
 
 
 _BUILDERS: dict[str, Callable[[CodecSettings], Codec]] = {

@@ -43,6 +43,7 @@ CODECS: dict[str, list[str]] = {
     "topk5%": ["exchange.compress=topk", "exchange.ratio=0.05"],
     # the previous behaviour, for comparison: int8 of the whole state every message
     "int8 full state": ["exchange.compress=int8", "exchange.delta=false"],
+    "int8 vectors compressed": ["exchange.compress=int8", "exchange.raw_vectors=false"],
     "int8 no consensus step": ["exchange.compress=int8", "exchange.choco_step=null"],
     "sign no consensus step": ["exchange.compress=sign", "exchange.choco_step=null"],
 }

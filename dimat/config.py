@@ -250,6 +250,7 @@ class ExchangeSettings:
     delta: bool  # send the change since the reference both ends keep (``auto`` resolved: every lossy codec)
     #: consensus step with delta: a number, "auto" (the sender's measured contraction), None (plain merge)
     choco_step: float | str | None
+    raw_vectors: bool  # floating tensors of <= 1 dimension (biases, norms, BN statistics) travel uncompressed
 
 
 def cores() -> int:
@@ -506,6 +507,7 @@ def _exchange_settings(r: _Reader) -> ExchangeSettings:
         error_feedback=error_feedback,
         delta=delta,
         choco_step=step,
+        raw_vectors=r.flag("raw_vectors"),
     )
     r.no_others()
     # the combinations that cannot mean anything, each refused in one line

@@ -28,7 +28,7 @@ TINY = ["merge=dimat", "data=digits", "model=mlp", "model.hidden=[16]", "rounds=
 
 def settings(compress: str, **kw) -> ExchangeSettings:
     base = dict(compress=compress, block=64, stochastic=False, ratio=0.25, error_feedback=False, delta=True,
-                choco_step=None)
+                choco_step=None, raw_vectors=False)
     return ExchangeSettings(**(base | kw))
 
 

@@ -29,7 +29,7 @@ TINY = ["merge=dimat", "data=digits", "model=mlp", "model.hidden=[16]", "rounds=
 
 
 def settings(compress: str = "none", **kw) -> ExchangeSettings:
-    base = dict(compress=compress, block=64, stochastic=False, ratio=0.25, error_feedback=False, delta=False, choco_step=None)
+    base = dict(compress=compress, block=64, stochastic=False, ratio=0.25, error_feedback=False, delta=False, choco_step=None, raw_vectors=False)
     return ExchangeSettings(**(base | kw))
 
 
@@ -295,7 +295,7 @@ def test_a_corrupt_compressed_payload_is_refused_and_the_model_left_untouched(ex
 
 
 def test_payload_bytes_are_what_the_transport_counts() -> None:
-    fed = _federation("exchange.compress=int8", "exchange.block=null")
+    fed = _federation("exchange.compress=int8", "exchange.block=null", "exchange.raw_vectors=false")
     from dimat.transport.inproc import state_nbytes as state_bytes
     from dimat.federation.rounds import RoundOutput, exchange_and_merge
 

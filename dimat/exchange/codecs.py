@@ -63,6 +63,7 @@ class CodecSettings:
     block: int | None = None  # int8/int4: entries per scale (None: per tensor)
     stochastic: bool = False  # int8/int4: stochastic rounding
     ratio: float = 1.0  # topk/randk: fraction of entries sent
+    raw_vectors: bool = False  # tensors of at most one dimension bypass the codec (dimat.exchange.payload.compressible)
 
 
 def _work(x: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,7 @@ class Compressor:
 
     Example:
         >>> from dimat.config import ExchangeSettings
-        >>> s = ExchangeSettings("int8", 256, False, 0.1, False, True, "auto")
+        >>> s = ExchangeSettings("int8", 256, False, 0.1, False, True, "auto", True)
         >>> c = Compressor(s, n_peers=2, seed=0, consensus=True)
         >>> payloads = c.encode(1, {0: {"w": torch.ones(4)}}, {0: [1]})
         >>> sorted(payloads[0])
@@ -56,7 +56,8 @@ class Compressor:
     def __init__(self, settings: Any, *, n_peers: int, seed: int, consensus: bool = False) -> None:
         self.settings = settings
         self.codec: Codec = get_codec(CodecSettings(settings.compress, block=settings.block,
-                                                    stochastic=settings.stochastic, ratio=settings.ratio))
+                                                    stochastic=settings.stochastic, ratio=settings.ratio,
+                                                    raw_vectors=settings.raw_vectors))
         self.delta: bool = settings.delta
         self.feedback: bool = settings.error_feedback and not settings.delta
         step = settings.choco_step
@@ -96,14 +97,15 @@ class Compressor:
         if self.delta and (Meta.read(payload[META]).kind != FULL):
             return None
         parts, raw = unpack(payload, model, self.codec)
-        dec = {k: self.codec.decode(k, parts[k], s, d) for k, (s, d) in model.entries.items() if compressible(d)}
+        dec = {k: self.codec.decode(k, parts[k], s, d) for k, (s, d) in model.entries.items() if compressible(d, s, self.codec)}
         return self._checked({**dec, **raw}, model)
 
     def chunks(self, model: Schema) -> int:
         """Messages a sparse full state takes (1 for a dense codec)."""
         if not self.codec.chunked:
             return 1
-        return max([self.codec.chunks(max(1, _numel(s))) for s, d in model.entries.values() if compressible(d)] or [1])
+        return max([self.codec.chunks(max(1, _numel(s))) for s, d in model.entries.values()
+                    if compressible(d, s, self.codec)] or [1])
 
     # ----------------------------------------------------------------------------- sending
 
@@ -120,8 +122,8 @@ class Compressor:
 
     def _encode_one(self, p: int, e: int, state: StateDict, outs: list[int]) -> StateDict:
         model = Schema.from_state(state)
-        raw = {k: v.detach().clone() for k, v in state.items() if not compressible(v.dtype)}
-        floats = {k: v.detach() for k, v in state.items() if compressible(v.dtype)}
+        raw = {k: v.detach().clone() for k, v in state.items() if not compressible(v.dtype, v.shape, self.codec)}
+        floats = {k: v.detach() for k, v in state.items() if compressible(v.dtype, v.shape, self.codec)}
         gen = self._gen(p)
         if not self.delta:
             parts = {}
@@ -225,7 +227,7 @@ class Compressor:
 
     def _decode_one(self, q: int, p: int, payload: StateDict, model: Schema, own: StateDict) -> StateDict | None:
         parts, raw = unpack(payload, model, self.codec)
-        shapes = {k: (s, d) for k, (s, d) in model.entries.items() if compressible(d)}
+        shapes = {k: (s, d) for k, (s, d) in model.entries.items() if compressible(d, s, self.codec)}
         if not self.delta:
             dec = {k: self.codec.decode(k, parts[k], s, d) for k, (s, d) in shapes.items()}
             return self._checked({**dec, **raw}, model)
@@ -300,11 +302,12 @@ class Compressor:
         out: StateDict = {}
         for k, v in received.items():
             x = own[k]
-            if not compressible(v.dtype):
+            if not v.dtype.is_floating_point:
                 out[k] = v
                 continue
             wd = work_dtype(x.dtype)
-            x_hat = ref[k] if ref is not None else x.to(wd)
+            # a raw floating entry (exchange.raw_vectors) is its own public copy
+            x_hat = ref[k] if ref is not None and k in ref else x.to(wd)
             out[k] = (x.to(wd) + gamma * (v.to(wd) - x_hat)).to(x.dtype)
         return out
 

@@ -28,9 +28,17 @@ SEP = "#"
 from dimat.typing import StateDict
 
 
-def compressible(dtype: torch.dtype) -> bool:
-    """Floating tensors go through the codec; everything else travels raw and exact."""
-    return dtype.is_floating_point
+def compressible(dtype: torch.dtype, shape: tuple[int, ...] = (2, 2), codec: Codec | None = None) -> bool:
+    """Floating tensors go through the codec; everything else travels raw and exact.
+
+    With ``exchange.raw_vectors`` (``codec.s.raw_vectors``) floating tensors of at most one
+    dimension (biases, normalisation weights and running statistics) travel raw too: a few per
+    cent of a model's entries, and running variances span decades that one absmax scale per block
+    would flatten (a channel of small variance would be normalised by a much larger one).
+    """
+    if not dtype.is_floating_point:
+        return False
+    return not (codec is not None and codec.s.raw_vectors and len(shape) <= 1)
 
 
 def _part(name: str, suffix: str) -> str:
@@ -41,7 +49,7 @@ def wire_schema(model: Schema, codec: Codec, *, n_peers: int | None) -> Schema:
     """The schema of every payload for a model of schema ``model`` (``n_peers``: with delta metadata)."""
     entries: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     for name, (shape, dtype) in model.entries.items():
-        if compressible(dtype):
+        if compressible(dtype, shape, codec):
             for suffix, spec in codec.layout(shape, dtype).items():
                 entries[_part(name, suffix)] = spec
         else:
@@ -67,7 +75,7 @@ def unpack(payload: Mapping[str, torch.Tensor], model: Schema, codec: Codec) -> 
     parts: dict[str, dict[str, torch.Tensor]] = {}
     raw: StateDict = {}
     for name, (shape, dtype) in model.entries.items():
-        if compressible(dtype):
+        if compressible(dtype, shape, codec):
             parts[name] = {suffix: payload[_part(name, suffix)] for suffix in codec.layout(shape, dtype)}
         else:
             raw[name] = payload[name]

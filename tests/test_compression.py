@@ -51,8 +51,10 @@ def _run(*extra: str) -> RunConfig:
 
 @pytest.mark.parametrize("extra, delta, step", [
     ([], False, None),  # lossless: nothing to track
-    (["exchange.compress=int8"], True, "auto"),  # plain int8 sends a change, with the consensus step
-    (["exchange.compress=fp16"], True, "auto"),
+    (["exchange.compress=int8"], True, None),  # plain int8 sends a change
+    (["exchange.compress=fp16"], True, None),
+    (["exchange.compress=int8", "exchange.choco_step=auto"], True, "auto"),
+    (["exchange.choco_step=auto"], False, None),  # lossless: no public copies, no step
     (["exchange.compress=int8", "exchange.error_feedback=true"], False, None),  # full states with a residual
     (["exchange.compress=int8", "exchange.delta=false"], False, None),
     (["exchange.compress=sign", "exchange.choco_step=null"], True, None),
@@ -80,7 +82,7 @@ def test_plain_int8_sends_deltas_through_the_round_loop() -> None:
     for e in (1, 2, 3):
         exchange_and_merge(fed, t, fed.topology_at(1), e, RoundOutput.empty(fed.peers))
     assert kinds == [FULL, DELTA, DELTA]
-    assert fed.compressor is not None and fed.compressor.choco == "auto"
+    assert fed.compressor is not None and fed.compressor.choco is None
 
 
 # ----------------------------------------------------------------------------- the sign codec

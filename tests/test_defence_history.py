@@ -178,3 +178,18 @@ def test_stealth_attackers_hide_in_the_honest_spread_and_colluders_send_one_stat
 def test_attack_stealth_is_checked_in_one_line() -> None:
     with pytest.raises(ConfigError, match="attack.stealth must be one of none, clip"):
         build_federation(compose([*TINY, "attack=badnets", "attack.stealth=invisible"]))
+
+
+@pytest.mark.parametrize("recipe", [["merge=dimat"], ["merge=scaffold"], ["merge=dimat", "merge.every_steps=1"]],
+                         ids=["one_merge_a_round", "default_recipe", "every_step"])
+@pytest.mark.parametrize("defence", [["merge.aggregator=norm_clip", "+merge.aggregator_kwargs.noise=0.2"],
+                                     ["merge.aggregator=probe_trust", "+merge.aggregator_kwargs.steps=2",
+                                      "+merge.aggregator_kwargs.max_samples=16"]], ids=["clip_noise", "probe_trust"])
+def test_defences_run_with_alignment_on_every_recipe(tmp_path: Path, recipe: list[str], defence: list[str]) -> None:
+    """Different inits (so the first merges align), an attacker, each recipe: the federation learns."""
+    args = [*[a for a in TINY if not a.startswith(("merge", "+merge"))], *recipe, *defence, "attack=badnets",
+            "attack.trigger_kwargs={value: 2.0, size: 3}", "num_peers=3", "topology=fully_connected", "rounds=3",
+            "local_epochs=2",
+            f"run_dir={tmp_path}"]
+    summary = simulate(compose(args), tmp_path, progress=False)
+    assert summary["final_mean_acc"] > 0.3, summary["final_mean_acc"]  # chance is 0.1

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from dimat.align.batchnorm import from_second_moments
+
 from .base import (
     AggregationContext,
     BaseAggregator,
@@ -197,7 +199,8 @@ class SafetyMaskAggregator(BaseAggregator):
                     state[k] = fixed[k].to(v.dtype)
                 else:
                     state[k] = v
-            return state
+            # with merge.bn_stats=mixture the statistics arrive as second moments: run the model on variances
+            return from_second_moments(state, context.moments) if context.moments else state
 
         was_training = model.training
         model.eval()

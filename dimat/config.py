@@ -83,7 +83,11 @@ class _Reader:
             raise ConfigError(f"{self.name(key)} must be positive (got {val})")
         return val
 
-    def flag(self, key: str) -> bool:
+    def flag(self, key: str, *, absent: bool | None = None) -> bool:
+        """A boolean key; ``absent`` (when given) is what a run folder saved before the key existed meant."""
+        if absent is not None and key not in self.data:
+            self.used.add(key)
+            return absent
         raw = self.raw(key)
         if not isinstance(raw, bool):
             raise ConfigError(f"{self.name(key)} must be true or false (got {raw!r})")
@@ -474,8 +478,9 @@ def _attack_settings(r: _Reader) -> AttackSettings:
         target_class=r.number("target_class", int, 0),
         poison_rate=r.number("poison_rate", float, 0, 1),
         scale=r.number("scale", float, positive=True),
-        stealth=r.text("stealth", STEALTH),
-        collude=r.flag("collude"),
+        # a run folder saved before these keys existed had neither: it resumes as it ran
+        stealth=r.text("stealth", STEALTH, optional=True) or "none",
+        collude=r.flag("collude", absent=False),
         seed=r.number("seed", int),
     )
 
@@ -507,7 +512,8 @@ def _exchange_settings(r: _Reader) -> ExchangeSettings:
         error_feedback=error_feedback,
         delta=delta,
         choco_step=step,
-        raw_vectors=r.flag("raw_vectors"),
+        # a run folder saved before the key existed compressed every tensor: it resumes as it ran
+        raw_vectors=r.flag("raw_vectors", absent=False),
     )
     r.no_others()
     # the combinations that cannot mean anything, each refused in one line

@@ -193,3 +193,23 @@ def test_defences_run_with_alignment_on_every_recipe(tmp_path: Path, recipe: lis
             f"run_dir={tmp_path}"]
     summary = simulate(compose(args), tmp_path, progress=False)
     assert summary["final_mean_acc"] > 0.3, summary["final_mean_acc"]  # chance is 0.1
+
+
+def test_a_run_folder_saved_before_the_attack_and_vector_keys_resumes(tmp_path: Path) -> None:
+    """A config.yaml written before attack.stealth, attack.collude and exchange.raw_vectors existed
+    resumes as it ran (no adaptive attacker, every tensor compressed)."""
+    import yaml
+
+    from dimat.config import RunConfig
+
+    args = [*TINY, "attack=badnets", "exchange.compress=int8", f"run_dir={tmp_path}"]
+    simulate(compose([*args, "rounds=1"]), tmp_path, progress=False)
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del saved["attack"]["stealth"], saved["attack"]["collude"], saved["exchange"]["raw_vectors"]
+    old = RunConfig.from_config({**saved, "rounds": 2, "resume": True})
+    assert (old.attack.stealth, old.attack.collude, old.exchange.raw_vectors) == ("none", False, False)
+    summary = simulate({**saved, "rounds": 2}, tmp_path, resume=True, progress=False)
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    saved["attack"]["collude"] = None
+    with pytest.raises(ConfigError, match="attack.collude must be true or false"):
+        RunConfig.from_config(saved)

@@ -184,3 +184,19 @@ def flat_norms(deltas: Mapping[str, torch.Tensor]) -> torch.Tensor:
         sq = s if sq is None else sq + s
     assert sq is not None
     return sq.sqrt()
+
+
+def first_inputs(data: Iterable[Any], max_samples: int) -> torch.Tensor:
+    """The first ``max_samples`` inputs of ``data`` (tensors or ``(input, label)`` pairs) as one batch."""
+    xs, n = [], 0
+    for item in data:
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"context data must yield tensors or (input, label) pairs, got {type(x).__name__}")
+        xs.append(x)
+        n += x.shape[0]
+        if n >= max_samples:
+            break
+    if not xs:
+        raise ValueError("context data is empty; safety-mask refinement needs unlabelled inputs")
+    return torch.cat(xs)[:max_samples]

@@ -35,9 +35,8 @@ from torch.func import functional_call
 
 from dimat.align.batchnorm import from_second_moments
 
-from .base import AggregationContext, BaseAggregator, StateDict
+from .base import AggregationContext, BaseAggregator, StateDict, first_inputs
 from .mean import weighted_average
-from .safety import _first_inputs
 
 
 def targeted_flip_rate(model: torch.nn.Module, state: Mapping[str, torch.Tensor], x: torch.Tensor, *,
@@ -117,7 +116,7 @@ class ProbeTrustAggregator(BaseAggregator):
             raise ValueError(f"probe_trust: {len(senders)} sender ids for {len(others)} neighbour states")
         memory = context.memory if context.memory is not None else {}
         model, device = context.model, torch.device(context.device)
-        x = _first_inputs(context.data, self.max_samples).to(device=device, dtype=torch.float32)
+        x = first_inputs(context.data, self.max_samples).to(device=device, dtype=torch.float32)
         bound = self.budget * float(x.reshape(len(x), -1).norm(dim=1).mean())
         was_training = model.training
         model.eval()

@@ -24,7 +24,7 @@ distance to the heuristic mask; the refined mask is ``s > 0.5``.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -35,26 +35,12 @@ from dimat.align.batchnorm import from_second_moments
 from .base import (
     AggregationContext,
     BaseAggregator,
+    first_inputs,
     masked_weighted_mean,
 )
 from .robust import weighted_median
 
 _MAD_TO_STD = 1.4826
-
-
-def _first_inputs(data: Iterable[Any], max_samples: int) -> torch.Tensor:
-    xs, n = [], 0
-    for item in data:
-        x = item[0] if isinstance(item, (tuple, list)) else item
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"context data must yield tensors or (input, label) pairs, got {type(x).__name__}")
-        xs.append(x)
-        n += x.shape[0]
-        if n >= max_samples:
-            break
-    if not xs:
-        raise ValueError("context data is empty; safety-mask refinement needs unlabelled inputs")
-    return torch.cat(xs)[:max_samples]
 
 
 class SafetyMaskAggregator(BaseAggregator):
@@ -174,7 +160,7 @@ class SafetyMaskAggregator(BaseAggregator):
         assert model is not None and context.data is not None
         device = torch.device(context.device)
         gen = torch.Generator(device="cpu").manual_seed(context.seed)
-        x = _first_inputs(context.data, self.max_samples).to(device=device, dtype=torch.float32)
+        x = first_inputs(context.data, self.max_samples).to(device=device, dtype=torch.float32)
         param_names = {n for n, _ in model.named_parameters()}
         learn = [k for k in deltas if k in param_names]
         if not learn:
